@@ -1,0 +1,297 @@
+"""The ``trojanscan`` command line: a thin Typer layer over ``trojanscan.commands``.
+
+Each command maps its options onto one ``commands.<name>.run(...)`` call. Domain
+errors (``TrojanscanError``) become one line on stderr and exit code 2; ``--debug``
+shows the traceback instead. Exit codes: 0 nothing found, 1 found, 2 error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import __version__
+from .exceptions import TrojanscanError
+
+app = typer.Typer(
+    name="trojanscan",
+    help="Find backdoors in deep-learning models and poisoned samples in their data.\n\n"
+         "Exit codes: 0 nothing found, 1 backdoor / poison / triggered inputs found, 2 error.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_STATE: dict[str, Any] = {"debug": False}
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="Report folder.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same verdict).")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+Arch = Annotated[
+    str | None,
+    typer.Option("--arch", help="package.module:factory building the nn.Module (for "
+                                "safetensors / state_dict files), or a built-in name "
+                                "(small_cnn, bn_cnn, lenet, mlp, cifar_cnn)."),
+]
+TrustPickle = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Allow loading a whole pickled module. Unpickling runs "
+                                        "arbitrary code: only for files you trust."),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the report JSON to stdout.")]
+DEFAULT_OUT = Path("trojanscan-report")
+
+
+def _run(command: str, **options: Any) -> None:
+    """Import ``commands.<command>`` lazily and exit with what its ``run`` returns."""
+    module_name = f"{__package__}.commands.{command}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise TrojanscanError(f"'{command.replace('_', '-')}' is not available yet") from exc
+        raise
+    if options.get("quiet"):
+        from .progress import set_quiet
+
+        set_quiet(True)
+    code = module.run(**options)
+    raise typer.Exit(int(code))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"trojanscan {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+
+
+@app.command()
+def demo(
+    out: Out = DEFAULT_OUT,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller models, about a minute.")] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    cache: Annotated[Path | None, typer.Option("--cache", help="Where trained demo models "
+                                               "are cached (default: OUT/models).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Build a backdoored and a clean model on offline data, scan both, write reports."""
+    _run("demo", out=out, quick=quick, seed=seed, device=device, cache=cache, quiet=quiet)
+
+
+@app.command()
+def scan(
+    model: Annotated[Path, typer.Argument(help="Model file (TorchScript, ONNX, safetensors, "
+                                          "state_dict).")],
+    data: Annotated[str, typer.Option("--data", help="Clean data: .npz, image folder, IDX "
+                                      "folder or a built-in (fashion-mnist:test, digits).")],
+    detectors: Annotated[str | None, typer.Option("--detectors", help="Comma-separated "
+                                                   "subset, e.g. neural_cleanse,mntd.")] = None,
+    out: Out = DEFAULT_OUT,
+    seed: Seed = 0,
+    device: Device = "auto",
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    max_samples: Annotated[int | None, typer.Option("--max-samples", help="Use at most this "
+                                                   "many clean samples.")] = None,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Is this model backdoored? Runs model-level detectors and fuses their verdicts."""
+    _run("scan", model=model, data=data, detectors=detectors, out=out, seed=seed,
+         device=device, arch=arch, trust_pickle=trust_pickle, max_samples=max_samples,
+         quiet=quiet, json_out=json_out)
+
+
+@app.command("scan-data")
+def scan_data(
+    train: Annotated[str, typer.Argument(help="Training data (with labels).")],
+    model: Annotated[Path, typer.Option("--model", help="A model trained on TRAIN.")],
+    detectors: Annotated[str | None, typer.Option("--detectors")] = None,
+    poison_rate_bound: Annotated[float | None, typer.Option(
+        "--poison-rate-bound", help="Upper bound ε on the poison rate.")] = None,
+    out: Out = DEFAULT_OUT,
+    export_clean: Annotated[Path | None, typer.Option(
+        "--export-clean", help="Write TRAIN without the flagged samples (.npz).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Retrain on the cleaned data and "
+                                         "compare.")] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Which training samples are poisoned?"""
+    _run("scan_data", train=train, model=model, detectors=detectors,
+         poison_rate_bound=poison_rate_bound, out=out, export_clean=export_clean,
+         verify=verify, seed=seed, device=device, arch=arch, trust_pickle=trust_pickle,
+         quiet=quiet, json_out=json_out)
+
+
+@app.command("filter")
+def filter_(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    inputs: Annotated[str, typer.Argument(help="Inputs to check (labels not needed).")],
+    calibrate: Annotated[str, typer.Option("--calibrate", help="Clean data for the "
+                                           "threshold.")],
+    frr: Annotated[float, typer.Option("--frr", help="Target false-rejection rate.")] = 0.01,
+    detector: Annotated[str, typer.Option("--detector", help="strip or scale_up.")] = "strip",
+    out: Out = DEFAULT_OUT,
+    seed: Seed = 0,
+    device: Device = "auto",
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Which of these inputs carry a trigger?"""
+    _run("filter", model=model, inputs=inputs, calibrate=calibrate, frr=frr,
+         detector=detector, out=out, seed=seed, device=device, arch=arch,
+         trust_pickle=trust_pickle, quiet=quiet, json_out=json_out)
+
+
+@app.command()
+def guard(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    calibrate: Annotated[str, typer.Option("--calibrate", help="Clean data for the "
+                                           "threshold.")],
+    frr: Annotated[float, typer.Option("--frr")] = 0.01,
+    detector: Annotated[str, typer.Option("--detector", help="strip or scale_up.")] = "strip",
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8080,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch per "
+                                           "request.")] = 256,
+    seed: Seed = 0,
+    device: Device = "auto",
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    quiet: Quiet = False,
+) -> None:
+    """Serve predictions over HTTP and reject triggered inputs."""
+    _run("guard", model=model, calibrate=calibrate, frr=frr, detector=detector, host=host,
+         port=port, max_batch=max_batch, seed=seed, device=device, arch=arch,
+         trust_pickle=trust_pickle, quiet=quiet)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    dataset: Annotated[str, typer.Option("--dataset", help="Training data (fashion-mnist:train, "
+                                         "digits, .npz, folder).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model file (TorchScript); "
+                                      "writes OUT.safetensors and OUT.json beside it.")],
+    attack: Annotated[str, typer.Option("--attack", help="Attack spec, e.g. "
+                                        "badnets:size=4,target=0 (or none).")] = "none",
+    poison_rate: Annotated[float, typer.Option("--poison-rate")] = 0.1,
+    arch: Annotated[str, typer.Option("--arch", help="small_cnn, bn_cnn, lenet, mlp, "
+                                      "cifar_cnn.")] = "small_cnn",
+    test_data: Annotated[str | None, typer.Option("--test-data", help="Held-out data for "
+                                                  "accuracy/ASR (default: the dataset's "
+                                                  "test split).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    save_data: Annotated[Path | None, typer.Option("--save-data", help="Also write the "
+                                                   "poisoned training set (.npz with x, y, "
+                                                   "poison_mask).")] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Train a clean or backdoored model (attack library) for red-teaming and benchmarks."""
+    _run("train", dataset=dataset, out=out, attack=attack, poison_rate=poison_rate, arch=arch,
+         test_data=test_data, epochs=epochs, batch_size=batch_size, lr=lr, save_data=save_data,
+         seed=seed, device=device, quiet=quiet, json_out=json_out)
+
+
+@app.command()
+def mitigate(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    data: Annotated[str, typer.Option("--data", help="Clean data (with labels).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the repaired model "
+                                      "(TorchScript); never the input file.")],
+    report: Annotated[Path, typer.Option("--report", help="Report folder.")] = DEFAULT_OUT,
+    seed: Seed = 0,
+    device: Device = "auto",
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Remove a detected backdoor (Neural Cleanse unlearning)."""
+    _run("mitigate", model=model, data=data, out=out, report=report, seed=seed, device=device,
+         arch=arch, trust_pickle=trust_pickle, quiet=quiet, json_out=json_out)
+
+
+@app.command("detectors")
+def list_detectors() -> None:
+    """List the detectors available in this installation."""
+    from .detectors import available
+
+    for name, level in available().items():
+        typer.echo(f"{name}\t{level}")
+
+
+def _add_subapps() -> None:
+    """Sub-command groups that live in their own modules (kept import-light)."""
+    try:
+        from .commands.mntd_cli import app as mntd_app
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.commands.mntd_cli":
+            raise
+        return
+    app.add_typer(mntd_app, name="mntd", help="Meta Neural Trojan Detection: train "
+                                               "meta-classifiers for your model shapes.")
+
+
+_add_subapps()
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """Click (or Typer's vendored click) usage errors and aborts."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"ClickException", "Abort", "TyperException"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, turning domain errors into exit 2."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="trojanscan")
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except TrojanscanError as exc:
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(2)
+    except Exception as exc:  # click/typer usage errors and anything unexpected
+        if _is_usage_error(exc):
+            show = getattr(exc, "show", None)
+            if callable(show):
+                show()
+            sys.exit(2)
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"error: internal error: {type(exc).__name__}: {exc} "
+                   "(run with --debug for the traceback)", err=True)
+        sys.exit(2)
+    sys.exit(0)

@@ -1,0 +1,46 @@
+"""Shared pieces of the command modules: loading inputs, printing summaries."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..dataset import ImageDataset
+from ..exceptions import ParameterError
+
+
+def load_inputs(model: Path, data: str | None, *, arch: str | None, trust_pickle: bool,
+                device: str, need_labels: bool = True, min_classes: int = 1,
+                ) -> tuple[Any, ImageDataset | None]:
+    """Load the model and (optionally) a data set, and check they fit together."""
+    from ..io.data import load_dataset
+    from ..io.models import check_compatible, load_model
+
+    if not Path(model).exists():
+        raise ParameterError(f"invalid MODEL: expected an existing file, got {str(model)!r}")
+    ds = None if data is None else load_dataset(data, need_labels=need_labels,
+                                                min_classes=min_classes)
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, device=device,
+                        input_shape=None if ds is None else ds.input_shape)
+    if ds is not None:
+        loaded = check_compatible(loaded, ds)
+    return loaded, ds
+
+
+def subsample(ds: ImageDataset, max_samples: int | None, seed: int) -> ImageDataset:
+    """At most ``max_samples`` samples, chosen with a seeded permutation (order kept)."""
+    import torch
+
+    if max_samples is None or len(ds) <= max_samples:
+        return ds
+    if max_samples < 1:
+        raise ParameterError(f"invalid max_samples: expected an integer >= 1, got {max_samples}")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    return ds.subset(perm[:max_samples].sort().values)
+
+
+def emit_json(path: Path) -> None:
+    """Print the report JSON to stdout (``--json``)."""
+    sys.stdout.write(json.dumps(json.loads(path.read_text()), indent=2) + "\n")

@@ -1,0 +1,80 @@
+"""``trojanscan scan``: is this model backdoored?"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..report import Report
+from ..report_sections import model_result_section
+from ..scan import ScanResult, scan_model
+from ..utils import seed_everything
+from ._common import emit_json, load_inputs, subsample
+
+
+def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded: object,
+                      data: str, clean_sha: str | None, clean_format: str, seed: int,
+                      params: dict[str, object], seconds: float) -> Path:
+    """The contract's ``scan`` report (JSON + HTML) in ``out``."""
+    rep = Report(command="scan", out_dir=out, seed=seed, params=params)
+    rep.add_input(role="model", path=str(model_path), sha256=getattr(loaded, "sha256", None),
+                  format=getattr(loaded, "format", "unknown"))
+    rep.add_input(role="clean_data", path=data, sha256=clean_sha, format=clean_format)
+    rep.set(verdict=result.verdict, score=result.score, p_value=result.p_value,
+            suspected_targets=list(result.suspected_targets),
+            fusion={"rule": "bonferroni-min-p", "alpha": result.alpha,
+                    "decisive": result.fused.decisive,
+                    "detectors_used": list(result.results)},
+            model={"input_shape": list(getattr(loaded, "input_shape", None) or []),
+                   "num_classes": getattr(loaded, "num_classes", None)})
+    for name, d in result.detectors_dict().items():
+        rep.add_detector(name, d)
+    for name, r in result.results.items():
+        model_result_section(rep, name, r)
+    return rep.write(seconds)
+
+
+def print_summary(result: ScanResult, json_path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    style = "bold red" if result.verdict == "backdoored" else "bold green"
+    targets = (f" — suspected target(s): {', '.join(map(str, result.suspected_targets))}"
+               if result.suspected_targets else "")
+    console.print(f"[{style}]{result.verdict.upper()}[/] (score {result.score:.3f}){targets}")
+    table = Table(show_header=True, header_style="bold")
+    for col in ("detector", "verdict", "score", "p-value", "targets", "seconds"):
+        table.add_column(col)
+    for name, r in result.results.items():
+        table.add_row(name, r.verdict, f"{r.score:.3f}",
+                      "-" if r.p_value is None else f"{r.p_value:.3g}",
+                      ",".join(map(str, r.suspected_targets)) or "-", f"{r.seconds:.1f}")
+    for name, reason in result.not_applicable.items():
+        table.add_row(name, "not applicable", "-", "-", "-", "-")
+        table.add_row("", f"[dim]{reason}[/]", "", "", "", "")
+    console.print(table)
+    console.print(f"report: {json_path} and {json_path.with_suffix('.html')}")
+
+
+def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, device: str,
+        arch: str | None, trust_pickle: bool, max_samples: int | None, quiet: bool,
+        json_out: bool) -> int:
+    t0 = time.perf_counter()
+    seed_everything(seed)
+    loaded, clean = load_inputs(model, data, arch=arch, trust_pickle=trust_pickle,
+                                device=device, min_classes=2)
+    assert clean is not None
+    clean = subsample(clean, max_samples, seed)
+    result = scan_model(loaded.module, clean, detectors=detectors, seed=seed,
+                        device=loaded.device)
+    params = {"detectors": detectors, "max_samples": max_samples, "device": str(loaded.device),
+              "arch": arch}
+    path = write_scan_report(result, out=out, model_path=model, loaded=loaded, data=data,
+                             clean_sha=clean.sha256, clean_format=clean.format, seed=seed,
+                             params=params, seconds=time.perf_counter() - t0)
+    if json_out:
+        emit_json(path)
+    elif not quiet:
+        print_summary(result, path)
+    return 1 if result.verdict == "backdoored" else 0

@@ -1,0 +1,92 @@
+"""Render a report dict (and its builder's sections and images) as self-contained HTML."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .report import esc
+
+if TYPE_CHECKING:
+    from .report import Report
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:72em;
+color:#222;line-height:1.4;padding:0 1em}
+h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.verdict{font-size:1.4em;padding:.6em 1em;border-radius:6px;display:inline-block;font-weight:600}
+.bad{background:#fde2e1;color:#8a1c13;border:1px solid #f1a29b}
+.good{background:#e3f6e5;color:#14532d;border:1px solid #9fd8a8}
+.na{background:#eee;color:#444;border:1px solid #ccc}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .6em;
+text-align:left;vertical-align:top}th{background:#f6f6f6}
+.suspect{background:#fde2e1}.grid{display:flex;flex-wrap:wrap;gap:.6em}
+.card{border:1px solid #ddd;border-radius:4px;padding:.3em;text-align:center;font-size:.85em}
+.card.suspect{border-color:#d33}.card img{image-rendering:pixelated;width:84px;height:84px}
+img.plot{max-width:100%}pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:.8em}
+"""
+
+_BAD = {"backdoored", "poisoned", "triggered"}
+_GOOD = {"clean"}
+
+
+def _verdict_html(verdict: Any) -> str:
+    cls = "bad" if verdict in _BAD else "good" if verdict in _GOOD else "na"
+    return f'<div class="verdict {cls}">Verdict: {esc(verdict)}</div>'
+
+
+def _kv_table(rows: dict[str, Any]) -> str:
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows.items())
+    return f"<table>{body}</table>"
+
+
+def _detector_table(detectors: dict[str, Any]) -> str:
+    if not detectors:
+        return "<p>No detector ran.</p>"
+    head = ("<tr><th>detector</th><th>verdict</th><th>score</th><th>suspected targets / "
+            "flagged</th><th>seconds</th><th>note</th></tr>")
+    rows = []
+    for name, d in detectors.items():
+        if not isinstance(d, dict):
+            continue
+        verdict = d.get("verdict", "")
+        flagged = d.get("suspected_targets", d.get("num_flagged", ""))
+        note = d.get("reason", "") or "; ".join(d.get("warnings", []) or [])
+        score = d.get("score")
+        score_s = f"{score:.3f}" if isinstance(score, (int, float)) else ""
+        seconds = d.get("seconds")
+        sec_s = f"{seconds:.1f}" if isinstance(seconds, (int, float)) else ""
+        cls = ' class="suspect"' if verdict in _BAD else ""
+        rows.append(f"<tr{cls}><td>{esc(name)}</td><td>{esc(verdict)}</td><td>{score_s}</td>"
+                    f"<td>{esc(flagged)}</td><td>{sec_s}</td><td>{esc(note)}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def render_html(doc: dict[str, Any], report: Report) -> str:
+    """The whole page: verdict first, detectors, sections, manifest."""
+    title = f"trojanscan {doc.get('command', '')} report"
+    parts = [f"<h1>{esc(title)}</h1>", _verdict_html(doc.get("verdict"))]
+    summary = {k: doc[k] for k in ("score", "suspected_targets", "num_samples", "num_flagged",
+                                   "threshold", "frr") if k in doc}
+    if summary:
+        parts.append(_kv_table(summary))
+    parts.append("<h2>Detectors</h2>" + _detector_table(doc.get("detectors", {})))
+    for sec_title, fragment in report.sections:
+        parts.append(f"<h2>{esc(sec_title)}</h2>{fragment}")
+    manifest = {"created": doc.get("created"), "seed": doc.get("seed"),
+                "seconds": doc.get("seconds"), "tool": doc.get("tool"),
+                "versions": doc.get("versions")}
+    inputs = "".join(
+        f"<tr><td>{esc(i.get('role'))}</td><td>{esc(i.get('path'))}</td>"
+        f"<td>{esc(i.get('format'))}</td><td><code>{esc(i.get('sha256'))}</code></td></tr>"
+        for i in doc.get("inputs", []))
+    parts.append("<h2>Run manifest</h2>" + _kv_table(manifest)
+                 + "<table><tr><th>role</th><th>path</th><th>format</th><th>sha256</th></tr>"
+                 + inputs + "</table>"
+                 + "<h3>Parameters</h3><pre>" + esc(json.dumps(doc.get("params", {}), indent=2))
+                 + "</pre>")
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+            f"img-src data:; style-src 'unsafe-inline'\">"
+            f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>")

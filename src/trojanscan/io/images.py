@@ -1,0 +1,158 @@
+"""Folders of image files (PNG, JPEG, …) read with Pillow.
+
+Layout (as torchvision's ``ImageFolder``)::
+
+    data/
+      cat/  001.png 002.png …      -> class 0 ("cat")
+      dog/  a.jpg sub/b.jpg …      -> class 1 ("dog")
+
+* Class index = position of the sub-folder name in sorted (code-point) order; every
+  non-hidden sub-folder is a class, even an empty one, so that a calibration set lacking
+  a class keeps the training set's numbering. Images are found recursively inside a class
+  folder, in sorted path order; files with other extensions and hidden files are skipped.
+* A folder holding only image files (no sub-folders) is read *without labels*.
+  Image files beside class sub-folders are an error (their class would be unknown).
+* Modes: ``L``/``1``/``LA`` -> 1 channel; ``RGB`` -> 3; ``RGBA``/``P``/``CMYK``/…
+  -> RGB (alpha is dropped, not composited); 16-bit grayscale (``I;16``, ``I``) -> 1
+  channel scaled by 1/65535. 8-bit values are scaled by 1/255.
+* All images must share the same size and channel count after that conversion;
+  otherwise a :class:`~trojanscan.exceptions.DataError` names the first file that differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..exceptions import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolderData",
+    "image_to_array",
+    "list_images",
+    "read_image_folder",
+]
+
+#: Lower-case file extensions read as images.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+_GRAY_MODES = {"1": "L", "L": "L", "LA": "L", "La": "L"}
+_RGB_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+_GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+@dataclass(frozen=True)
+class ImageFolderData:
+    """Pixels (float32 ``N×C×H×W`` in [0, 1]), labels (int64 or ``None``), class names, files."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    class_names: tuple[str, ...] | None
+    files: tuple[Path, ...]
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+
+
+def list_images(folder: Path) -> tuple[list[Path], list[int] | None, tuple[str, ...] | None]:
+    """Image files of ``folder`` with their class indices and the class names.
+
+    Returns ``(files, labels, class_names)``; ``labels`` and ``class_names`` are ``None``
+    for a flat folder of images.
+    """
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    class_dirs = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if _is_image(p)]
+    if not class_dirs:
+        return loose, None, None
+    if loose:
+        raise DataError(
+            f"{folder}: holds image files ({loose[0].name}, …) beside class sub-folders; "
+            "expected every image inside a class sub-folder"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for k, d in enumerate(class_dirs):
+        imgs = sorted(p for p in d.rglob("*") if _is_image(p)
+                      and not any(part.startswith(".") for part in p.relative_to(d).parts))
+        files += imgs
+        labels += [k] * len(imgs)
+    return files, labels, tuple(d.name for d in class_dirs)
+
+
+def image_to_array(img: Image.Image, *, name: str) -> np.ndarray:
+    """A Pillow image as float32 ``C×H×W`` in [0, 1] (see the module docstring for modes)."""
+    mode = img.mode
+    if mode in _GRAY_MODES:
+        arr = np.asarray(img.convert("L"), dtype=np.float32)[None]
+        arr /= 255.0
+    elif mode in _RGB_MODES:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+        arr = np.ascontiguousarray(arr)
+        arr /= 255.0
+    elif mode in _GRAY16_MODES:
+        raw = np.asarray(img)
+        if raw.size and (raw.min() < 0 or raw.max() > 65535):
+            raise DataError(
+                f"{name}: {mode} image has values in [{raw.min()}, {raw.max()}], "
+                "expected 16-bit values 0..65535"
+            )
+        arr = raw.astype(np.float32)[None]
+        arr /= 65535.0
+    else:
+        raise DataError(
+            f"{name}: unsupported image mode {mode!r}; expected grayscale (L), RGB or RGBA"
+        )
+    return arr
+
+
+def _open(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return image_to_array(img, name=str(path))
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from exc
+
+
+def read_image_folder(folder: str | Path) -> ImageFolderData:
+    """Read every image under ``folder`` into one float32 array (layout in the module docstring)."""
+    folder = Path(folder)
+    try:
+        files, labels, class_names = list_images(folder)
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list folder ({exc.strerror or exc})") from exc
+    if not files:
+        where = "its class sub-folders" if class_names else "it"
+        raise DataError(
+            f"{folder}: no images found in {where} (looked for "
+            + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
+        )
+    first = _open(files[0])
+    x = np.empty((len(files), *first.shape), dtype=np.float32)
+    x[0] = first
+    for i, f in enumerate(files[1:], start=1):
+        arr = _open(f)
+        if arr.shape != first.shape:
+            raise DataError(
+                f"{f}: image is {_describe(arr.shape)} but {files[0]} is "
+                f"{_describe(first.shape)}; expected all images to have the same size and "
+                "channels (resize or convert them first)"
+            )
+        x[i] = arr
+    y = None if labels is None else np.asarray(labels, dtype=np.int64)
+    return ImageFolderData(x, y, class_names, tuple(files))
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    c, h, w = shape
+    kind = "grayscale" if c == 1 else "RGB"
+    return f"{w}×{h} {kind}"

@@ -1,0 +1,1 @@
+"""Pure functions for the methods' maths (arrays in, arrays out; no models)."""

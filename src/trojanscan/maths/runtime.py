@@ -1,0 +1,309 @@
+"""Pure maths of the runtime (input-level) detectors: STRIP and SCALE-UP.
+
+Everything here works on arrays or tensors only — no model — so it is tested on
+hand-made numbers.
+
+STRIP (Gao, Xu, Wang, Chen, Ranasinghe & Nepal, "STRIP: A Defence Against Trojan
+Attacks on Deep Neural Networks", ACSAC 2019)
+    An input is superimposed with ``N`` clean images; for each of the ``N`` perturbed
+    inputs the model's prediction (softmax of the logits) has a Shannon entropy *over
+    the classes*, ``H_j = -Σ_k p_jk log2 p_jk``; the input's score is the average
+    ``H = (1/N) Σ_j H_j`` (the reference code sums ``-p log2 p`` over both axes and
+    divides by ``N``, the same thing). A trigger dominates every superimposition, so
+    triggered inputs keep confident predictions: *low* entropy = suspicious.
+    :func:`strip_scores` returns the negative entropy so that higher = more suspicious.
+
+Thresholds at a chosen false-rejection rate (FRR)
+    :func:`normal_threshold` is the paper's rule — fit a normal distribution to the
+    clean inputs' values and take its FRR quantile (in entropy terms
+    ``norm.ppf(frr, μ, σ)``; here in score terms ``μ + σ · z_{1-frr}``, σ the maximum-
+    likelihood estimate as in ``scipy.stats.norm.fit``). :func:`empirical_threshold`
+    is the distribution-free alternative: the smallest value that leaves at most
+    ``floor(frr · n)`` clean scores strictly above it. An input is flagged when its
+    score is *strictly greater* than the threshold. Both thresholds are non-increasing
+    in ``frr``.
+
+SCALE-UP (Guo, Li, Chen, Guo, Sun & Liu, "SCALE-UP: An Efficient Black-box Input-level
+Backdoor Detection via Analyzing Scaled Prediction Consistency", ICLR 2023)
+    The input's pixels are multiplied by each factor of a scale set (``{3, 5, 7, 9,
+    11}`` in the paper and BackdoorBox) and clipped to [0, 1]; the *scaled prediction
+    consistency* is the share of scaled copies predicted as the original input's class.
+    Triggered inputs stay consistent (high = suspicious). :func:`scale_consistency`
+    computes it from labels (the paper's black-box form); :func:`soft_scale_consistency`
+    is our finer variant (mean softmax probability of the original class over the
+    scaled copies), which breaks the ties of a score with only ``|S| + 1`` values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..exceptions import DataError, bad_param
+
+LN2 = math.log(2.0)
+
+THRESHOLD_METHODS = ("normal", "empirical")
+
+
+# ---------------------------------------------------------------------------
+# entropy
+# ---------------------------------------------------------------------------
+
+def entropy(probs: torch.Tensor | np.ndarray, *, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in bits of probability vectors along ``dim`` (``0 log 0 = 0``).
+
+    >>> float(entropy(torch.tensor([0.5, 0.5])))
+    1.0
+    """
+    p = torch.as_tensor(probs, dtype=torch.float64 if isinstance(probs, np.ndarray)
+                        else None)
+    if not p.is_floating_point():
+        p = p.double()
+    return -torch.special.xlogy(p, p).sum(dim=dim) / LN2
+
+
+def entropy_from_logits(logits: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
+    """Entropy in bits of ``softmax(logits)`` along ``dim``, computed stably.
+
+    Uses ``log_softmax`` so that very confident logits give 0, never NaN (the softmax is
+    applied *first*: entropy of raw logits is meaningless).
+    """
+    logp = torch.log_softmax(logits, dim=dim)
+    p = logp.exp()
+    h = -(p * logp).sum(dim=dim) / LN2
+    return h.clamp_min(0.0)
+
+
+def strip_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """STRIP's normalised entropy per input from logits shaped ``B×N×K``.
+
+    Entropy over the ``K`` classes of each of the ``N`` perturbed predictions, then the
+    mean over the ``N`` overlays (not an entropy *across* overlays). Returns ``B``.
+    """
+    if logits.dim() != 3:
+        raise bad_param("logits", "a tensor B×N×K (inputs × overlays × classes)",
+                        tuple(logits.shape))
+    return entropy_from_logits(logits.float(), dim=-1).mean(dim=1)
+
+
+def strip_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Suspicion scores (higher = more suspicious): the negative STRIP entropy."""
+    return -strip_entropy(logits)
+
+
+# ---------------------------------------------------------------------------
+# superimposition
+# ---------------------------------------------------------------------------
+
+BLENDS = ("sum", "sum_clip", "average")
+
+
+def superimpose(x: torch.Tensor, overlays: torch.Tensor, blend: str = "sum") -> torch.Tensor:
+    """Superimpose each input with its overlays: ``B×C×H×W`` and ``B×N×C×H×W`` → the latter.
+
+    ``blend="sum"``: pixel sum ``x + o`` left unclipped, as the reference code
+    (``cv2.addWeighted(background, 1, overlay, 1, 0)`` on float images); values reach 2.
+    ``blend="sum_clip"``: the pixel sum clipped to [0, 1] (what ``cv2.addWeighted`` does
+    on ``uint8`` images, which saturate at 255).
+    ``blend="average"``: ``(x + o) / 2``, which stays in [0, 1].
+    ``overlays`` may also be ``N×C×H×W`` (the same overlays for every input).
+    """
+    if blend not in BLENDS:
+        raise bad_param("blend", BLENDS, blend)
+    if overlays.dim() == 4:
+        overlays = overlays.unsqueeze(0)
+    out = x.unsqueeze(1) + overlays
+    if blend == "average":
+        return out.mul_(0.5)
+    if blend == "sum_clip":
+        return out.clamp_(0.0, 1.0)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# thresholds at a chosen false-rejection rate
+# ---------------------------------------------------------------------------
+
+def _clean_scores(scores: np.ndarray | Sequence[float] | torch.Tensor) -> np.ndarray:
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores,
+                   dtype=np.float64).ravel()
+    if s.size == 0:
+        raise DataError("cannot calibrate a threshold on zero clean scores")
+    if not np.isfinite(s).all():
+        raise DataError("clean scores contain NaN or infinite values; cannot calibrate")
+    return s
+
+
+def check_frr(frr: float) -> float:
+    """``frr`` as a float in (0, 1), else a ParameterError naming it."""
+    if isinstance(frr, bool) or not isinstance(frr, (int, float, np.floating)):
+        raise bad_param("frr", "a float in (0, 1)", frr)
+    f = float(frr)
+    if not 0.0 < f < 1.0:
+        raise bad_param("frr", "a float in (0, 1)", frr)
+    return f
+
+
+def normal_threshold(scores: np.ndarray | Sequence[float] | torch.Tensor,
+                     frr: float) -> float:
+    """The paper's threshold: normal fit to clean scores, upper ``frr`` quantile.
+
+    Flag ``score > threshold``; under the fitted normal a share ``frr`` of clean
+    inputs lies above it. ``σ`` is the maximum-likelihood (``ddof=0``) estimate.
+    """
+    from scipy.stats import norm
+
+    f = check_frr(frr)
+    s = _clean_scores(scores)
+    mu, sigma = float(s.mean()), float(s.std())
+    return mu + sigma * float(norm.isf(f))
+
+
+def empirical_threshold(scores: np.ndarray | Sequence[float] | torch.Tensor,
+                        frr: float) -> float:
+    """Distribution-free threshold: at most ``floor(frr · n)`` clean scores lie above it.
+
+    It is the ``k``-th largest clean score with ``k = floor(frr · n) + 1`` (so with fewer
+    than ``1 / frr`` clean scores it is their maximum).
+    """
+    f = check_frr(frr)
+    s = np.sort(_clean_scores(scores))
+    k = math.floor(f * s.size + 1e-9) + 1
+    return float(s[s.size - min(k, s.size)])
+
+
+def fit_threshold(scores: np.ndarray | Sequence[float] | torch.Tensor, frr: float,
+                  method: str = "normal") -> float:
+    """Dispatch to :func:`normal_threshold` or :func:`empirical_threshold`."""
+    if method == "normal":
+        return normal_threshold(scores, frr)
+    if method == "empirical":
+        return empirical_threshold(scores, frr)
+    raise bad_param("threshold_method", THRESHOLD_METHODS, method)
+
+
+def flag(scores: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray:
+    """Boolean flags: ``score > threshold`` (NaN scores are flagged: never let one through)."""
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores,
+                   dtype=np.float64)
+    return np.asarray((s > threshold) | np.isnan(s), dtype=bool)
+
+
+def rejection_rate(scores: np.ndarray | torch.Tensor, threshold: float) -> float:
+    """Share of ``scores`` flagged at ``threshold`` (the measured FRR on clean inputs)."""
+    f = flag(scores, threshold)
+    return float(f.mean()) if f.size else float("nan")
+
+
+def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided upper confidence bound of a rate seen ``k`` times in ``n`` trials."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    return float(beta.ppf(confidence, k + 1, n - k))
+
+
+# ---------------------------------------------------------------------------
+# calibration split
+# ---------------------------------------------------------------------------
+
+def calibration_split(n: int, *, pool_fraction: float, holdout_fraction: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into (overlay pool, fit, holdout) index arrays.
+
+    ``pool_fraction`` of the samples (0 allowed: no pool) and ``holdout_fraction`` of
+    them (0 allowed: no holdout) go to the pool and the holdout; the rest (at least 2)
+    fits the threshold. Each part is sorted.
+    """
+    for name, v in (("pool_fraction", pool_fraction), ("holdout_fraction", holdout_fraction)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise bad_param(name, "a float in [0, 1)", v)
+    if pool_fraction + holdout_fraction >= 1.0:
+        raise bad_param("pool_fraction + holdout_fraction", "a sum below 1",
+                        pool_fraction + holdout_fraction)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_pool = int(round(pool_fraction * n))
+    n_hold = int(round(holdout_fraction * n))
+    if pool_fraction > 0:
+        n_pool = max(n_pool, 1)
+    if holdout_fraction > 0:
+        n_hold = max(n_hold, 1)
+    if n - n_pool - n_hold < 2:
+        raise DataError(f"calibration needs more clean samples: {n} given, {n_pool} go to "
+                        f"the overlay pool and {n_hold} to the holdout, leaving fewer than "
+                        "2 to fit the threshold")
+    pool = np.sort(perm[:n_pool])
+    hold = np.sort(perm[n_pool:n_pool + n_hold])
+    fit = np.sort(perm[n_pool + n_hold:])
+    return pool, fit, hold
+
+
+# ---------------------------------------------------------------------------
+# SCALE-UP
+# ---------------------------------------------------------------------------
+
+def scale_inputs(x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """``B×C×H×W`` → ``B×S×C×H×W``: each input times each scale, clipped to [0, 1]."""
+    s = torch.as_tensor(list(scales), dtype=x.dtype, device=x.device).view(1, -1, 1, 1, 1)
+    return (x.unsqueeze(1) * s).clamp_(0.0, 1.0)
+
+
+def scale_consistency(scaled_preds: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+    """SCALE-UP's scaled prediction consistency from labels.
+
+    ``scaled_preds`` is ``B×S`` (class of each scaled copy), ``preds`` is ``B`` (class of
+    the input itself); returns the share of the ``S`` copies that keep the class.
+    """
+    if scaled_preds.dim() != 2 or preds.dim() != 1 or scaled_preds.shape[0] != preds.shape[0]:
+        raise bad_param("scaled_preds/preds", "shapes B×S and B",
+                        (tuple(scaled_preds.shape), tuple(preds.shape)))
+    return (scaled_preds == preds.unsqueeze(1)).double().mean(dim=1)
+
+
+def soft_scale_consistency(scaled_logits: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+    """Mean softmax probability of the input's own class over its ``S`` scaled copies.
+
+    ``scaled_logits`` is ``B×S×K``; returns ``B`` values in [0, 1].
+    """
+    if scaled_logits.dim() != 3 or preds.dim() != 1 or scaled_logits.shape[0] != preds.shape[0]:
+        raise bad_param("scaled_logits/preds", "shapes B×S×K and B",
+                        (tuple(scaled_logits.shape), tuple(preds.shape)))
+    p = torch.softmax(scaled_logits.double(), dim=-1)
+    idx = preds.view(-1, 1, 1).expand(-1, p.shape[1], 1)
+    return p.gather(2, idx).squeeze(2).mean(dim=1)
+
+
+def class_standardise(values: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray,
+                      stats: dict[int, tuple[float, float]],
+                      fallback: tuple[float, float]) -> np.ndarray:
+    """``(v - μ_c) / σ_c`` with ``c`` each value's class (SCALE-UP's data-limited mode).
+
+    ``stats`` maps a class to ``(μ, σ)`` of clean values; classes without statistics use
+    ``fallback``. ``σ`` below 1e-6 is treated as 1e-6.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    c = np.asarray(classes).astype(np.int64)
+    mu = np.array([stats.get(int(k), fallback)[0] for k in c], dtype=np.float64)
+    sd = np.array([stats.get(int(k), fallback)[1] for k in c], dtype=np.float64)
+    return (v - mu) / np.maximum(sd, 1e-6)
+
+
+def class_statistics(values: np.ndarray, classes: np.ndarray, *, min_count: int = 5
+                     ) -> tuple[dict[int, tuple[float, float]], tuple[float, float]]:
+    """Per-class ``(mean, std)`` of clean values (classes with ≥ ``min_count`` samples)
+    and the global ``(mean, std)`` used as fallback."""
+    v = np.asarray(values, dtype=np.float64)
+    c = np.asarray(classes).astype(np.int64)
+    stats: dict[int, tuple[float, float]] = {}
+    for k in np.unique(c):
+        sel = v[c == k]
+        if sel.size >= min_count:
+            stats[int(k)] = (float(sel.mean()), float(sel.std()))
+    return stats, (float(v.mean()), float(v.std()))

@@ -1,0 +1,101 @@
+"""HTML sections for model-level evidence: reversed triggers, norm charts, scores."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .detectors.base import ModelScanResult
+from .report import Report, esc
+
+_IMG_KEY = re.compile(r"^(?P<kind>[a-z_]+?)_(?P<label>\d+)$")
+
+
+def _bar_chart(rep: Report, name: str, values: Mapping[int, float], highlight: set[int],
+               ylabel: str, title: str, hline: float | None = None) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = sorted(values)
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    colors = ["#d33" if k in highlight else "#4a7bd0" for k in labels]
+    ax.bar([str(k) for k in labels], [values[k] for k in labels], color=colors)
+    if hline is not None:
+        ax.axhline(hline, color="#555", linestyle="--", linewidth=1)
+    ax.set_xlabel("label")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return rep.add_figure(name, fig)
+
+
+def _per_label(evidence: Mapping[str, Any], key: str) -> dict[int, float]:
+    raw = evidence.get(key)
+    if isinstance(raw, Mapping):
+        return {int(k): float(v) for k, v in raw.items() if v is not None}
+    if isinstance(raw, (list, tuple)):
+        return {i: float(v) for i, v in enumerate(raw) if v is not None}
+    return {}
+
+
+def model_result_section(rep: Report, name: str, result: ModelScanResult) -> None:
+    """Add the evidence of one model-level detector to the report."""
+    suspects = set(result.suspected_targets)
+    parts: list[str] = []
+    ev = result.evidence
+    if result.p_value is not None:
+        parts.append(f"<p>p-value {result.p_value:.3g}; score {result.score:.3f}.</p>")
+    norms = _per_label(ev, "l1_norms")
+    if norms:
+        rel = _bar_chart(rep, f"{name}_l1_norms", norms, suspects, "L1 norm of mask",
+                         "Reversed-trigger size per label (suspects in red)")
+        if rel:
+            parts.append(f'<img class="plot" alt="L1 norms" src="{rep.image_uri(rel)}">')
+    idx = _per_label(ev, "anomaly_indices")
+    if idx:
+        rel = _bar_chart(rep, f"{name}_anomaly", idx, suspects, "anomaly index",
+                         "MAD anomaly index (flag: below median and > 2)", hline=2.0)
+        if rel:
+            parts.append(f'<img class="plot" alt="anomaly index" src="{rep.image_uri(rel)}">')
+    grouped: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+    others: list[str] = []
+    for key, img in result.images.items():
+        m = _IMG_KEY.match(key)
+        if m:
+            grouped[int(m.group("label"))][m.group("kind")] = img
+        else:
+            rel = rep.add_image(f"{name}_{key}", img)
+            others.append(f'<div class="card"><img alt="{esc(key)}" '
+                          f'src="{rep.image_uri(rel)}"><br>{esc(key)}</div>')
+    if others:
+        parts.append('<div class="grid">' + "".join(others) + "</div>")
+    if grouped:
+        cards = []
+        for label in sorted(grouped):
+            imgs = grouped[label]
+            cls = "card suspect" if label in suspects else "card"
+            inner = []
+            for kind in ("mask", "pattern", "stamped", *sorted(set(imgs) - {"mask", "pattern",
+                                                                          "stamped"})):
+                if kind in imgs:
+                    rel = rep.add_image(f"{name}_{kind}_{label}", imgs[kind])
+                    inner.append(f'<div><img alt="{esc(kind)} {label}" '
+                                 f'src="{rep.image_uri(rel)}"><br>{esc(kind)}</div>')
+            norm = f"<br>L1 {norms[label]:.1f}" if label in norms else ""
+            tag = " — suspect" if label in suspects else ""
+            cards.append(f'<div class="{cls}"><b>label {label}{tag}</b>{norm}'
+                         f'<div class="grid">{"".join(inner)}</div></div>')
+        parts.append('<div class="grid">' + "".join(cards) + "</div>")
+    if result.warnings:
+        parts.append("<ul>" + "".join(f"<li>{esc(w)}</li>" for w in result.warnings) + "</ul>")
+    title = {"neural_cleanse": "Neural Cleanse: reversed triggers",
+             "mntd": "MNTD: meta-classifier"}.get(name, name)
+    if parts:
+        rep.add_section(title, "".join(parts))
