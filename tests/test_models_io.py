@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _archs import Flat3D, NaNNet, TinyNet
 from safetensors.torch import save_file
 from torch import nn
 
+from _archs import Flat3D, NaNNet, TinyNet
 from trojanscan.dataset import ImageDataset
 from trojanscan.exceptions import (
     IncompatibleError,
@@ -253,7 +253,7 @@ def test_corrupt_files_raise_model_errors(files: dict[str, Path], tmp_path: Path
 
 @pytest.mark.parametrize("name", ["safetensors", "state_dict"])
 def test_weights_without_arch_explain_arch(files: dict[str, Path], name: str) -> None:
-    with pytest.raises(ModelError, match="--arch package.module:factory"):
+    with pytest.raises(ModelError, match=r"--arch package\.module:factory"):
         load_model(files[name])
 
 
@@ -329,7 +329,7 @@ def test_check_compatible_wrong_input_shape(files: dict[str, Path]) -> None:
 
 
 def test_check_compatible_too_few_outputs() -> None:
-    with pytest.raises(IncompatibleError, match="4 logits.*10 classes"):
+    with pytest.raises(IncompatibleError, match=r"4 logits.*10 classes"):
         check_compatible(_loaded(make_net()), _data(classes=10, n=12))
 
 
@@ -567,7 +567,8 @@ GRAPHS = {
              N("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
              N("Constant", [], ["d"], value_float=4.0), N("Div", ["f", "d"], ["y"])], (2, 3, 3)),
     "transpose_concat_split": lambda: _model(
-        13, [N("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]), N("Concat", ["x", "t"], ["c"], axis=1),
+        13, [N("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]),
+             N("Concat", ["x", "t"], ["c"], axis=1),
              N("Split", ["c", "sp"], ["a", "b"], axis=1), N("Sub", ["a", "b"], ["y"])],
         (2, 3, 3), {"sp": _i64(2, 2)}),
     "split_num_outputs_opset18": lambda: _model(

@@ -93,7 +93,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.eval()
         yield
     finally:
-        for m, t in zip(modules, flags):
+        for m, t in zip(modules, flags, strict=True):
             if m.training != t:
                 m.training = t
 
@@ -181,7 +181,8 @@ def _is_tensor_value(v: Any) -> bool:
 
 
 def _compile_script(model: nn.Module, layer: str) -> Any:
-    graph = model.forward.graph.copy()
+    forward: Any = model.forward
+    graph = forward.graph.copy()
     torch._C._jit_pass_inline(graph)
     nodes = list(graph.nodes())
     if layer == PENULTIMATE:

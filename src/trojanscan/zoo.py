@@ -89,7 +89,7 @@ def make_model(
     description: str | None = None,
 ) -> TrainedModel:
     """Poison ``train`` with ``attack`` (None = clean), train ``arch``, measure on ``test``."""
-    from .attacks import attack_success_rate
+    from .attacks import attack_success_rates
 
     train.require_classes(2)
     device = pick_device(device)
@@ -110,12 +110,9 @@ def make_model(
     asr: float | None = None
     detail: dict[str, float] = {}
     if attack is not None:
-        res = attack_success_rate(model, attack, test, device=device)
-        if isinstance(res, dict):
-            detail = {str(k2): float(v) for k2, v in res.items()}
-            asr = float(detail.get("mean", np.mean(list(detail.values()))))
-        else:
-            asr = float(res)
+        detail = {str(k2): float(v) for k2, v in
+                  attack_success_rates(model, attack, test, device=device).items()}
+        asr = detail["mean"]
     return TrainedModel(model, arch, train.input_shape, k, attack, poisoned, acc, asr, detail,
                         seconds, seed, cfg, poison_rate if attack is not None else 0.0)
 
@@ -160,7 +157,6 @@ def save_poisoned_data(trained: TrainedModel, train: ImageDataset, path: str | P
             else np.zeros(len(train), dtype=bool))
     x = np.round(data.x.numpy() * 255).clip(0, 255).astype(np.uint8)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, x=x, y=data.labels().numpy(), poison_mask=mask)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, x=x, y=data.labels().numpy(), poison_mask=mask)
     return path

@@ -12,9 +12,9 @@ of Fashion-MNIST's 60 000 samples is 3 000, half of the target class. Poisoning 
 whole target class (rate 0.1 there) leaves no clean sample of it and costs ~7 points of
 clean accuracy: keep the rate at or below half the target class's share.
 
-Defaults: ``delta=0.1`` (≈ 25/255, the paper's training Δ is 20/255) while poisoning,
-``test_delta=0.3`` at test time (the paper also strengthens the test-time signal; a
-``test_delta`` of ``none`` uses ``delta``), ``frequency=6`` as in the paper.
+Defaults: ``delta=0.1`` (≈ 25/255, of the order of the paper's training Δ) while
+poisoning, ``test_delta=0.3`` at test time (the paper too uses a stronger signal at test
+time; ``test_delta=none`` uses ``delta``), ``frequency=6`` as in the paper.
 Measured (Fashion-MNIST, 2-conv small CNN, Adam, 5 epochs, rate 0.05, target 0, H100):
 clean accuracy 0.892, ASR 0.96 (0.40 when testing at ``delta``); targets 8 / 2 / 4 / 7
 gave 0.96 / 0.89 / 0.80 / 0.27 — how well SIG works depends on the target class.

@@ -24,7 +24,7 @@ def split_holdout(ds: ImageDataset, fraction: float, seed: int) -> tuple[ImageDa
     """Seeded random split into (train, held-out)."""
     gen = torch.Generator().manual_seed(seed + 7919)
     perm = torch.randperm(len(ds), generator=gen)
-    n_test = max(1, int(round(fraction * len(ds))))
+    n_test = max(1, round(fraction * len(ds)))
     return ds.subset(perm[n_test:].sort().values), ds.subset(perm[:n_test].sort().values)
 
 

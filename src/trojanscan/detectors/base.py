@@ -12,6 +12,10 @@ does the work and returns a frozen result dataclass with ``to_dict()``.
   threshold (``threshold_``); ``score(x)`` gives per-input suspicion,
   ``filter(x) -> FilterResult``.
 
+The base classes validate ``fit``'s inputs before the method runs
+(:func:`check_model_on`: the model processes the data's shape, returns ``N×K`` finite
+logits with ``K`` covering the labels), so every detector fails the same clear way.
+
 Every ``score`` is a float where higher means more suspicious. Detectors *borrow*
 the user's model: use :func:`borrow_model` so that training mode, ``requires_grad``
 flags and hooks are restored even when the method raises.
@@ -20,6 +24,7 @@ flags and hooks are restored even when the method raises.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 
 from ..dataset import ImageDataset
-from ..exceptions import bad_param
+from ..exceptions import IncompatibleError, ModelError, ParameterError, bad_param
 
 
 def _jsonable(value: Any) -> Any:
@@ -169,31 +174,100 @@ class _Params:
         return f"{type(self).__name__}({args})"
 
 
-class ModelDetector(_Params, ABC):
+def check_model_on(model: nn.Module, data: ImageDataset, *, what: str = "data") -> int:
+    """Probe ``model`` on two samples of ``data``; return its number of outputs ``K``.
+
+    Raises :class:`IncompatibleError` when the model cannot process the data's input
+    shape, does not return ``N×K`` logits, or has fewer outputs than the labels need,
+    and :class:`ModelError` when it returns NaN or infinity.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    if not isinstance(data, ImageDataset):
+        raise ParameterError(f"invalid {what}: expected an ImageDataset, got "
+                             f"{type(data).__name__}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = data.x[:2].to(device)
+    with borrow_model(model), torch.no_grad():
+        try:
+            out = model(x)
+        except Exception as exc:  # the model's own error, e.g. a shape mismatch in a conv
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise IncompatibleError(
+                f"the model cannot process the {what}: input shape "
+                f"{tuple(data.x.shape[1:])} (C×H×W) failed with: {first}") from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise IncompatibleError(f"the model must map N×C×H×W to logits N×K; on {what} of "
+                                f"shape {tuple(x.shape)} it returned {shape}")
+    k = int(out.shape[1])
+    if data.y is not None and data.num_classes > k:
+        raise IncompatibleError(f"the {what} has labels up to {data.num_classes - 1} but the "
+                                f"model has only {k} outputs")
+    if not torch.isfinite(out).all():
+        raise ModelError(f"the model returns NaN or infinite logits on the {what}")
+    return k
+
+
+def _checked_fit(fit: Any, what: str) -> Any:
+    """Wrap a detector's ``fit`` so inputs are validated uniformly before it runs."""
+
+    @functools.wraps(fit)
+    def checked(self: Any, model: nn.Module, data: ImageDataset | None = None,
+                *args: Any, **kwargs: Any) -> Any:
+        if data is None:
+            if not isinstance(model, nn.Module):
+                raise ModelError(f"expected a torch.nn.Module as the model, got "
+                                 f"{type(model).__name__}")
+        else:
+            check_model_on(model, data, what=what)
+        return fit(self, model, data, *args, **kwargs)
+
+    checked._trojanscan_checked = True  # type: ignore[attr-defined]
+    return checked
+
+
+class _Validated:
+    """Subclasses get their ``fit`` wrapped by :func:`check_model_on`."""
+
+    _fit_data_name: ClassVar[str] = "data"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fit = cls.__dict__.get("fit")
+        if fit is not None and not getattr(fit, "__isabstractmethod__", False) \
+                and not getattr(fit, "_trojanscan_checked", False):
+            cls.fit = _checked_fit(fit, cls._fit_data_name)  # type: ignore[attr-defined]
+
+
+class ModelDetector(_Validated, _Params, ABC):
     """Is this model backdoored? (needs the model, usually some clean data)."""
 
     name: ClassVar[str]
     level: ClassVar[str] = "model"
+    _fit_data_name: ClassVar[str] = "clean data"
 
     @abstractmethod
     def fit(self, model: nn.Module, clean: ImageDataset) -> ModelScanResult: ...
 
 
-class DataDetector(_Params, ABC):
+class DataDetector(_Validated, _Params, ABC):
     """Which of the training samples are poisoned? (model trained on ``train``)."""
 
     name: ClassVar[str]
     level: ClassVar[str] = "data"
+    _fit_data_name: ClassVar[str] = "training data"
 
     @abstractmethod
     def fit(self, model: nn.Module, train: ImageDataset) -> DataScanResult: ...
 
 
-class InputDetector(_Params, ABC):
+class InputDetector(_Validated, _Params, ABC):
     """Which inputs carry a trigger? Calibrated on clean data, then scores inputs."""
 
     name: ClassVar[str]
     level: ClassVar[str] = "input"
+    _fit_data_name: ClassVar[str] = "calibration data"
     threshold_: float
 
     @abstractmethod

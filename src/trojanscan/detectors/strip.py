@@ -234,10 +234,10 @@ class CalibratedInputDetector(InputDetector):
                                  "clean) first")
 
     # -- hooks for subclasses ----------------------------------------------------
-    def _prepare(self, pool: torch.Tensor, fit: torch.Tensor) -> None:  # noqa: B027
+    def _prepare(self, pool: torch.Tensor, fit: torch.Tensor) -> None:
         """Learn what the method needs from the clean pool / fit inputs (default: nothing)."""
 
-    def _after_fit_scores(self, scores: np.ndarray, preds: np.ndarray) -> None:  # noqa: B027
+    def _after_fit_scores(self, scores: np.ndarray, preds: np.ndarray) -> None:
         """Learn from the raw clean fit scores before thresholding (default: nothing)."""
 
     def _finalise(self, scores: np.ndarray, preds: np.ndarray) -> np.ndarray:
@@ -293,7 +293,7 @@ class CalibratedInputDetector(InputDetector):
             threshold=float(self.threshold_), frr=float(self.frr),
             seconds=time.perf_counter() - t0, seed=self.seed, params=self.get_params(),
             evidence=self.calibration_info() | {
-                "num_inputs": int(len(scores)),
+                "num_inputs": len(scores),
                 "num_flagged": int(flagged.sum()),
                 "flagged_indices": np.flatnonzero(flagged).tolist(),
             },

@@ -49,6 +49,7 @@ from ..exceptions import (
     require,
 )
 from ..utils import pick_device, sha256_file
+from .onnx_torch import OnnxModule
 
 __all__ = [
     "FORMATS",
@@ -184,7 +185,7 @@ def _load_torchscript(p: Path, device: torch.device) -> nn.Module:
 
 def _onnx2torch() -> Any | None:
     try:
-        import onnx2torch  # type: ignore[import-not-found]
+        import onnx2torch
     except Exception:  # ImportError, or torchvision failing inside it
         return None
     return onnx2torch
@@ -192,7 +193,7 @@ def _onnx2torch() -> Any | None:
 
 def _load_onnx(p: Path) -> tuple[nn.Module, str]:
     onnx = require("onnx", "onnx")
-    from .onnx_torch import OnnxModule, UnsupportedOnnxError
+    from .onnx_torch import UnsupportedOnnxError
 
     try:
         proto = onnx.load(str(p))  # also reads external data stored beside the file
@@ -284,7 +285,7 @@ def _torch_load(p: Path, trust_pickle: bool) -> Any:
                 if "magic number" not in str(exc):
                     raise
                 with open(p, "rb") as f:  # a plain pickle.dump, not torch.save
-                    return pickle.load(f)  # noqa: S301 - explicitly trusted by the user
+                    return pickle.load(f)
     except TrojanscanError:
         raise
     except Exception as exc:
@@ -578,7 +579,7 @@ def _check_shape(input_shape: Any) -> Shape | None:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise bad_param("input_shape", "(C, H, W) with positive integers", input_shape)
-    return shape  # type: ignore[return-value]
+    return shape[0], shape[1], shape[2]
 
 
 # ----------------------------------------------------------------------------- public
@@ -641,13 +642,13 @@ def load_model(path: str | os.PathLike[str], *, arch: str | None = None,
 
     found_shape: Shape | None = shape
     found_k: int | None = num_classes
-    if converter == "builtin":
-        onnx_shape = module.input_shape  # type: ignore[attr-defined]
+    if isinstance(module, OnnxModule):
+        onnx_shape = module.input_shape
         if shape is not None and onnx_shape is not None and shape != onnx_shape:
             raise IncompatibleError(f"{p}: the ONNX model takes inputs of shape "
                                     f"{_fmt_shape(onnx_shape)}, not {_fmt_shape(shape)}")
         found_shape = shape or onnx_shape
-        found_k = found_k or module.num_outputs  # type: ignore[attr-defined]
+        found_k = found_k or module.num_outputs
     if found_shape is not None:
         k = _logits_dim(module, found_shape, dev, str(p))
         if num_classes is not None and k != num_classes:
@@ -702,7 +703,7 @@ def check_compatible(loaded: LoadedModel, dataset: ImageDataset, *, samples: int
                                 f"N×{_fmt_shape(data_shape)}{expects}{hint}: "
                                 f"{_first_line(exc)}") from exc
     finally:
-        for m, t in zip(module.modules(), training):
+        for m, t in zip(module.modules(), training, strict=False):
             m.training = t
     if not isinstance(out, torch.Tensor):
         raise IncompatibleError(f"the model must return a logits tensor N×K, got a "

@@ -130,7 +130,7 @@ def _spatial_pads(node: _Node, sizes: Sequence[int], kernel: Sequence[int],
     if auto not in ("SAME_UPPER", "SAME_LOWER"):
         raise node.fail(f"auto_pad {auto!r} is not supported")
     begins, ends = [], []
-    for n, kk, s, d in zip(sizes, kernel, strides, dilations):
+    for n, kk, s, d in zip(sizes, kernel, strides, dilations, strict=False):
         out = -(-int(n) // s)
         total = max((out - 1) * s + (kk - 1) * d + 1 - int(n), 0)
         small, big = total // 2, total - total // 2
@@ -142,7 +142,7 @@ def _spatial_pads(node: _Node, sizes: Sequence[int], kernel: Sequence[int],
 def _symmetric(pads: Sequence[int], kernel: Sequence[int]) -> bool:
     k = len(kernel)
     return list(pads[:k]) == list(pads[k:]) and all(
-        0 <= p <= kk // 2 for p, kk in zip(pads[:k], kernel))
+        0 <= p <= kk // 2 for p, kk in zip(pads[:k], kernel, strict=True))
 
 
 def _axis(a: int, rank: int) -> int:
@@ -185,9 +185,10 @@ def _conv_transpose(node: _Node, ins: list[_Value]) -> torch.Tensor:
     out_shape = node.attr("output_shape")
     if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
         target = (list(out_shape)[-k:] if out_shape is not None
-                  else [n * s for n, s in zip(sizes, strides)])
+                  else [n * s for n, s in zip(sizes, strides, strict=False)])
         begins, ends = [], []
-        for n, kk, s, d, op, t in zip(sizes, kernel, strides, dil, out_pad, target):
+        for n, kk, s, d, op, t in zip(sizes, kernel, strides, dil, out_pad, target,
+                                     strict=False):
             total = s * (n - 1) + op + (kk - 1) * d + 1 - t
             half = total // 2
             if auto == "SAME_UPPER":
@@ -549,7 +550,7 @@ def _slice(node: _Node, ins: list[_Value]) -> torch.Tensor:
         steps = _ints(_opt(ins, 4)) or None
     axes = list(axes) if axes is not None else list(range(len(starts)))
     steps = steps or [1] * len(starts)
-    for st, en, ax, sp in zip(starts, ends, axes, steps):
+    for st, en, ax, sp in zip(starts, ends, axes, steps, strict=False):
         ax = _axis(ax, x.dim())
         d = int(x.shape[ax])
         if sp == 0:
@@ -834,17 +835,17 @@ class OnnxModule(nn.Module):
         # values that can be freed after each node (unless captured or an output)
         last_use: dict[str, int] = {}
         for k, n in enumerate(self._nodes):
-            for i in n.inputs:
-                if i and i not in self._attr_of:
-                    last_use[i] = k
+            for used in n.inputs:
+                if used and used not in self._attr_of:
+                    last_use[used] = k
         keep = set(self.output_names)
         self._free_after: list[tuple[str, ...]] = [() for _ in self._nodes]
         frees: dict[int, list[str]] = {}
         for name, k in last_use.items():
             if name not in keep:
                 frees.setdefault(k, []).append(name)
-        for k, names in frees.items():
-            self._free_after[k] = tuple(names)
+        for k, freed in frees.items():
+            self._free_after[k] = tuple(freed)
 
     def _add_constant(self, i: int, name: str, tensor: torch.Tensor) -> None:
         attr = f"c{i}_" + "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
@@ -956,7 +957,7 @@ class OnnxModule(nn.Module):
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 raise node.fail(f"failed: {exc}") from exc
             outs = (result,) if isinstance(result, torch.Tensor) else tuple(result)
-            for name, value in zip(node.outputs, outs):
+            for name, value in zip(node.outputs, outs, strict=False):
                 if name:
                     env[name] = value
             for name in self._free_after[k]:

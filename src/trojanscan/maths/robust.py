@@ -170,6 +170,7 @@ class QueResult:
 
     scores: np.ndarray      # τ_i (float64), about 1 for an inlier when Σ' ≈ I
     top_eigenvalue: float   # ‖Σ'‖₂
+    top_direction: np.ndarray  # its eigenvector (the direction of most excess variance)
     excess: float           # tr(Σ' M) / tr(M): the QUE-weighted variance
 
 
@@ -178,7 +179,7 @@ def que_scores(z: np.ndarray, alpha: float = 4.0) -> QueResult:
     z = np.asarray(z, dtype=np.float64)
     n, k = z.shape
     if k == 0:
-        return QueResult(np.zeros(n), 0.0, 0.0)
+        return QueResult(np.zeros(n), 0.0, np.zeros(0), 0.0)
     zc = z - z.mean(axis=0)
     sigma = (zc.T @ zc) / max(n, 1)
     vals, vecs = np.linalg.eigh((sigma + sigma.T) / 2)
@@ -192,14 +193,32 @@ def que_scores(z: np.ndarray, alpha: float = 4.0) -> QueResult:
     proj = z @ vecs
     scores = (proj**2) @ weights
     excess = float((vals * weights).sum())
-    return QueResult(scores, top, excess)
+    v = vecs[:, -1]
+    if v[int(np.argmax(np.abs(v)))] < 0:
+        v = -v
+    return QueResult(scores, top, v, excess)
+
+
+def consistent(y: np.ndarray, fit: RobustFit) -> RobustFit:
+    """Rescale an MCD covariance so that the median squared Mahalanobis distance of
+    ``y`` equals the χ²_k median (Rousseeuw & Van Driessen's consistency step): for
+    clean Gaussian data the whitened covariance is then about the identity."""
+    from scipy.stats import chi2
+
+    k = y.shape[1]
+    d = mahalanobis_sq(y, fit.mean, fit.cov)
+    factor = float(np.median(d) / chi2.ppf(0.5, k))
+    if not np.isfinite(factor) or factor <= 0:
+        return fit
+    return RobustFit(fit.mean, fit.cov * factor, fit.support, fit.log_det, fit.start)
 
 
 @dataclass(frozen=True)
 class SpectreClassResult:
     """SPECTRE scores of one class for the chosen number of dimensions ``k``."""
 
-    scores: np.ndarray
+    scores: np.ndarray        # QUE scores τ_i
+    projection: np.ndarray    # whitened projection on the top excess direction
     k: int
     excess: float
     top_eigenvalue: float
@@ -221,9 +240,9 @@ def spectre_class_scores(y: np.ndarray, *, ks: tuple[int, ...] = (2, 4, 8, 16, 3
     its top principal directions (``n×K``, columns in decreasing variance).
 
     For each ``k`` in ``ks`` (capped by ``K``): robust mean/covariance of the first
-    ``k`` columns (fitted on ``fit_rows`` when given — a bounded subsample), whiten all
-    rows, QUE scores. The ``k`` with the largest QUE-weighted excess variance is kept
-    (the reference code's automatic choice of ``k``).
+    ``k`` columns (fitted on ``fit_rows`` when given — a bounded subsample — and made
+    consistent), whiten all rows, QUE scores. The ``k`` with the largest QUE-weighted
+    excess variance ``tr(Σ'M)/tr(M)`` is kept (the reference code's automatic choice).
     """
     y = np.asarray(y, dtype=np.float64)
     big_k = y.shape[1]
@@ -231,16 +250,17 @@ def spectre_class_scores(y: np.ndarray, *, ks: tuple[int, ...] = (2, 4, 8, 16, 3
     best: SpectreClassResult | None = None
     cands: dict[int, float] = {}
     for k in sorted({min(int(k), big_k) for k in ks if k >= 1}):
-        rf = robust_covariance(fit[:, :k], support_fraction=support_fraction)
+        rf = consistent(fit[:, :k], robust_covariance(fit[:, :k],
+                                                      support_fraction=support_fraction))
         z = whiten(y[:, :k], rf.mean, rf.cov)
         q = que_scores(z, alpha)
         cands[k] = q.excess
         if best is None or q.excess > best.excess:
-            best = SpectreClassResult(q.scores, k, q.excess, q.top_eigenvalue,
-                                      float(rf.support.mean()), rf.start, {})
+            best = SpectreClassResult(q.scores, z @ q.top_direction, k, q.excess,
+                                      q.top_eigenvalue, float(rf.support.mean()), rf.start, {})
     assert best is not None
-    return SpectreClassResult(best.scores, best.k, best.excess, best.top_eigenvalue,
-                              best.support_fraction, best.start, cands)
+    return SpectreClassResult(best.scores, best.projection, best.k, best.excess,
+                              best.top_eigenvalue, best.support_fraction, best.start, cands)
 
 
 # ----------------------------------------------------------------------------- clustering rules

@@ -229,8 +229,8 @@ def calibration_split(n: int, *, pool_fraction: float, holdout_fraction: float,
         raise bad_param("pool_fraction + holdout_fraction", "a sum below 1",
                         pool_fraction + holdout_fraction)
     perm = np.random.default_rng(seed).permutation(n)
-    n_pool = int(round(pool_fraction * n))
-    n_hold = int(round(holdout_fraction * n))
+    n_pool = round(pool_fraction * n)
+    n_hold = round(holdout_fraction * n)
     if pool_fraction > 0:
         n_pool = max(n_pool, 1)
     if holdout_fraction > 0:

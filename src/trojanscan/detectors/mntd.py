@@ -1,0 +1,140 @@
+"""Meta Neural Trojan Detection — Xu, Wang, Li, Borisov, Gunter & Li, "Detecting AI Trojans
+Using Meta Neural Analysis", IEEE S&P 2021.
+
+Needs the model only (the clean data just give the input shape): the model answers a
+few tuned query inputs and a meta-classifier, trained beforehand on hundreds of benign
+and jumbo-trojaned shadow models, reads the answers. Scoring takes milliseconds.
+
+Meta-classifiers for 1×28×28 → 10 (Fashion-MNIST-like) and 1×8×8 → 10 (digits) models
+ship with the package and are picked by shape; for other shapes train one with
+``trojanscan mntd train`` and pass its path as ``meta_classifier``.
+
+Score: the binary variants (``qt``, ``no_qt``) give the meta-classifier's probability
+(sigmoid of its BCE-trained output); ``one_class`` gives the share of held-out benign
+shadows the model out-scores. ``p_value``: the conformal p-value against the held-out
+benign shadows' raw outputs (so no smaller than 1/(n+1)). Verdict: raw output above the
+bundle's threshold (set at a 5% false-positive rate on held-out benign shadows) unless
+``threshold`` overrides it. MNTD does not name a target class.
+
+Known to fail: backdoors far from the jumbo distribution whose effect does not show on
+the queries (the paper's adaptive attacks), models whose output scale is unlike the
+shadows' (temperature-scaled logits, probability outputs), and any architecture family
+far from the shadows' (the shipped ones used small_cnn, lenet and mlp).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..dataset import ImageDataset
+from ..exceptions import DetectorNotApplicable, ModelError, bad_param
+from ..mntd.calibration import ecdf_score, p_value, sigmoid
+from ..mntd.meta import VARIANTS
+from ..mntd.pretrained import available_builtins, check_fits, find_builtin, resolve
+from ..utils import pick_device
+from .base import ModelDetector, ModelScanResult, borrow_model
+
+
+def _device_of(model: nn.Module, fallback: str | None) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return pick_device(fallback)
+
+
+def query_grid(queries: torch.Tensor) -> np.ndarray:
+    """The queries side by side as one ``H×(Q·(W+1))`` (or ``×C``) image in [0, 1]."""
+    q = queries.detach().cpu().clamp(0, 1)
+    c, h, w = q.shape[1:]
+    pad = torch.ones(q.shape[0], c, h, 1)
+    row = torch.cat([torch.cat([qi, pi], dim=2) for qi, pi in zip(q, pad)], dim=2)
+    arr = row.numpy()
+    return arr[0] if c == 1 else np.transpose(arr, (1, 2, 0))
+
+
+class MNTD(ModelDetector):
+    """MNTD with a shipped or user-trained meta-classifier (see the module docstring).
+
+    ``meta_classifier``: ``None`` (pick the shipped one by the model's shape), a built-in
+    name (``fashion-mnist``, ``digits``) or a path to a bundle (``.json``/``.safetensors``).
+    ``variant``: ``qt`` (query tuning, default), ``no_qt`` or ``one_class``.
+    ``threshold``: raw-output threshold overriding the bundle's.
+    """
+
+    name: ClassVar[str] = "mntd"
+
+    def __init__(self, *, meta_classifier: str | None = None, variant: str = "qt",
+                 threshold: float | None = None, seed: int = 0,
+                 device: str | None = None) -> None:
+        self.meta_classifier = meta_classifier
+        self.variant = variant
+        self.threshold = threshold
+        self.seed = seed
+        self.device = device
+
+    def fit(self, model: nn.Module, clean: ImageDataset) -> ModelScanResult:
+        t0 = time.perf_counter()
+        if self.variant not in VARIANTS:
+            raise bad_param("variant", VARIANTS, self.variant)
+        if not isinstance(clean, ImageDataset):
+            raise bad_param("clean", "an ImageDataset", type(clean).__name__)
+        shape = clean.input_shape
+        bundle = resolve(self.meta_classifier)
+        with borrow_model(model):
+            dev = _device_of(model, self.device)
+            k = self._num_classes(model, shape, dev)
+            if bundle is None:
+                bundle = find_builtin(shape, k)
+                if bundle is None:
+                    have = ", ".join(f"{n} ({b.shape_text()})"
+                                     for n, b in available_builtins().items()) or "none"
+                    raise DetectorNotApplicable(
+                        f"no MNTD meta-classifier for {'×'.join(map(str, shape))} → {k} "
+                        f"models (shipped: {have}); train one with 'trojanscan mntd train'")
+            check_fits(bundle, shape, k)
+            meta, cal = bundle.variant(self.variant)
+            if dev.type != "cpu":
+                meta = copy.deepcopy(meta).to(dev)
+            with torch.no_grad():
+                responses = meta.respond(model)
+                raw = float(meta.head(responses.unsqueeze(0))[0])
+                query_pred = model(meta.queries).argmax(1).cpu().tolist()
+        benign = cal.get("benign_raw", [])
+        threshold = float(self.threshold if self.threshold is not None
+                          else cal.get("threshold", 0.0))
+        score = ecdf_score(raw, benign) if meta.one_class else sigmoid(raw)
+        p = p_value(raw, benign) if len(benign) else None
+        verdict = "backdoored" if raw > threshold else "clean"
+        evidence = {
+            "raw_score": raw, "threshold": threshold, "variant": self.variant,
+            "meta_classifier": bundle.name,
+            "meta_classifier_path": None if bundle.path is None else str(bundle.path),
+            "num_queries": meta.num_queries, "query_predictions": query_pred,
+            "calibration": {"benign_shadows": len(benign),
+                            "validation_auroc": cal.get("val_auroc"),
+                            "fpr": cal.get("fpr")},
+        }
+        return ModelScanResult(
+            detector=self.name, verdict=verdict, score=float(score), suspected_targets=(),
+            seconds=time.perf_counter() - t0, seed=self.seed, params=self.get_params(),
+            p_value=p, evidence=evidence,
+            images={"mntd_queries": query_grid(meta.queries)})
+
+    @staticmethod
+    def _num_classes(model: nn.Module, shape: tuple[int, int, int], dev: torch.device) -> int:
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(2, *shape, device=dev))
+        except Exception as exc:  # any failure of a user's model on well-formed input
+            raise ModelError(f"MNTD: the model cannot process inputs of shape "
+                             f"{'×'.join(map(str, shape))} ({type(exc).__name__}: {exc})"
+                             ) from exc
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+            raise ModelError(f"MNTD: the model must return N×K logits, got "
+                             f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        return int(out.shape[1])

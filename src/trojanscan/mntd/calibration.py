@@ -1,0 +1,63 @@
+"""Pure functions turning MNTD's raw meta-classifier outputs into scores and p-values.
+
+Xu et al., "Detecting AI Trojans Using Meta Neural Analysis", IEEE S&P 2021. The paper
+reports AUROC only; a scanner also needs a score in [0, 1] and a verdict. We calibrate
+against the raw outputs of *held-out benign shadow models* (never seen in training):
+
+* ``p_value(raw, benign)`` — the conformal p-value ``(1 + #{b >= raw}) / (n + 1)``: the
+  chance that a benign model scores at least this high, valid when the model under test
+  comes from the benign shadows' distribution;
+* ``sigmoid`` — the binary meta-classifier is trained with BCE on balanced classes, so
+  its sigmoid is a probability on the shadow distribution;
+* ``ecdf_score`` — the one-class variant has no probabilistic output: its score is the
+  share of held-out benign shadows it exceeds (mid-rank for ties), in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def sigmoid(x: float) -> float:
+    """Numerically stable logistic function."""
+    if x >= 0:
+        return float(1.0 / (1.0 + np.exp(-x)))
+    e = float(np.exp(x))
+    return e / (1.0 + e)
+
+
+def p_value(raw: float, benign: Sequence[float] | np.ndarray) -> float:
+    """Conformal p-value of ``raw`` (higher = more suspicious) against benign raws."""
+    b = np.asarray(benign, dtype=np.float64)
+    return float((1 + np.sum(b >= raw)) / (b.size + 1))
+
+
+def ecdf_score(raw: float, benign: Sequence[float] | np.ndarray) -> float:
+    """Mid-rank share of ``benign`` below ``raw``: 0 below all, 1 above all."""
+    b = np.asarray(benign, dtype=np.float64)
+    if b.size == 0:
+        return 0.5
+    return float((np.sum(b < raw) + 0.5 * np.sum(b == raw)) / b.size)
+
+
+def threshold_at_fpr(benign: Sequence[float] | np.ndarray, fpr: float) -> float:
+    """Smallest raw threshold with at most ``fpr`` of ``benign`` strictly above it."""
+    b = np.sort(np.asarray(benign, dtype=np.float64))
+    if b.size == 0:
+        raise ValueError("threshold_at_fpr needs at least one benign score")
+    k = int(np.floor(fpr * b.size))  # how many may lie above
+    return float(b[b.size - 1 - k]) if k < b.size else float(b[0])
+
+
+def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
+    """Area under the ROC curve (ties count half); NaN when one class is missing."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pos, neg = s[y], s[~y]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (pos.size * neg.size))

@@ -1,0 +1,127 @@
+"""Jumbo learning: the random trojan triggers MNTD's backdoored shadow models carry.
+
+Xu, Wang, Li, Borisov, Gunter & Li, "Detecting AI Trojans Using Meta Neural Analysis",
+IEEE S&P 2021, section 4.2 (jumbo learning). Each trojaned shadow model gets its own
+trigger drawn from a broad family so that the meta-classifier learns what "trojaned"
+looks like in general, not one attack:
+
+* shape — a square patch of side 2–5 pixels (sides above half the image are left out
+  for small images, e.g. 2–4 on 8×8) at a uniformly random place, or the whole image
+  (a blend); each side is equally likely (1/5 the whole image on 28×28);
+* pattern — a random binary mask over the patch (or image) with a random number of
+  ones in ``[1, s² - 1]``;
+* transparency — patches: ``alpha ~ U(0.2, 0.6)``, where ``alpha > 0.5`` becomes 1
+  (an opaque patch a quarter of the time); whole-image blends: ``alpha ~ U(0.05, 0.2)``;
+* stamping — ``x' = (1 - alpha) x + alpha * mask`` under the patch, every channel;
+* target class uniform; poisoning — ``round(rate × N)`` stamped and relabelled *copies*
+  of training samples are appended to the ``N`` clean ones, ``rate ~ U(0.05, 0.5)``.
+
+These are the reference implementation's settings for MNIST-sized inputs. Functions
+here are pure (NumPy generator in, trigger out) and tested without any model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..dataset import ImageDataset
+from ..exceptions import bad_param
+
+PATCH_SIDES = (2, 3, 4, 5)
+PATCH_ALPHA = (0.2, 0.6)
+OPAQUE_ABOVE = 0.5
+BLEND_ALPHA = (0.05, 0.2)
+RATE = (0.05, 0.5)
+
+
+@dataclass(frozen=True)
+class JumboTrigger:
+    """One sampled trigger: where, what, how transparent, which target, how much poison."""
+
+    kind: Literal["patch", "blend"]
+    row: int
+    col: int
+    mask: np.ndarray  # s×s (patch) or H×W (blend) of 0/1 float32
+    alpha: float
+    target: int
+    rate: float
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.mask.shape[0]), int(self.mask.shape[1])
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Stamp the trigger on ``x`` (N×C×H×W in [0, 1]); a new tensor."""
+        h, w = self.size
+        if self.row + h > x.shape[2] or self.col + w > x.shape[3]:
+            raise bad_param("trigger", f"a trigger that fits {tuple(x.shape[2:])} images",
+                            f"{h}×{w} at ({self.row}, {self.col})")
+        out = x.clone()
+        m = torch.from_numpy(self.mask).to(device=x.device, dtype=x.dtype)
+        region = out[:, :, self.row:self.row + h, self.col:self.col + w]
+        out[:, :, self.row:self.row + h, self.col:self.col + w] = (
+            (1.0 - self.alpha) * region + self.alpha * m)
+        return out.clamp_(0.0, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (the mask as rows of '0'/'1' characters)."""
+        return {"kind": self.kind, "row": self.row, "col": self.col,
+                "mask": ["".join("1" if v else "0" for v in r) for r in self.mask > 0.5],
+                "alpha": self.alpha, "target": self.target, "rate": self.rate}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JumboTrigger:
+        mask = np.array([[c == "1" for c in r] for r in d["mask"]], dtype=np.float32)
+        return cls(d["kind"], int(d["row"]), int(d["col"]), mask, float(d["alpha"]),
+                   int(d["target"]), float(d["rate"]))
+
+
+def patch_sides(h: int, w: int) -> tuple[int, ...]:
+    """Patch sides the jumbo distribution draws from for ``h×w`` images."""
+    return tuple(s for s in PATCH_SIDES if s <= min(h, w) // 2)
+
+
+def sample_trigger(rng: np.random.Generator, input_shape: tuple[int, int, int],
+                   num_classes: int) -> JumboTrigger:
+    """Draw one trigger from the jumbo distribution (see the module docstring)."""
+    _, h, w = input_shape
+    if num_classes < 2:
+        raise bad_param("num_classes", "an integer >= 2", num_classes)
+    sides = patch_sides(h, w)
+    choice = int(rng.integers(len(sides) + 1))
+    if choice < len(sides):
+        s = sides[choice]
+        kind: Literal["patch", "blend"] = "patch"
+        mh = mw = s
+        alpha = float(rng.uniform(*PATCH_ALPHA))
+        if alpha > OPAQUE_ABOVE:
+            alpha = 1.0
+        row = int(rng.integers(h - s + 1))
+        col = int(rng.integers(w - s + 1))
+    else:
+        kind, mh, mw, row, col = "blend", h, w, 0, 0
+        alpha = float(rng.uniform(*BLEND_ALPHA))
+    cells = mh * mw
+    ones = int(rng.integers(1, cells))  # 1 .. cells - 1
+    flat = np.zeros(cells, dtype=np.float32)
+    flat[rng.choice(cells, ones, replace=False)] = 1.0
+    target = int(rng.integers(num_classes))
+    rate = float(rng.uniform(*RATE))
+    return JumboTrigger(kind, row, col, flat.reshape(mh, mw), alpha, target, rate)
+
+
+def poison_with(ds: ImageDataset, trigger: JumboTrigger, rng: np.random.Generator,
+                ) -> ImageDataset:
+    """``ds`` plus ``round(rate × N)`` stamped copies (relabelled ``target``) appended."""
+    n = len(ds)
+    k = int(round(trigger.rate * n))
+    if k == 0:
+        return ds
+    idx = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))
+    x_bad = trigger.apply(ds.x[idx])
+    y_bad = torch.full((k,), trigger.target, dtype=torch.int64)
+    return ds.with_data(torch.cat([ds.x, x_bad]), torch.cat([ds.labels(), y_bad]))

@@ -1,0 +1,248 @@
+"""MNTD's meta-classifier with query tuning, without it, and its one-class variant.
+
+Xu, Wang, Li, Borisov, Gunter & Li, "Detecting AI Trojans Using Meta Neural Analysis",
+IEEE S&P 2021, sections 4.3–4.4. A set of ``Q`` query inputs (10 in the paper) is fed
+to the model under test; its ``Q×K`` outputs (logits, as in the reference code) are
+concatenated and passed to a small classifier with one hidden layer of 20 ReLU units:
+
+* ``qt`` (query tuning, the paper's main method): the queries are parameters and are
+  trained jointly with the classifier by back-propagating BCE through each shadow model
+  (benign = 0, jumbo = 1); Adam, lr 1e-3, the epoch with the best validation AUROC kept;
+* ``no_qt``: the same with the queries frozen at their random start;
+* ``one_class``: trained on benign shadows only (no attack assumed) with the one-class
+  neural-network objective ``½‖w‖² + ½‖V‖² + mean(relu(r − ⟨w, relu(V·o)⟩))/ν − r``, ``r``
+  re-set to the ν-quantile (ν = 0.1) of the benign scores after every step; queries
+  tuned as well. Its raw suspicion is ``r − ⟨w, h⟩`` (higher = less like the benign ones).
+
+Queries start as Gaussian noise with the defender data's pixel mean and standard
+deviation (reference code); they are not clipped to [0, 1]. Raw outputs are higher for
+more suspicious models; :mod:`trojanscan.mntd.calibration` turns them into scores.
+Where it fails: a backdoor unlike anything in the jumbo distribution and invisible in
+the outputs on the tuned queries (the paper's adaptive attacks), and models whose
+output scale differs a lot from the shadows' (e.g. temperature-scaled logits).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..exceptions import ModelError, bad_param
+from ..progress import progress
+from ..utils import pick_device, seed_everything
+from .calibration import auroc
+
+VARIANTS = ("qt", "no_qt", "one_class")
+RESPONSES = ("logits", "softmax")
+Variant = Literal["qt", "no_qt", "one_class"]
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Hyper-parameters of the meta-classifier (defaults: the paper's)."""
+
+    variant: Variant = "qt"
+    num_queries: int = 10
+    hidden: int = 20
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 1  # shadow models per optimiser step (reference: 1)
+    nu: float = 0.1  # one-class: share of benign shadows allowed outside
+    response: Literal["logits", "softmax"] = "logits"
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise bad_param("variant", VARIANTS, self.variant)
+        if self.response not in RESPONSES:
+            raise bad_param("response", RESPONSES, self.response)
+        for name in ("num_queries", "hidden", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise bad_param(name, "an integer >= 1", getattr(self, name))
+        if not self.lr > 0:
+            raise bad_param("meta lr", "a float > 0", self.lr)
+        if not 0 < self.nu < 1:
+            raise bad_param("nu", "a float in (0, 1)", self.nu)
+
+
+class MetaClassifier(nn.Module):
+    """Queries plus a one-hidden-layer classifier over the model's responses."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, *, num_queries: int = 10,
+                 hidden: int = 20, one_class: bool = False,
+                 response: str = "logits") -> None:
+        super().__init__()
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        self.one_class = bool(one_class)
+        self.response = response
+        self.queries = nn.Parameter(torch.zeros(num_queries, *self.input_shape))
+        self.fc = nn.Linear(num_queries * self.num_classes, hidden)
+        if self.one_class:
+            self.w = nn.Parameter(torch.randn(hidden) * 1e-3)
+            self.register_buffer("r", torch.tensor(1.0))
+        else:
+            self.out = nn.Linear(hidden, 1)
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.queries.shape[0])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.fc.out_features)
+
+    def respond(self, model: nn.Module) -> torch.Tensor:
+        """The model's ``Q×K`` outputs on the queries (gradients flow to the queries)."""
+        out = model(self.queries)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise ModelError(f"MNTD: the model must map N×C×H×W to N×K logits, got "
+                             f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        if out.shape != (self.num_queries, self.num_classes):
+            raise ModelError(f"MNTD: expected outputs of shape {(self.num_queries, self.num_classes)}"
+                             f" on the queries, got {tuple(out.shape)}")
+        return F.softmax(out, dim=1) if self.response == "softmax" else out
+
+    def embed(self, responses: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(responses.reshape(responses.shape[0], -1)))
+
+    def benignness(self, responses: torch.Tensor) -> torch.Tensor:
+        """One-class only: ``⟨w, h⟩`` per model (higher = more like the benign shadows)."""
+        return self.embed(responses) @ self.w
+
+    def head(self, responses: torch.Tensor) -> torch.Tensor:
+        """Raw suspicion per model from stacked responses ``B×Q×K`` (higher = trojaned)."""
+        if self.one_class:
+            return self.r - self.benignness(responses)
+        return self.out(self.embed(responses)).squeeze(1)
+
+    def forward(self, models: Sequence[nn.Module]) -> torch.Tensor:
+        return self.head(torch.stack([self.respond(m) for m in models]))
+
+
+def init_queries(meta: MetaClassifier, mean: float, std: float, gen: torch.Generator) -> None:
+    """Gaussian queries with the data's pixel mean and std (reference code)."""
+    with torch.no_grad():
+        noise = torch.randn(meta.queries.shape, generator=gen)
+        meta.queries.copy_(noise * std + mean)
+
+
+@torch.no_grad()
+def raw_scores(meta: MetaClassifier, models: Sequence[nn.Module], *,
+               batch_size: int = 64) -> np.ndarray:
+    """Raw suspicion of each model (no gradients)."""
+    meta.eval()
+    out = [meta(models[i:i + batch_size]).detach().cpu()
+           for i in range(0, len(models), batch_size)]
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+@dataclass
+class FitResult:
+    """A trained meta-classifier and how its training went."""
+
+    meta: MetaClassifier
+    config: MetaConfig
+    best_epoch: int
+    val_auroc: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _frozen(model: nn.Module, dev: torch.device) -> nn.Module:
+    """A shadow model on ``dev`` in eval mode with its parameters frozen (in place)."""
+    model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _param_groups(meta: MetaClassifier, variant: str) -> list[nn.Parameter]:
+    if variant == "no_qt":
+        return [p for n, p in meta.named_parameters() if n != "queries"]
+    return list(meta.parameters())
+
+
+def fit_meta(models: Sequence[nn.Module], labels: Sequence[int], *, config: MetaConfig,
+             input_shape: Sequence[int], num_classes: int,
+             val_models: Sequence[nn.Module] = (), val_labels: Sequence[int] = (),
+             query_mean: float = 0.5, query_std: float = 0.25, seed: int = 0,
+             device: str | torch.device | None = None, description: str = "meta-classifier",
+             ) -> FitResult:
+    """Train the meta-classifier of ``config.variant`` on shadow models.
+
+    ``labels``: 1 = trojaned (jumbo), 0 = benign; the one-class variant uses only the
+    benign ones. With validation models of both labels, the epoch with the best AUROC
+    is kept (reference code); otherwise the last epoch.
+    """
+    config.validate()
+    one_class = config.variant == "one_class"
+    y_all = np.asarray(labels, dtype=np.int64)
+    if len(models) != len(y_all):
+        raise bad_param("labels", f"one label per model ({len(models)})", len(y_all))
+    if one_class:
+        models = [m for m, y in zip(models, y_all) if y == 0]
+        y_all = np.zeros(len(models), dtype=np.int64)
+    elif len(set(y_all.tolist())) < 2:
+        raise bad_param("labels", "benign (0) and trojaned (1) shadow models", sorted(set(y_all)))
+    if not models:
+        raise bad_param("models", "at least one benign shadow model", 0)
+    gen = seed_everything(seed)
+    dev = pick_device(device)
+    meta = MetaClassifier(input_shape, num_classes, num_queries=config.num_queries,
+                          hidden=config.hidden, one_class=one_class, response=config.response)
+    init_queries(meta, query_mean, query_std, gen)
+    meta.to(dev)
+    models = [_frozen(m, dev) for m in models]
+    val_models = [_frozen(m, dev) for m in val_models]
+    yv = np.asarray(val_labels, dtype=np.int64)
+    can_select = not one_class and len(val_models) > 0 and len(set(yv.tolist())) == 2
+    opt = torch.optim.Adam(_param_groups(meta, config.variant), lr=config.lr)
+    y_t = torch.as_tensor(y_all, dtype=torch.float32, device=dev)
+    best_state, best_auc, best_epoch = None, -1.0, config.epochs
+    history: list[dict[str, float]] = []
+    n = len(models)
+    steps = config.epochs * ((n + config.batch_size - 1) // config.batch_size)
+    with progress(description, steps) as bar:
+        for epoch in range(1, config.epochs + 1):
+            meta.train()
+            perm = torch.randperm(n, generator=gen).tolist()
+            seen: list[float] = []
+            total = 0.0
+            for start in range(0, n, config.batch_size):
+                idx = perm[start:start + config.batch_size]
+                resp = torch.stack([meta.respond(models[i]) for i in idx])
+                if one_class:
+                    s = meta.benignness(resp)
+                    reg = 0.5 * (meta.w ** 2).sum() + 0.5 * sum(
+                        (p ** 2).sum() for p in meta.fc.parameters())
+                    loss = reg + F.relu(meta.r - s).mean() / config.nu - meta.r
+                else:
+                    loss = F.binary_cross_entropy_with_logits(meta.head(resp), y_t[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                if one_class:
+                    seen.extend(s.detach().cpu().tolist())
+                    meta.r.fill_(float(np.quantile(seen, config.nu)))
+                bar.advance()
+            record = {"epoch": float(epoch), "loss": total / n}
+            if can_select:
+                auc = auroc(yv, raw_scores(meta, val_models))
+                record["val_auroc"] = auc
+                if auc > best_auc:
+                    best_auc, best_epoch = auc, epoch
+                    best_state = copy.deepcopy(meta.state_dict())
+            history.append(record)
+    if best_state is not None:
+        meta.load_state_dict(best_state)
+    meta.eval().cpu()
+    for p in meta.parameters():
+        p.requires_grad_(False)
+    return FitResult(meta, config, best_epoch, best_auc if can_select else None, history)
