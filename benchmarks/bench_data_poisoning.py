@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from trojanscan.archs import build
 from trojanscan.attacks import parse_attack
 from trojanscan.dataset import ImageDataset
 from trojanscan.io.data import load_dataset
-from trojanscan.zoo import make_model, save_model
+from trojanscan.zoo import TrainedModel, save_model
 
-CACHE = Path(__file__).resolve().parent / ".cache" / "data_poisoning"
+CACHE = Path(os.environ.get("BENCH_CACHE") or
+             Path(__file__).resolve().parent / ".cache" / "data_poisoning")
 
 
 @dataclass(frozen=True)
@@ -42,6 +39,27 @@ def model_path(case: Case, seed: int) -> Path:
     return CACHE / f"{case.name}-s{seed}.pt"
 
 
+def train_case(attack: object, rate: float, train: ImageDataset, test: ImageDataset,
+               seed: int) -> TrainedModel:
+    """``zoo.make_model`` with training on BENCH_DEVICE and evaluation on the CPU."""
+    from trojanscan.attacks import attack_success_rate
+    from trojanscan.training import TrainConfig, evaluate, train_model
+    from trojanscan.zoo import default_epochs
+
+    poisoned = None if attack is None else attack.poison(train, rate, seed=seed)
+    data = train if poisoned is None else poisoned.dataset
+    cfg = TrainConfig(epochs=default_epochs(len(train)))
+    t0 = time.perf_counter()
+    model = train_model("small_cnn", data, config=cfg, seed=seed,
+                        device=os.environ.get("BENCH_DEVICE", "cpu"), num_classes=10)
+    seconds = time.perf_counter() - t0
+    acc = evaluate(model, test, device="cpu")
+    asr = None if attack is None else float(attack_success_rate(model, attack, test,
+                                                                device="cpu"))
+    return TrainedModel(model, "small_cnn", train.input_shape, 10, attack, poisoned, acc, asr,
+                        {}, seconds, seed, cfg, rate if attack is not None else 0.0)
+
+
 def prepare(case: Case, train: ImageDataset, test: ImageDataset, seed: int) -> Path:
     """Train (or reuse) the model of ``case``; returns the TorchScript path."""
     path = model_path(case, seed)
@@ -49,8 +67,7 @@ def prepare(case: Case, train: ImageDataset, test: ImageDataset, seed: int) -> P
         return path
     attack = parse_attack(case.attack)
     t0 = time.perf_counter()
-    trained = make_model(train, test, attack=attack, poison_rate=case.rate or 0.1,
-                         arch="small_cnn", seed=seed, device="cpu")
+    trained = train_case(attack, case.rate, train, test, seed)
     save_model(trained, path)
     print(f"trained {case.name}: acc {trained.clean_accuracy:.4f} asr {trained.asr} "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -207,3 +207,39 @@ def test_hierarchy_path_parsing() -> None:
     assert _hierarchy_path(
         "features(Sequential).2(ReLU).UNKNOWN_INSTANCE(UNKNOWN_TYPE)") == "features.2"
     assert _hierarchy_path("") == ""
+
+
+def test_onnx_module_scopes_from_dynamo_metadata() -> None:
+    """Graphs from the dynamo exporter carry module paths in node metadata."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trojanscan.io.onnx_torch import OnnxModule
+
+    def node(op: str, ins: list[str], outs: list[str], scopes: list[str]) -> onnx.NodeProto:
+        n = helper.make_node(op, ins, outs, name=f"node_{outs[0]}")
+        prop = n.metadata_props.add()
+        prop.key, prop.value = "pkg.torch.onnx.name_scopes", repr(scopes)
+        return n
+
+    g = torch.Generator().manual_seed(0)
+    w, fc = torch.randn(2, 1, 3, 3, generator=g), torch.randn(3, 2 * 6 * 6, generator=g)
+    nodes = [node("Conv", ["x", "w"], ["c"], ["", "block", "block.conv", "conv2d"]),
+             node("Relu", ["c"], ["r"], ["", "block", "block.act", "relu"]),
+             node("Shape", ["r"], ["s"], ["", "block", "sym_size"]),  # a side value
+             node("Flatten", ["r"], ["f"], ["", "flatten"]),
+             node("Gemm", ["f", "fc"], ["y"], ["", "head", "linear"])]
+    nodes[-1].attribute.append(helper.make_attribute("transB", 1))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w.numpy(), "w"), numpy_helper.from_array(fc.numpy(), "fc")])
+    module = OnnxModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert layer_names(module)[:4] == ["block", "block.conv", "block.act", "head"]
+    x = _inputs(3)
+    conv = torch.nn.functional.conv2d(x, w)
+    assert torch.allclose(extract_features(module, x, layer="block"),
+                          torch.relu(conv).flatten(1), atol=1e-6)
+    assert torch.allclose(extract_features(module, x, layer="block.conv"), conv.flatten(1),
+                          atol=1e-6)
+    assert torch.allclose(extract_features(module, x), torch.relu(conv).flatten(1), atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -269,8 +270,25 @@ def _is_usage_error(exc: BaseException) -> bool:
     return bool(names & {"ClickException", "Abort", "TyperException"})
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Our warnings as one line on stderr (``warning: ...``); others as usual."""
+    from .exceptions import TrojanscanWarning
+
+    if issubclass(category, TrojanscanWarning):
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        _ORIGINAL_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_ORIGINAL_SHOWWARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning domain errors into exit 2."""
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated",
+                            category=DeprecationWarning)
     try:
         app(args=argv, standalone_mode=False, prog_name="trojanscan")
     except typer.Exit as exc:

@@ -123,7 +123,7 @@ def _hook_impl(model: nn.Module, layer: str) -> _Impl:
             seen: list[torch.Tensor] = []
 
             def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
-                seen.append(args[0])
+                seen[:] = [args[0]]  # keep only the latest linear layer's input
 
             handles = [m.register_forward_pre_hook(grab) for m in linears]
             try:
@@ -198,6 +198,8 @@ def _compile_script(model: nn.Module, layer: str) -> Any:
         prefix = layer + "."
         value = None
         for n in nodes:
+            if n.kind() in ("prim::GetAttr", "prim::Constant"):
+                continue  # parameters and constants, not the module's computation
             path = _hierarchy_path(n.getModuleHierarchy())
             if path == layer or path.startswith(prefix):
                 tensors = [o for o in n.outputs() if _is_tensor_value(o)]
@@ -313,6 +315,11 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device here."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def logits_and_features(model: Any, x: Any, *, layer: str = PENULTIMATE,
                         batch_size: int = 256, device: str | torch.device | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,8 +336,11 @@ def logits_and_features(model: Any, x: Any, *, layer: str = PENULTIMATE,
         raise bad_param("x", "a non-empty tensor N×C×H×W", got)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise bad_param("batch_size", "a positive integer", batch_size)
-    dev = _model_device(fm.model) if device is None else torch.device(device)
-    if device is not None and _model_device(fm.model) != dev:
+    here = _model_device(fm.model)
+    dev = here if device is None else torch.device(device)
+    if _same_device(here, dev):
+        dev = here  # inputs go exactly where the model is
+    else:
         fm.model.to(dev)
     logits: list[torch.Tensor] = []
     feats: list[torch.Tensor] = []

@@ -260,8 +260,7 @@ def as_inputs(x: Any, input_shape: tuple[int, int, int], *, max_batch: int | Non
     except (ValueError, TypeError) as exc:
         raise DataError(f"inputs: not a rectangular array of numbers ({exc})") from exc
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)
-                                   or np.issubdtype(arr.dtype, np.floating)
-                                   or arr.dtype == np.bool_):
+                                   or np.issubdtype(arr.dtype, np.floating)):
         raise DataError(f"inputs: expected a rectangular array of numbers N×"
                         f"{'×'.join(map(str, input_shape))}, got dtype {arr.dtype}"
                         + (" (ragged nesting or non-numbers)" if arr.dtype == object else ""))

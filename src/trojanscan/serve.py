@@ -263,8 +263,7 @@ def create_app(guard: Guard, *, max_batch: int = 256, max_body_bytes: int | None
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.post("/predict")
-    async def predict(request: fastapi.Request) -> Any:
+    async def predict(request: Any) -> Any:
         t0 = time.perf_counter()
         code = 200
         try:
@@ -290,6 +289,11 @@ def create_app(guard: Guard, *, max_batch: int = 256, max_body_bytes: int | None
         finally:
             metrics.latency(time.perf_counter() - t0)
             metrics.request("/predict", code)
+
+    # annotations are strings here (postponed evaluation) and FastAPI resolves them in
+    # this module's globals, where fastapi is not imported: give it the class itself
+    predict.__annotations__["request"] = fastapi.Request
+    app.post("/predict")(predict)
 
     @app.get("/healthz")
     async def healthz() -> Any:

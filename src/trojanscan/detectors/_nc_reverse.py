@@ -123,7 +123,11 @@ class BatchStream:
 
 
 def _logits(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
-    out = model(x)
+    try:
+        out = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ModelError(f"the model failed on a batch of shape {tuple(x.shape)}: "
+                         f"{exc}") from exc
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != k:

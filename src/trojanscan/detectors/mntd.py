@@ -50,7 +50,7 @@ def _device_of(model: nn.Module, fallback: str | None) -> torch.device:
 def query_grid(queries: torch.Tensor) -> np.ndarray:
     """The queries side by side as one ``H×(Q·(W+1))`` (or ``×C``) image in [0, 1]."""
     q = queries.detach().cpu().clamp(0, 1)
-    c, h, w = q.shape[1:]
+    c, h = int(q.shape[1]), int(q.shape[2])
     pad = torch.ones(q.shape[0], c, h, 1)
     row = torch.cat([torch.cat([qi, pi], dim=2) for qi, pi in zip(q, pad)], dim=2)
     arr = row.numpy()

@@ -50,6 +50,7 @@ from ..dataset import ImageDataset
 from ..exceptions import (
     DataError,
     DetectorNotApplicable,
+    IncompatibleError,
     ModelError,
     TrojanscanWarning,
     bad_param,
@@ -217,6 +218,10 @@ class NeuralCleanse(ModelDetector):
             net = _on_device(model, dev)
             x = sub.x.to(dev)
             k = _num_classes(net, x)
+            if clean.y is not None and int(clean.y.max()) >= k:
+                raise IncompatibleError(
+                    f"{clean.source}: the labels span {int(clean.y.max()) + 1} classes but the "
+                    f"model outputs {k} logits")
             if k < 3:
                 raise DetectorNotApplicable(
                     f"neural_cleanse needs a model with at least 3 classes for its outlier "
@@ -361,7 +366,10 @@ def _check_gradients(net: nn.Module, x: torch.Tensor) -> None:
     """Neural Cleanse needs gradients of the logits w.r.t. the input."""
     probe = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = net(probe)
+        try:
+            out = net(probe)
+        except Exception as exc:  # a model that cannot run on the data
+            raise ModelError(f"the model failed on clean inputs: {exc}") from exc
         if isinstance(out, (tuple, list)):
             out = out[0]
         if not out.requires_grad:

@@ -14,6 +14,7 @@ initializers are not supported and raise :class:`ModelError` naming the operator
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class _Node:
     outputs: tuple[str, ...]
     attrs: dict[str, Any] = field(hash=False)
     opset: int = 13
+    scopes: tuple[str, ...] = ()  # PyTorch module paths the node belongs to
 
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attrs.get(key, default)
@@ -732,6 +734,9 @@ def _constant_value(node: Any, onnx: Any) -> torch.Tensor:
 def _topological(nodes: list[_Node], known: Iterable[str]) -> list[_Node]:
     """Order nodes so that each runs after the producers of its inputs (Kahn)."""
     available = set(known) | {""}
+    if all(_ready(n, available) for n in nodes):  # already ordered (as ONNX requires)
+        return list(nodes)
+    available = set(known) | {""}
     pending = list(nodes)
     ordered: list[_Node] = []
     while pending:
@@ -749,11 +754,31 @@ def _topological(nodes: list[_Node], known: Iterable[str]) -> list[_Node]:
     return ordered
 
 
-def _module_scopes(node_name: str) -> list[str]:
-    """``/features/features.3/Conv`` (PyTorch exporter scopes) → ``['features', 'features.3']``."""
-    if not node_name.startswith("/"):
-        return []
-    return [p for p in node_name.strip("/").split("/")[:-1] if p]
+def _ready(node: _Node, available: set[str]) -> bool:
+    ok = all(i in available for i in node.inputs)
+    available.update(node.outputs)
+    return ok
+
+
+def _module_scopes(node: Any) -> tuple[str, ...]:
+    """The PyTorch module paths a node was exported from, outermost first.
+
+    The TorchScript-based exporter names nodes ``/features/features.3/Conv``; the
+    dynamo exporter stores ``['', 'features', 'features.3', 'conv2d']`` in the
+    ``pkg.torch.onnx.name_scopes`` metadata. Both give ``('features', 'features.3')``.
+    """
+    for prop in getattr(node, "metadata_props", ()):
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                break
+            if isinstance(scopes, list):
+                return tuple(str(s) for s in scopes[:-1] if s)
+    name = str(node.name)
+    if not name.startswith("/"):
+        return ()
+    return tuple(p for p in name.strip("/").split("/")[:-1] if p)
 
 
 class OnnxModule(nn.Module):
@@ -804,7 +829,8 @@ class OnnxModule(nn.Module):
                 self._add_constant(len(self._attr_of) + j, n.output[0], _constant_value(n, onnx))
                 continue
             attrs = {a.name: _attr_value(a, onnx) for a in n.attribute}
-            nodes.append(_Node(n.op_type, n.name, tuple(n.input), tuple(n.output), attrs, opset))
+            nodes.append(_Node(n.op_type, n.name, tuple(n.input), tuple(n.output), attrs,
+                               opset, _module_scopes(n)))
 
         inputs = [i for i in graph.input if i.name not in self._attr_of]
         if len(inputs) != 1:
@@ -890,7 +916,7 @@ class OnnxModule(nn.Module):
         """Names accepted by :meth:`resolve_layer`: module scopes, then value names."""
         scopes: dict[str, None] = {}
         for n in self._nodes:
-            for s in _module_scopes(n.name):
+            for s in n.scopes:
                 scopes[s] = None
         return [*scopes, *self.value_names]
 
@@ -906,11 +932,18 @@ class OnnxModule(nn.Module):
         for n in self._nodes:
             if n.name == layer and n.outputs:
                 return n.outputs[0]
-        found = None
-        for n in self._nodes:
-            if layer in _module_scopes(n.name):
-                found = n.outputs[0] if n.outputs else found
-        return found
+        inside = [n for n in self._nodes if layer in n.scopes and n.outputs]
+        if not inside:
+            return None
+        # the module's output: the last value it computes that is used outside it
+        produced = {o for n in inside for o in n.outputs}
+        used_outside = {i for n in self._nodes if layer not in n.scopes for i in n.inputs}
+        used_outside |= set(self.output_names)
+        for n in reversed(inside):
+            for o in n.outputs:
+                if o in produced and o in used_outside:
+                    return o
+        return inside[-1].outputs[0]
 
     # -- execution ---------------------------------------------------------------------
 

@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+#: robust support rows needed per dimension of the whitened space (caps ``k``)
+SAMPLES_PER_DIM = 15
+
 # ----------------------------------------------------------------------------- covariance
 
 
@@ -92,7 +95,7 @@ def _c_steps(y: np.ndarray, subset: np.ndarray, h: int, max_steps: int) -> np.nd
 def _two_means(y: np.ndarray, iters: int = 20) -> np.ndarray:
     """Deterministic 2-means (start: the extremes along the first principal axis)."""
     mu, cov = _mean_cov(y)
-    vals, vecs = np.linalg.eigh(cov)
+    _, vecs = np.linalg.eigh(cov)
     p = (y - mu) @ vecs[:, -1]
     centres = np.stack([y[int(np.argmin(p))], y[int(np.argmax(p))]])
     assign = np.zeros(len(y), dtype=np.int64)
@@ -110,7 +113,7 @@ def _two_means(y: np.ndarray, iters: int = 20) -> np.ndarray:
 
 
 def robust_covariance(y: np.ndarray, *, support_fraction: float = 0.5,
-                      max_steps: int = 30) -> RobustFit:
+                      max_steps: int = 15) -> RobustFit:
     """Deterministic MCD: the ``h = ⌈support_fraction·n⌉`` rows with the smallest
     covariance determinant found by C-steps from deterministic starts (see module doc).
 
@@ -199,18 +202,30 @@ def que_scores(z: np.ndarray, alpha: float = 4.0) -> QueResult:
     return QueResult(scores, top, v, excess)
 
 
-def consistent(y: np.ndarray, fit: RobustFit) -> RobustFit:
-    """Rescale an MCD covariance so that the median squared Mahalanobis distance of
-    ``y`` equals the χ²_k median (Rousseeuw & Van Driessen's consistency step): for
-    clean Gaussian data the whitened covariance is then about the identity."""
+def consistency_factor(k: int, support_fraction: float) -> float:
+    """Factor making the covariance of the central ``support_fraction`` of Gaussian
+    data consistent for the full covariance (Croux & Haesbroeck 1999): ``q/F`` with
+    ``q = support_fraction`` and ``F = P(χ²_{k+2} ≤ χ²_k⁻¹(q))``."""
+    from scipy.stats import chi2
+
+    q = float(np.clip(support_fraction, 1e-6, 1.0))
+    if q >= 1.0:
+        return 1.0
+    return q / float(chi2.cdf(chi2.ppf(q, k), k + 2))
+
+
+def reweight(y: np.ndarray, mean: np.ndarray, cov: np.ndarray, *,
+             quantile: float = 0.975) -> tuple[np.ndarray, np.ndarray]:
+    """MCD's reweighting step: the classical estimate of the rows within the
+    ``quantile`` of χ²_k under (``mean``, ``cov``), made consistent."""
     from scipy.stats import chi2
 
     k = y.shape[1]
-    d = mahalanobis_sq(y, fit.mean, fit.cov)
-    factor = float(np.median(d) / chi2.ppf(0.5, k))
-    if not np.isfinite(factor) or factor <= 0:
-        return fit
-    return RobustFit(fit.mean, fit.cov * factor, fit.support, fit.log_det, fit.start)
+    keep = mahalanobis_sq(y, mean, cov) <= chi2.ppf(quantile, k)
+    if keep.sum() <= k + 1:
+        return mean, cov
+    mu, c = _mean_cov(y[keep])
+    return mu, c * consistency_factor(k, quantile)
 
 
 @dataclass(frozen=True)
@@ -235,29 +250,42 @@ class SpectreClassResult:
 
 def spectre_class_scores(y: np.ndarray, *, ks: tuple[int, ...] = (2, 4, 8, 16, 32),
                          alpha: float = 4.0, support_fraction: float = 0.5,
-                         fit_rows: np.ndarray | None = None) -> SpectreClassResult:
+                         fit_rows: np.ndarray | None = None,
+                         shrinkage: float = 0.05) -> SpectreClassResult:
     """SPECTRE for one class: ``y`` holds the class's representations projected on
     its top principal directions (``n×K``, columns in decreasing variance).
 
-    For each ``k`` in ``ks`` (capped by ``K``): robust mean/covariance of the first
-    ``k`` columns (fitted on ``fit_rows`` when given — a bounded subsample — and made
-    consistent), whiten all rows, QUE scores. The ``k`` with the largest QUE-weighted
-    excess variance ``tr(Σ'M)/tr(M)`` is kept (the reference code's automatic choice).
+    One robust (MCD) fit in ``max(ks)`` dimensions, on ``fit_rows`` when given (a
+    bounded subsample); for each ``k`` in ``ks`` the leading ``k×k`` block of its
+    covariance (made consistent) whitens the first ``k`` columns of every row and gives
+    QUE scores. The ``k`` with the largest QUE-weighted excess variance ``tr(Σ'M)/tr(M)``
+    is kept (the reference code's automatic choice of ``k``).
     """
     y = np.asarray(y, dtype=np.float64)
-    big_k = y.shape[1]
-    fit = y if fit_rows is None else y[fit_rows]
+    n_fit = len(y) if fit_rows is None else len(fit_rows)
+    # a covariance needs many more samples than dimensions: k ≤ (robust support) / 15
+    cap = max(1, int(np.ceil(np.clip(support_fraction, 0.5, 1.0) * n_fit)) // SAMPLES_PER_DIM)
+    ks = tuple(k for k in ks if k <= cap) or (min(min(ks), cap),)
+    big_k = min(y.shape[1], max(int(k) for k in ks))
+    fit = (y if fit_rows is None else y[fit_rows])[:, :big_k]
+    rf = robust_covariance(fit, support_fraction=support_fraction)
+    h = int(rf.support.sum())
+    _, classical = _mean_cov(fit)
     best: SpectreClassResult | None = None
     cands: dict[int, float] = {}
     for k in sorted({min(int(k), big_k) for k in ks if k >= 1}):
-        rf = consistent(fit[:, :k], robust_covariance(fit[:, :k],
-                                                      support_fraction=support_fraction))
-        z = whiten(y[:, :k], rf.mean, rf.cov)
+        # refit in k dimensions from the big fit's support: C-steps, consistency, reweighting
+        support = _c_steps(fit[:, :k], rf.support, h, 5)
+        mu, cov = _mean_cov(fit[support, :k])
+        cov = cov * consistency_factor(k, h / len(fit))
+        if shrinkage > 0:  # keep sparse (ReLU) directions from exploding when whitened
+            cov = cov + shrinkage * classical[:k, :k]
+        z = whiten(y[:, :k], mu, cov)
         q = que_scores(z, alpha)
         cands[k] = q.excess
         if best is None or q.excess > best.excess:
             best = SpectreClassResult(q.scores, z @ q.top_direction, k, q.excess,
-                                      q.top_eigenvalue, float(rf.support.mean()), rf.start, {})
+                                      q.top_eigenvalue, h / len(fit), rf.start, {})
     assert best is not None
     return SpectreClassResult(best.scores, best.projection, best.k, best.excess,
                               best.top_eigenvalue, best.support_fraction, best.start, cands)

@@ -99,7 +99,7 @@ def strip_scores(logits: torch.Tensor) -> torch.Tensor:
 # superimposition
 # ---------------------------------------------------------------------------
 
-BLENDS = ("sum", "sum_clip", "average")
+BLENDS = ("sum", "sum_clip", "max", "average")
 
 
 def superimpose(x: torch.Tensor, overlays: torch.Tensor, blend: str = "sum") -> torch.Tensor:
@@ -109,6 +109,8 @@ def superimpose(x: torch.Tensor, overlays: torch.Tensor, blend: str = "sum") -> 
     (``cv2.addWeighted(background, 1, overlay, 1, 0)`` on float images); values reach 2.
     ``blend="sum_clip"``: the pixel sum clipped to [0, 1] (what ``cv2.addWeighted`` does
     on ``uint8`` images, which saturate at 255).
+    ``blend="max"``: the pixel-wise maximum (an occlusion-like superimposition; our
+    addition, not in the paper).
     ``blend="average"``: ``(x + o) / 2``, which stays in [0, 1].
     ``overlays`` may also be ``N×C×H×W`` (the same overlays for every input).
     """
@@ -121,6 +123,8 @@ def superimpose(x: torch.Tensor, overlays: torch.Tensor, blend: str = "sum") -> 
         return out.mul_(0.5)
     if blend == "sum_clip":
         return out.clamp_(0.0, 1.0)
+    if blend == "max":
+        return torch.maximum(x.unsqueeze(1), overlays)
     return out
 
 

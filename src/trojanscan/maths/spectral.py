@@ -266,25 +266,25 @@ class PopulationDecision:
     suspect: np.ndarray      # bool mask over the class's samples
     detected: bool
     separation: float
-    minority_fraction: float
+    suspect_fraction: float
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
         return {"detected": self.detected, "separation": round(self.separation, 4),
-                "minority_fraction": round(self.minority_fraction, 4),
+                "suspect_fraction": round(self.suspect_fraction, 4),
                 "num_suspect": int(self.suspect.sum()), "reason": self.reason}
 
 
 def decide_population(values: np.ndarray, *, min_separation: float,
                       max_fraction: float = 0.5, min_count: int = 1,
-                      upper_only: bool = False) -> PopulationDecision:
+                      reference: float | None = None) -> PopulationDecision:
     """Decide whether ``values`` (one class, 1-D) hold a separated sub-population.
 
     Split the values with :func:`two_split`; a population is detected when the
-    separation is at least ``min_separation`` and the minority group holds at most
+    separation is at least ``min_separation`` and the suspect group holds at most
     ``max_fraction`` of the class and at least ``min_count`` samples. The suspect
-    samples are the minority group; with ``upper_only`` (scores where only high
-    values are suspicious) the suspect group must be the upper one.
+    group is the minority one, or — when ``reference`` is given (e.g. a robust centre)
+    — the group whose mean is farther from ``reference``.
     """
     values = np.asarray(values, dtype=np.float64)
     n = values.size
@@ -293,23 +293,22 @@ def decide_population(values: np.ndarray, *, min_separation: float,
         return PopulationDecision(none, False, 0.0, 0.0, "too few samples")
     split = two_split(values, min_size=max(min_count, 1))
     upper = values > split.threshold
-    minority = upper if split.minority_high else ~upper
-    if upper_only:
-        minority = upper
-    frac = float(minority.mean())
-    if upper_only and not split.minority_high and frac > max_fraction:
-        return PopulationDecision(none, False, split.separation, frac,
-                                  "the upper group is the majority")
+    if reference is None:
+        suspect = upper if split.minority_high else ~upper
+    else:
+        high_far = abs(split.mean_high - reference) >= abs(split.mean_low - reference)
+        suspect = upper if high_far else ~upper
+    frac = float(suspect.mean())
     if split.separation < min_separation:
         return PopulationDecision(none, False, split.separation, frac,
                                   f"separation {split.separation:.2f} < {min_separation:g}")
     if frac > max_fraction:
         return PopulationDecision(none, False, split.separation, frac,
-                                  f"minority share {frac:.2f} > {max_fraction:g}")
-    if int(minority.sum()) < min_count:
+                                  f"suspect share {frac:.2f} > {max_fraction:g}")
+    if int(suspect.sum()) < min_count:
         return PopulationDecision(none, False, split.separation, frac,
                                   f"fewer than {min_count} samples apart")
-    return PopulationDecision(minority, True, split.separation, frac,
+    return PopulationDecision(suspect, True, split.separation, frac,
                               f"separation {split.separation:.2f} >= {min_separation:g}")
 
 

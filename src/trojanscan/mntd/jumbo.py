@@ -118,7 +118,7 @@ def poison_with(ds: ImageDataset, trigger: JumboTrigger, rng: np.random.Generato
                 ) -> ImageDataset:
     """``ds`` plus ``round(rate × N)`` stamped copies (relabelled ``target``) appended."""
     n = len(ds)
-    k = int(round(trigger.rate * n))
+    k = round(trigger.rate * n)
     if k == 0:
         return ds
     idx = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))

@@ -40,7 +40,8 @@ from ..utils import pick_device, seed_everything
 from .calibration import auroc
 
 VARIANTS = ("qt", "no_qt", "one_class")
-RESPONSES = ("logits", "softmax")
+RESPONSES = ("logits", "softmax", "zscore")
+QUERY_RANGES = ("free", "unit")
 Variant = Literal["qt", "no_qt", "one_class"]
 
 
@@ -55,13 +56,16 @@ class MetaConfig:
     lr: float = 1e-3
     batch_size: int = 1  # shadow models per optimiser step (reference: 1)
     nu: float = 0.1  # one-class: share of benign shadows allowed outside
-    response: Literal["logits", "softmax"] = "logits"
+    response: Literal["logits", "softmax", "zscore"] = "logits"
+    query_range: Literal["free", "unit"] = "free"  # "unit": queries kept in [0, 1]
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
             raise bad_param("variant", VARIANTS, self.variant)
         if self.response not in RESPONSES:
             raise bad_param("response", RESPONSES, self.response)
+        if self.query_range not in QUERY_RANGES:
+            raise bad_param("query_range", QUERY_RANGES, self.query_range)
         for name in ("num_queries", "hidden", "epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise bad_param(name, "an integer >= 1", getattr(self, name))
@@ -105,9 +109,10 @@ class MetaClassifier(nn.Module):
             raise ModelError(f"MNTD: the model must map N×C×H×W to N×K logits, got "
                              f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
         if out.shape != (self.num_queries, self.num_classes):
-            raise ModelError(f"MNTD: expected outputs of shape {(self.num_queries, self.num_classes)}"
-                             f" on the queries, got {tuple(out.shape)}")
-        return F.softmax(out, dim=1) if self.response == "softmax" else out
+            want = (self.num_queries, self.num_classes)
+            raise ModelError(f"MNTD: expected outputs of shape {want} on the queries, got "
+                             f"{tuple(out.shape)}")
+        return normalise_responses(out, self.response)
 
     def embed(self, responses: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc(responses.reshape(responses.shape[0], -1)))
@@ -126,11 +131,27 @@ class MetaClassifier(nn.Module):
         return self.head(torch.stack([self.respond(m) for m in models]))
 
 
-def init_queries(meta: MetaClassifier, mean: float, std: float, gen: torch.Generator) -> None:
-    """Gaussian queries with the data's pixel mean and std (reference code)."""
+def normalise_responses(out: torch.Tensor, response: str) -> torch.Tensor:
+    """``logits`` as they are (reference code), ``softmax`` probabilities, or ``zscore``:
+    each query's logits minus their mean over classes, divided by their standard
+    deviation — invariant to the logits' shift and scale (temperature)."""
+    if response == "softmax":
+        return F.softmax(out, dim=1)
+    if response == "zscore":
+        centred = out - out.mean(dim=1, keepdim=True)
+        return centred / (centred.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-6)
+    return out
+
+
+def init_queries(meta: MetaClassifier, mean: float, std: float, gen: torch.Generator,
+                 unit: bool = False) -> None:
+    """Gaussian queries with the data's pixel mean and std (reference code); clipped to
+    [0, 1] when ``unit``."""
     with torch.no_grad():
         noise = torch.randn(meta.queries.shape, generator=gen)
         meta.queries.copy_(noise * std + mean)
+        if unit:
+            meta.queries.clamp_(0.0, 1.0)
 
 
 @torch.no_grad()
@@ -196,7 +217,8 @@ def fit_meta(models: Sequence[nn.Module], labels: Sequence[int], *, config: Meta
     dev = pick_device(device)
     meta = MetaClassifier(input_shape, num_classes, num_queries=config.num_queries,
                           hidden=config.hidden, one_class=one_class, response=config.response)
-    init_queries(meta, query_mean, query_std, gen)
+    unit = config.query_range == "unit"
+    init_queries(meta, query_mean, query_std, gen, unit)
     meta.to(dev)
     models = [_frozen(m, dev) for m in models]
     val_models = [_frozen(m, dev) for m in val_models]
@@ -227,6 +249,9 @@ def fit_meta(models: Sequence[nn.Module], labels: Sequence[int], *, config: Meta
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if unit:
+                    with torch.no_grad():
+                        meta.queries.clamp_(0.0, 1.0)
                 total += float(loss.detach()) * len(idx)
                 if one_class:
                     seen.extend(s.detach().cpu().tolist())

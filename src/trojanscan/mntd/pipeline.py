@@ -59,6 +59,7 @@ class TrainSettings:
     meta_lr: float = 1e-3
     meta_batch_size: int = 1
     response: str = "logits"
+    query_range: str = "free"
     fpr: float = 0.05  # threshold: at most this share of held-out benign shadows flagged
 
     def validate(self) -> None:
@@ -82,22 +83,29 @@ class TrainSettings:
     def meta_config(self, variant: str) -> MetaConfig:
         return MetaConfig(variant=variant, num_queries=self.num_queries,  # type: ignore[arg-type]
                           hidden=self.hidden, epochs=self.meta_epochs, lr=self.meta_lr,
-                          batch_size=self.meta_batch_size, response=self.response)  # type: ignore[arg-type]
+                          batch_size=self.meta_batch_size, response=self.response,  # type: ignore[arg-type]
+                          query_range=self.query_range)  # type: ignore[arg-type]
+
+
+def share_indices(n: int, share: float, *, seed: int = 0,
+                  max_samples: int | None = None) -> torch.Tensor:
+    """Sorted indices of a seeded random ``share`` of ``n`` samples (at most ``max_samples``)."""
+    if not 0 < share <= 1:
+        raise bad_param("share", "a float in (0, 1]", share)
+    k = max(1, round(share * n))
+    if max_samples is not None:
+        k = min(k, max_samples)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:k].sort().values
 
 
 def defender_share(ds: ImageDataset, share: float, *, seed: int = 0,
                    max_samples: int | None = None) -> ImageDataset:
-    """A seeded random ``share`` of ``ds`` (at most ``max_samples``), order kept."""
-    if not 0 < share <= 1:
-        raise bad_param("share", "a float in (0, 1]", share)
-    n = max(1, int(round(share * len(ds))))
-    if max_samples is not None:
-        n = min(n, max_samples)
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-    sub = ds.subset(perm[:n].sort().values)
+    """The defender's clean share of ``ds``: :func:`share_indices`, order kept."""
+    sub = ds.subset(share_indices(len(ds), share, seed=seed, max_samples=max_samples))
     if int(torch.unique(sub.labels()).numel()) < 2:
-        raise DataError(f"{ds.source}: the defender's share ({n} samples) holds fewer than "
-                        "2 classes; use a larger --share")
+        raise DataError(f"{ds.source}: the defender's share ({len(sub)} samples) holds fewer "
+                        "than 2 classes; use a larger --share")
     return sub
 
 

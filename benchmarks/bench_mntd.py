@@ -1,0 +1,408 @@
+"""Benchmark MNTD (Xu et al., IEEE S&P 2021) on held-out Fashion-MNIST models.
+
+Stages (run ``all`` or one at a time; trained targets are cached and reused):
+
+``targets``  train the held-out set: ``--per-attack`` backdoored models for each attack in
+             :data:`ATTACKS` (BadNets and Blend resemble the jumbo triggers; WaNet, SIG,
+             all-to-all and source-specific lie outside the jumbo distribution) and as
+             many clean ones, architectures taken in turn from :data:`ARCHS`. Each is
+             trained on its own random 20,000 images of the Fashion-MNIST training set
+             *outside* the defender's 2% share, 5 epochs. One file set per model under
+             ``benchmarks/.cache/mntd/targets`` (resumable tasks).
+``score``    score every target with the shipped meta-classifier (all variants): AUROC
+             overall, per attack type and per architecture, the verdicts' TPR/FPR at the
+             shipped threshold, and the time to score one model.
+``ray``      shadow-training throughput: the same small shadow tasks run by Ray with one
+             worker and with two workers (and sequentially), in one run.
+
+Writes ``benchmarks/results/mntd.json`` (merging stages) and prints tables.
+
+    python benchmarks/bench_mntd.py targets --backend processes --workers 12 --device cuda
+    python benchmarks/bench_mntd.py score
+    python benchmarks/bench_mntd.py ray --tasks 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache" / "mntd"
+RESULTS = HERE / "results" / "mntd.json"
+
+ARCHS = ("small_cnn", "lenet", "mlp")
+#: attack type -> (label in tables, inside the jumbo distribution?)
+ATTACKS: dict[str, tuple[str, bool]] = {
+    "badnets": ("BadNets patch", True),
+    "blend": ("Blend (noise)", True),
+    "wanet": ("WaNet", False),
+    "sig": ("SIG (clean-label)", False),
+    "all2all": ("all-to-all", False),
+    "source": ("source-specific", False),
+}
+TARGET_SAMPLES = 20000
+TARGET_EPOCHS = 5
+DEFENDER_SHARE = 0.02  # as in scripts/make_mntd_pretrained.py (seed 0): excluded here
+
+
+# -- the held-out set ---------------------------------------------------------------
+
+def attack_spec(kind: str, rng: np.random.Generator) -> tuple[str, float]:
+    """A randomised spec of attack ``kind`` and its poison rate."""
+    target = int(rng.integers(10))
+    if kind == "badnets":
+        loc = ["bottom-right", "bottom-left", "top-right", "top-left"][int(rng.integers(4))]
+        pat = ["white", "checkerboard", "random"][int(rng.integers(3))]
+        return (f"badnets:target={target},size={int(rng.integers(3, 6))},location={loc},"
+                f"pattern={pat},trigger_seed={int(rng.integers(1000))}", 0.1)
+    if kind == "blend":
+        return f"blend:target={target},alpha=0.2,trigger_seed={int(rng.integers(1000))}", 0.1
+    if kind == "wanet":
+        return f"wanet:target={target},trigger_seed={int(rng.integers(1000))}", 0.1
+    if kind == "sig":
+        return f"sig:target={target}", 0.05
+    if kind == "all2all":
+        loc = ["bottom-right", "top-left"][int(rng.integers(2))]
+        return f"all2all:offset=1,size=4,location={loc}", 0.1
+    if kind == "source":
+        source = int((target + 1 + rng.integers(9)) % 10)
+        return f"source:source={source},target={target},size=4", 0.05
+    raise ValueError(kind)
+
+
+def plan_targets(per_attack: int, seed: int = 0, archs: tuple[str, ...] = ARCHS,
+                 prefix: str = "t") -> list[dict[str, Any]]:
+    """``per_attack`` backdoored models per attack type and as many clean ones in total."""
+    plan = []
+    i = 0
+    offset = 0 if prefix == "t" else 5000
+    for kind in ATTACKS:
+        for _ in range(per_attack):
+            rng = np.random.default_rng([seed, offset + i])
+            spec, rate = attack_spec(kind, rng)
+            plan.append({"key": f"{prefix}{i:03d}-{kind}", "kind": kind, "spec": spec,
+                         "rate": rate, "arch": archs[i % len(archs)],
+                         "seed": 1000 + offset + i})
+            i += 1
+    for j in range(per_attack * len(ATTACKS)):
+        plan.append({"key": f"{prefix}{i:03d}-clean", "kind": "clean", "spec": "none",
+                     "rate": 0.0, "arch": archs[j % len(archs)], "seed": 1000 + offset + i})
+        i += 1
+    return plan
+
+
+def full_plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The main held-out set plus, with ``--unseen-arch``, models of an architecture no
+    shadow model has (reported separately)."""
+    plan = plan_targets(args.per_attack, args.seed, tuple(args.archs.split(",")))
+    if args.unseen_arch:
+        plan += plan_targets(args.unseen_per_attack, args.seed, (args.unseen_arch,), "u")
+    return plan
+
+
+_DATA: dict[str, Any] = {}
+
+
+def _data() -> dict[str, Any]:
+    """Fashion-MNIST, the attacker's pool (outside the defender's share), loaded once."""
+    if not _DATA:
+        from trojanscan.io.data import load_dataset
+        from trojanscan.mntd.pipeline import share_indices
+
+        train = load_dataset("fashion-mnist:train")
+        test = load_dataset("fashion-mnist:test")
+        mask = torch.ones(len(train), dtype=torch.bool)
+        mask[share_indices(len(train), DEFENDER_SHARE, seed=0)] = False
+        _DATA.update(train=train, test=test, pool=torch.nonzero(mask).flatten())
+    return _DATA
+
+
+def target_task(task: Any, shared: tuple[str | None, int, int]) -> dict[str, Any]:
+    """Executor task: train one held-out target and save it (zoo format)."""
+    from trojanscan.attacks import attack_success_rate, parse_attack
+    from trojanscan.training import TrainConfig, evaluate, train_model
+    from trojanscan.zoo import TrainedModel, save_model
+
+    (p,) = task.args
+    device, n_samples, epochs = shared
+    d = _data()
+    g = torch.Generator().manual_seed(p["seed"])
+    pool = d["pool"]
+    idx = pool[torch.randperm(len(pool), generator=g)[:n_samples]].sort().values
+    train = d["train"].subset(idx)
+    attack = parse_attack(p["spec"])
+    poisoned = None
+    data = train
+    if attack is not None:
+        poisoned = attack.poison(train, p["rate"], seed=p["seed"])
+        data = poisoned.dataset
+    cfg = TrainConfig(epochs=epochs)
+    t0 = time.perf_counter()
+    model = train_model(p["arch"], data, config=cfg, seed=p["seed"], device=device,
+                        num_classes=10, description=p["key"])
+    seconds = time.perf_counter() - t0
+    dev = torch.device(device or "cpu")
+    model = model.to(dev)
+    acc = evaluate(model, d["test"], device=dev)
+    asr = None if attack is None else float(attack_success_rate(model, attack, d["test"],
+                                                                  device=dev))
+    model = model.cpu()
+    trained = TrainedModel(model, p["arch"], (1, 28, 28), 10, attack, poisoned, acc, asr, {},
+                           seconds, p["seed"], cfg, p["rate"])
+    save_model(trained, Path(task.output).with_suffix(".pt"))
+    return {"key": p["key"], "accuracy": acc, "asr": asr, "seconds": seconds}
+
+
+def stage_targets(args: argparse.Namespace) -> dict[str, Any]:
+    from trojanscan.mntd.executor import Task, run_tasks
+
+    folder = Path(args.cache) / "targets"
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = full_plan(args)
+    # the sidecar JSON is written last by save_model: its presence means "done"
+    tasks = [Task(p["key"], folder / f"{p['key']}.json", (p,)) for p in plan]
+    shared = (args.device, args.target_samples, args.target_epochs)
+    run = run_tasks(target_task, tasks, shared=shared, backend=args.backend,
+                    workers=args.workers, threads=args.threads, description="targets")
+    print(f"targets: {len(run.ran)} trained, {len(run.skipped)} cached, {run.seconds:.0f} s "
+          f"({run.backend}, {run.workers} workers)", file=sys.stderr)
+    return {"targets_machine": machine(), "targets_plan": plan,
+            "targets_seconds": round(run.seconds, 1),
+            "targets_backend": run.backend, "targets_workers": run.workers}
+
+
+# -- scoring --------------------------------------------------------------------------
+
+def load_targets(cache: Path, plan: list[dict[str, Any]],
+                 ) -> list[tuple[dict[str, Any], torch.nn.Module]]:
+    from safetensors.torch import load_file
+
+    from trojanscan import archs
+
+    out = []
+    for p in plan:
+        side = cache / "targets" / f"{p['key']}.json"
+        meta = json.loads(side.read_text())
+        model = archs.build(meta["arch"], (1, 28, 28), 10)  # type: ignore[arg-type]
+        model.load_state_dict(load_file(str(side.with_suffix(".safetensors"))))
+        out.append(({**p, "accuracy": meta["clean_accuracy"], "asr": meta["asr"]},
+                    model.eval()))
+    return out
+
+
+def _auroc(y: list[int], s: list[float]) -> float:
+    from trojanscan.mntd.calibration import auroc
+
+    return round(auroc(np.asarray(y), np.asarray(s)), 4)
+
+
+def stage_score(args: argparse.Namespace) -> dict[str, Any]:
+    from trojanscan.dataset import ImageDataset
+    from trojanscan.detectors.mntd import MNTD
+    from trojanscan.mntd.pretrained import resolve
+
+    torch.set_num_threads(1)
+    targets = load_targets(Path(args.cache), full_plan(args))
+    bundle = resolve(args.meta)
+    assert bundle is not None
+    shape_only = ImageDataset(torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.int64))
+    out: dict[str, Any] = {"meta_classifier": bundle.name, "variants": {}, "models": []}
+    rows = [{"key": p["key"], "kind": p["kind"], "arch": p["arch"], "spec": p["spec"],
+             "accuracy": round(p["accuracy"], 4),
+             "asr": None if p["asr"] is None else round(p["asr"], 4)} for p, _ in targets]
+    for variant in bundle.variants:
+        det = MNTD(meta_classifier=args.meta, variant=variant)
+        scores, raws, verdicts, secs = [], [], [], []
+        for (_p, model), row in zip(targets, rows):
+            r = det.fit(model, shape_only)
+            scores.append(r.score)
+            raws.append(r.evidence["raw_score"])
+            verdicts.append(r.verdict == "backdoored")
+            secs.append(r.seconds)
+            row[f"{variant}_raw"] = round(r.evidence["raw_score"], 4)
+        y = [int(p["kind"] != "clean") for p, _ in targets]
+        main = [i for i, (p, _) in enumerate(targets) if p["key"].startswith("t")]
+        unseen = [i for i, (p, _) in enumerate(targets) if p["key"].startswith("u")]
+        clean = [i for i in main if y[i] == 0]
+        res: dict[str, Any] = {"auroc": _auroc([y[i] for i in main], [raws[i] for i in main]),
+                               "per_attack": {}, "per_arch": {}}
+        if unseen:
+            res["unseen_arch_auroc"] = _auroc([y[i] for i in unseen], [raws[i] for i in unseen])
+        for kind in ATTACKS:
+            idx = [i for i in main if targets[i][0]["kind"] == kind] + clean
+            res["per_attack"][kind] = _auroc([y[i] for i in idx], [raws[i] for i in idx])
+        for arch in dict.fromkeys(targets[i][0]["arch"] for i in main):
+            idx = [i for i in main if targets[i][0]["arch"] == arch]
+            res["per_arch"][arch] = _auroc([y[i] for i in idx], [raws[i] for i in idx])
+        pos = [verdicts[i] for i in main if y[i]]
+        neg = [verdicts[i] for i in main if not y[i]]
+        res["tpr_at_shipped_threshold"] = round(float(np.mean(pos)), 4)
+        res["fpr_at_shipped_threshold"] = round(float(np.mean(neg)), 4)
+        res["seconds_per_model"] = {"median": round(float(np.median(secs)), 4),
+                                    "max": round(float(np.max(secs)), 4)}
+        res["val_auroc_shadows"] = bundle.calibration[variant].get("val_auroc")
+        out["variants"][variant] = res
+    out["models"] = rows
+    out["machine"] = machine()
+    out["num_models"] = sum(p["key"].startswith("t") for p, _ in targets)
+    out["num_backdoored"] = sum(p["key"].startswith("t") and p["kind"] != "clean"
+                                for p, _ in targets)
+    out["unseen_arch"] = args.unseen_arch if any(p["key"].startswith("u")
+                                                 for p, _ in targets) else None
+    print_score_table(out)
+    return {"score": out}
+
+
+def print_score_table(out: dict[str, Any]) -> None:
+    variants = list(out["variants"])
+    print(f"\nMNTD on {out['num_models']} held-out Fashion-MNIST models "
+          f"({out['num_backdoored']} backdoored), meta-classifier {out['meta_classifier']}")
+    print("| attack | in jumbo? | " + " | ".join(f"AUROC {v}" for v in variants) + " |")
+    print("|---|---|" + "---|" * len(variants))
+    for kind, (label, inside) in ATTACKS.items():
+        cells = " | ".join(f"{out['variants'][v]['per_attack'][kind]:.3f}" for v in variants)
+        print(f"| {label} | {'yes' if inside else 'no'} | {cells} |")
+    cells = " | ".join(f"**{out['variants'][v]['auroc']:.3f}**" for v in variants)
+    print(f"| **all** | | {cells} |")
+    for arch in out["variants"][variants[0]]["per_arch"]:
+        cells = " | ".join(f"{out['variants'][v]['per_arch'][arch]:.3f}" for v in variants)
+        print(f"| arch {arch} | | {cells} |")
+    for key in ("tpr_at_shipped_threshold", "fpr_at_shipped_threshold"):
+        cells = " | ".join(f"{out['variants'][v][key]:.3f}" for v in variants)
+        print(f"| {key} | | {cells} |")
+    if out.get("unseen_arch"):
+        cells = " | ".join(f"{out['variants'][v]['unseen_arch_auroc']:.3f}" for v in variants)
+        print(f"| unseen arch {out['unseen_arch']} (separate set) | | {cells} |")
+    cells = " | ".join(f"{out['variants'][v]['seconds_per_model']['median'] * 1000:.1f} ms"
+                       for v in variants)
+    print(f"| scoring time (median) | | {cells} |")
+
+
+# -- Ray throughput ---------------------------------------------------------------------
+
+def _warm(_: int) -> int:
+    """Ray warm-up task: start a worker and import what the shadow tasks import."""
+    import trojanscan.mntd.shadows  # noqa: F401
+
+    return 0
+
+
+def stage_ray(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+
+    import ray
+
+    from trojanscan.io.data import load_dataset
+    from trojanscan.mntd.executor import run_tasks
+    from trojanscan.mntd.pipeline import defender_share
+    from trojanscan.mntd.shadows import ShadowData, plan_shadows, shadow_task, shadow_tasks
+
+    data = load_dataset("fashion-mnist:train")
+    share = defender_share(data, DEFENDER_SHARE, seed=0)
+    shared = ShadowData(share, 10, None, "cpu")
+    specs = plan_shadows(args.tasks // 2, ("mlp",), seed=7, epochs=args.ray_epochs)
+    res: dict[str, Any] = {"tasks": len(specs), "arch": "mlp", "epochs": args.ray_epochs,
+                           "train_samples": len(share), "runs": {},
+                           "load_average_before": list(np.round(os.getloadavg(), 2))}
+    for workers in (1, 2):
+        label = f"ray-{workers}"
+        tmp = Path(tempfile.mkdtemp(prefix=f"mntd-{label}-"))
+        try:
+            t_init = time.perf_counter()
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+            warm = ray.remote(num_cpus=1)(_warm)
+            ray.get([warm.remote(i) for i in range(workers)])
+            t0 = time.perf_counter()
+            run_tasks(shadow_task, shadow_tasks(specs, tmp), shared=shared, backend="ray",
+                      description=label)
+            t1 = time.perf_counter()
+            res["runs"][label] = {"tasks_seconds": round(t1 - t0, 2),
+                                  "startup_seconds": round(t0 - t_init, 2)}
+        finally:
+            ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"{label}: {res['runs'][label]}", file=sys.stderr, flush=True)
+    if args.with_sequential:
+        tmp = Path(tempfile.mkdtemp(prefix="mntd-seq-"))
+        try:
+            t0 = time.perf_counter()
+            run_tasks(shadow_task, shadow_tasks(specs, tmp), shared=shared,
+                      backend="sequential", description="sequential")
+            res["runs"]["sequential"] = {"tasks_seconds": round(time.perf_counter() - t0, 2),
+                                         "startup_seconds": 0.0}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    r1, r2 = res["runs"]["ray-1"], res["runs"]["ray-2"]
+    res["speedup_ray2_over_ray1"] = round(r1["tasks_seconds"] / r2["tasks_seconds"], 3)
+    res["speedup_including_startup"] = round(
+        (r1["tasks_seconds"] + r1["startup_seconds"])
+        / (r2["tasks_seconds"] + r2["startup_seconds"]), 3)
+    res["load_average_after"] = list(np.round(os.getloadavg(), 2))
+    res["machine"] = machine()
+    print("\n| run | tasks (s) | startup (s) | shadows/min |\n|---|---|---|---|")
+    for label, r in res["runs"].items():
+        print(f"| {label} | {r['tasks_seconds']:.1f} | {r['startup_seconds']:.1f} | "
+              f"{60 * len(specs) / r['tasks_seconds']:.1f} |")
+    print(f"speed-up Ray 2 workers / 1 worker: {res['speedup_ray2_over_ray1']:.2f}x "
+          f"({res['speedup_including_startup']:.2f}x including Ray start-up)")
+    return {"ray": res}
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["targets", "score", "ray", "all"])
+    ap.add_argument("--per-attack", type=int, default=4,
+                    help="backdoored models per attack type (as many clean ones in total)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--archs", default=",".join(ARCHS), help="target architectures")
+    ap.add_argument("--unseen-arch", default=None,
+                    help="also models of this architecture (not among the shadows')")
+    ap.add_argument("--unseen-per-attack", type=int, default=1)
+    ap.add_argument("--meta", default="fashion-mnist", help="meta-classifier name or path")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per target task")
+    ap.add_argument("--device", default="cpu", help="device training the targets")
+    ap.add_argument("--target-samples", type=int, default=TARGET_SAMPLES)
+    ap.add_argument("--target-epochs", type=int, default=TARGET_EPOCHS)
+    ap.add_argument("--cache", default=str(CACHE), help="where targets are cached")
+    ap.add_argument("--tasks", type=int, default=8, help="ray stage: shadow tasks")
+    ap.add_argument("--ray-epochs", type=int, default=10, help="ray stage: epochs per shadow")
+    ap.add_argument("--with-sequential", action="store_true")
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    stages = ["targets", "score", "ray"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        results.update({"targets": stage_targets, "score": stage_score,
+                        "ray": stage_ray}[stage](args))
+    from trojanscan.utils import atomic_write_text
+
+    atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
+    print(f"wrote {results_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Make the MNTD meta-classifiers shipped in ``src/trojanscan/data/`` (mntd_*.safetensors/.json).
+
+MNTD — Xu et al., "Detecting AI Trojans Using Meta Neural Analysis", IEEE S&P 2021.
+Every setting is in :data:`PRESETS` below and recorded in the bundle's JSON; with the same
+seed, data and torch build the shadows are the same (each shadow has its own derived
+seed, whatever backend trains it). Shadows are resumable files under ``--workdir``.
+
+Usage (what produced the shipped files; one H100 machine, 16 CPU cores)::
+
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 python scripts/make_mntd_pretrained.py \\
+        --which fashion-mnist digits --backend processes --workers 12 --device cuda \\
+        --workdir .cache/mntd --out src/trojanscan/data
+
+Quick check on a laptop (smaller, not the shipped settings)::
+
+    python scripts/make_mntd_pretrained.py --which digits --num-shadows 24 --num-val 8 \\
+        --out /tmp/mntd-check --backend sequential
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from trojanscan.io.data import load_dataset
+from trojanscan.mntd.pipeline import TrainSettings, defender_share, fit_bundle, train_shadow_set
+from trojanscan.mntd.pretrained import save_bundle
+from trojanscan.mntd.shadows import ShadowData
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: name -> where the defender's data come from and every training setting
+PRESETS: dict[str, dict] = {
+    "fashion-mnist": {
+        "stem": "mntd_fmnist",
+        "data": "fashion-mnist:train",  # the defender's share is drawn from here
+        "share": 0.02,  # the paper's 2%: 1,200 images
+        "eval": "fashion-mnist:test",  # only to report shadow accuracy / ASR
+        "eval_samples": 1000,
+        "settings": TrainSettings(num_shadows=256, num_val=32,
+                                  archs=("small_cnn", "lenet", "mlp"), shadow_epochs=20,
+                                  shadow_batch_size=64, shadow_lr=1e-3, meta_epochs=40),
+    },
+    "digits": {
+        "stem": "mntd_digits",
+        "data": "digits:train",
+        "share": 0.5,  # 2% of 1,442 digits would be 29 images: too few to train on
+        "eval": "digits:test",
+        "eval_samples": 355,
+        "settings": TrainSettings(num_shadows=256, num_val=32,
+                                  archs=("small_cnn", "lenet", "mlp"), shadow_epochs=30,
+                                  shadow_batch_size=64, shadow_lr=2e-3, meta_epochs=40),
+    },
+}
+
+
+def make(name: str, args: argparse.Namespace) -> Path:
+    preset = PRESETS[name]
+    settings: TrainSettings = preset["settings"]
+    overrides = {k: v for k, v in (("num_shadows", args.num_shadows), ("num_val", args.num_val),
+                                   ("meta_epochs", args.meta_epochs),
+                                   ("shadow_epochs", args.shadow_epochs)) if v is not None}
+    settings = dataclasses.replace(settings, **overrides)
+    data = load_dataset(preset["data"])
+    share = defender_share(data, preset["share"], seed=args.seed)
+    ev = load_dataset(preset["eval"])
+    ev = ev.subset(slice(0, preset["eval_samples"]))
+    folder = Path(args.workdir) / name / "shadows"
+    t0 = time.perf_counter()
+    run = train_shadow_set(ShadowData(share, data.num_classes, ev, args.device), folder,
+                           settings, seed=args.seed, backend=args.backend,
+                           workers=args.workers)
+    shadow_s = time.perf_counter() - t0
+    print(f"{name}: {len(run.ran)} shadows trained, {len(run.skipped)} reused, "
+          f"{shadow_s:.0f} s ({run.backend}, {run.workers} workers)", file=sys.stderr, flush=True)
+    extra = {"produced_by": {
+        "script": "scripts/make_mntd_pretrained.py", "preset": name,
+        "data": preset["data"], "share": preset["share"], "eval": preset["eval"],
+        "shadow_backend": run.backend, "shadow_workers": run.workers,
+        "shadow_seconds": round(shadow_s, 1), "device": args.device}}
+    torch.set_num_threads(args.meta_threads)
+    bundle = fit_bundle(folder, settings, name=name, data=share, seed=args.seed,
+                        device=args.meta_device or args.device, extra_info=extra)
+    weights, sidecar = save_bundle(Path(args.out) / preset["stem"], bundle)
+    summary = {v: {"val_auroc": round(c["val_auroc"], 4), "best_epoch": c["best_epoch"]}
+               for v, c in bundle.calibration.items()}
+    print(f"{name}: wrote {weights} ({weights.stat().st_size / 1e3:.0f} kB) and {sidecar}; "
+          f"held-out shadows: {json.dumps(summary)}; shadows: "
+          f"{json.dumps(bundle.info['training']['shadows'])}", file=sys.stderr, flush=True)
+    return sidecar
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--which", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    ap.add_argument("--workdir", default=str(ROOT / ".cache" / "mntd"))
+    ap.add_argument("--out", default=str(ROOT / "src" / "trojanscan" / "data"))
+    ap.add_argument("--backend", default="auto",
+                    choices=["auto", "sequential", "processes", "ray"])
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="device training the shadows")
+    ap.add_argument("--meta-device", default=None, help="device training the meta-classifiers")
+    ap.add_argument("--meta-threads", type=int, default=1, help="torch threads (meta, CPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-shadows", type=int, default=None, help="override (per kind)")
+    ap.add_argument("--num-val", type=int, default=None, help="override (per kind)")
+    ap.add_argument("--meta-epochs", type=int, default=None, help="override")
+    ap.add_argument("--shadow-epochs", type=int, default=None, help="override")
+    args = ap.parse_args(argv)
+    for name in args.which:
+        make(name, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""MNTD (Xu et al., IEEE S&P 2021): jumbo triggers, shadows, executor, meta-classifier,
+shipped bundles, the detector and ``trojanscan mntd train``.
+
+The quality test trains a handful of tiny 8×8-digits MLP shadows and meta-classifier
+in seconds; everything else runs without training more than a few one-epoch models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trojanscan import archs
+from trojanscan.dataset import ImageDataset
+from trojanscan.detectors import create
+from trojanscan.detectors.base import count_hooks
+from trojanscan.detectors.mntd import MNTD
+from trojanscan.exceptions import (
+    DetectorNotApplicable,
+    IncompatibleError,
+    ModelError,
+    ParameterError,
+)
+from trojanscan.io.data import load_dataset
+from trojanscan.mntd import calibration, executor, jumbo, shadows
+from trojanscan.mntd.meta import MetaConfig, fit_meta, normalise_responses, raw_scores
+from trojanscan.mntd.pipeline import TrainSettings, fit_bundle, train_shadow_set
+from trojanscan.mntd.pretrained import (
+    BUILTINS,
+    MetaBundle,
+    available_builtins,
+    builtin_path,
+    load_bundle,
+    save_bundle,
+)
+from trojanscan.training import TrainConfig, train_model
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "src" / "trojanscan" / "data"
+
+
+@pytest.fixture(scope="module")
+def digits() -> ImageDataset:
+    return load_dataset("digits:train")
+
+
+# -- jumbo distribution (pure) -----------------------------------------------------------
+
+@given(seed=st.integers(0, 2**32 - 1), h=st.sampled_from([8, 12, 28, 32]))
+@settings(max_examples=60, deadline=None)
+def test_jumbo_triggers_stay_inside_the_paper_ranges(seed: int, h: int) -> None:
+    t = jumbo.sample_trigger(np.random.default_rng(seed), (1, h, h), 10)
+    mh, mw = t.size
+    assert 0 <= t.row <= h - mh and 0 <= t.col <= h - mw
+    assert 1 <= int(t.mask.sum()) <= mh * mw - 1
+    assert set(np.unique(t.mask)) <= {0.0, 1.0}
+    assert 0 <= t.target < 10 and 0.05 <= t.rate <= 0.5
+    if t.kind == "blend":
+        assert (mh, mw) == (h, h) and 0.05 <= t.alpha <= 0.2
+    else:
+        assert mh == mw and mh in jumbo.patch_sides(h, h) and mh <= h // 2
+        assert t.alpha == 1.0 or 0.2 <= t.alpha <= 0.5
+
+
+def test_jumbo_distribution_mixes_patches_blends_and_opaque_patches() -> None:
+    rng = np.random.default_rng(0)
+    ts = [jumbo.sample_trigger(rng, (1, 28, 28), 10) for _ in range(400)]
+    blends = np.mean([t.kind == "blend" for t in ts])
+    opaque = np.mean([t.alpha == 1.0 for t in ts if t.kind == "patch"])
+    assert 0.12 < blends < 0.28  # 1/5
+    assert 0.15 < opaque < 0.35  # 1/4
+    assert {t.size[0] for t in ts if t.kind == "patch"} == {2, 3, 4, 5}
+    assert len({t.target for t in ts}) == 10
+
+
+def test_trigger_stamps_only_its_region_and_round_trips() -> None:
+    t = jumbo.JumboTrigger("patch", 1, 2, np.array([[1, 0], [0, 1]], np.float32), 1.0, 3, 0.1)
+    x = torch.full((2, 1, 6, 6), 0.5)
+    y = t.apply(x)
+    assert torch.equal(x, torch.full((2, 1, 6, 6), 0.5))  # input untouched
+    assert y[0, 0, 1, 2] == 1.0 and y[0, 0, 1, 3] == 0.0 and y[0, 0, 2, 3] == 1.0
+    y[:, :, 1:3, 2:4] = 0.5
+    assert torch.equal(y, x)
+    half = jumbo.JumboTrigger("patch", 0, 0, np.ones((2, 2), np.float32), 0.5, 0, 0.1)
+    assert torch.allclose(half.apply(torch.zeros(1, 1, 4, 4))[0, 0, :2, :2], torch.tensor(0.5))
+    back = jumbo.JumboTrigger.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert back.to_dict() == t.to_dict() and np.array_equal(back.mask, t.mask)
+
+
+def test_poisoning_appends_relabelled_copies(digits: ImageDataset) -> None:
+    ds = digits.subset(slice(0, 200))
+    t = jumbo.sample_trigger(np.random.default_rng(1), ds.input_shape, 10)
+    out = jumbo.poison_with(ds, t, np.random.default_rng(2))
+    k = round(t.rate * 200)
+    assert len(out) == 200 + k
+    assert torch.equal(out.x[:200], ds.x) and torch.equal(out.labels()[:200], ds.labels())
+    assert bool((out.labels()[200:] == t.target).all())
+
+
+# -- calibration (pure) --------------------------------------------------------------------
+
+@given(st.lists(st.floats(-50, 50), min_size=1, max_size=40), st.floats(-60, 60))
+@settings(max_examples=80, deadline=None)
+def test_p_value_and_ecdf_are_bounded_and_monotone(benign: list[float], raw: float) -> None:
+    p = calibration.p_value(raw, benign)
+    assert 1 / (len(benign) + 1) <= p <= 1
+    assert calibration.p_value(raw + 1.0, benign) <= p
+    e = calibration.ecdf_score(raw, benign)
+    assert 0 <= e <= 1 and calibration.ecdf_score(raw + 1.0, benign) >= e
+
+
+@given(st.lists(st.floats(-50, 50), min_size=1, max_size=60), st.floats(0.01, 0.5))
+@settings(max_examples=80, deadline=None)
+def test_threshold_flags_at_most_the_asked_share(benign: list[float], fpr: float) -> None:
+    thr = calibration.threshold_at_fpr(benign, fpr)
+    assert np.mean(np.asarray(benign) > thr) <= fpr + 1e-12
+
+
+def test_auroc_matches_sklearn() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    s = np.round(rng.normal(size=50) + y, 1)  # with ties
+    assert calibration.auroc(y, s) == pytest.approx(roc_auc_score(y, s))
+    assert np.isnan(calibration.auroc([1, 1], [0.1, 0.2]))
+
+
+def test_zscore_responses_ignore_logit_scale_and_shift() -> None:
+    out = torch.randn(4, 10)
+    z = normalise_responses(out, "zscore")
+    assert torch.allclose(normalise_responses(3.0 * out + 7.0, "zscore"), z, atol=1e-4)
+    assert torch.allclose(normalise_responses(out, "logits"), out)
+
+
+# -- executor and resumable shadow training -----------------------------------------------
+
+def _tiny_settings(n: int) -> TrainSettings:
+    return TrainSettings(num_shadows=n, num_val=1, archs=("mlp",), shadow_epochs=1,
+                         shadow_batch_size=32, meta_epochs=1)
+
+
+def test_shadow_training_resumes_without_retraining(digits: ImageDataset, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    data = shadows.ShadowData(digits.subset(slice(0, 120)), 10)
+    first = train_shadow_set(data, tmp_path, _tiny_settings(2), seed=3, backend="sequential")
+    assert len(first.ran) == 4 and not first.skipped  # "killed" after 2 per kind
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    calls: list[str] = []
+    real = shadows.train_shadow
+
+    def counting(spec: shadows.ShadowSpec, d: shadows.ShadowData) -> object:
+        calls.append(spec.key)
+        return real(spec, d)
+
+    monkeypatch.setattr(shadows, "train_shadow", counting)
+    again = train_shadow_set(data, tmp_path, _tiny_settings(3), seed=3, backend="sequential")
+    assert sorted(calls) == ["benign-0002", "jumbo-0002"]  # only the missing ones
+    assert set(again.skipped) == {"benign-0000", "benign-0001", "jumbo-0000", "jumbo-0001"}
+    assert {n: (tmp_path / n).stat().st_mtime_ns for n in stamps} == stamps
+    assert len(list(tmp_path.glob("*.tmp"))) == 0
+
+
+def test_shadow_files_round_trip_and_record_the_trigger(digits: ImageDataset,
+                                                        tmp_path: Path) -> None:
+    data = shadows.ShadowData(digits.subset(slice(0, 120)), 10, digits.subset(slice(200, 260)))
+    spec = shadows.plan_shadows(1, ("mlp",), seed=5, epochs=1, kinds=("jumbo",))[0]
+    model, meta = shadows.train_shadow(spec, data)
+    path = shadows.save_shadow(tmp_path / "jumbo-0000.safetensors", model, meta)
+    back, meta2 = shadows.load_shadow(path)
+    x = digits.x[:5]
+    assert torch.equal(back(x), model(x))
+    assert meta2["trigger"]["target"] == meta["trigger"]["target"] and meta2["asr"] is not None
+    assert not any(p.requires_grad for p in back.parameters())
+    (tmp_path / "bogus.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="bogus"):
+        shadows.load_shadow(tmp_path / "bogus.safetensors")
+
+
+def test_shadow_seeds_do_not_depend_on_order_or_count() -> None:
+    a = {s.key: s.seed for s in shadows.plan_shadows(3, ("mlp", "lenet"), seed=1)}
+    b = {s.key: s.seed for s in shadows.plan_shadows(5, ("mlp", "lenet"), seed=1)}
+    assert all(b[k] == v for k, v in a.items())
+    assert len(set(b.values())) == len(b)
+    assert [s.arch for s in shadows.plan_shadows(3, ("mlp", "lenet"), kinds=("benign",))] == [
+        "mlp", "lenet", "mlp"]
+
+
+def test_executor_rejects_duplicate_keys_and_bad_backends() -> None:
+    t = executor.Task("a")
+    with pytest.raises(ParameterError, match="unique keys"):
+        executor.run_tasks(_echo, [t, t], backend="sequential")
+    with pytest.raises(ParameterError, match="backend"):
+        executor.run_tasks(_echo, [t], backend="threads")
+
+
+def _echo(task: executor.Task, shared: object) -> tuple[str, object, int]:
+    return task.key, shared, torch.get_num_threads()
+
+
+def test_executor_sequential_runs_with_one_thread_and_restores() -> None:
+    before = torch.get_num_threads()
+    res = executor.run_tasks(_echo, [executor.Task("a"), executor.Task("b")], shared=7,
+                             backend="sequential")
+    assert res.results == {"a": ("a", 7, 1), "b": ("b", 7, 1)}
+    assert torch.get_num_threads() == before
+
+
+def test_ray_backend_gives_the_same_shadows_as_sequential(digits: ImageDataset,
+                                                          tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="ray not installed (optional extra trojanscan[ray])")
+    data = shadows.ShadowData(digits.subset(slice(0, 100)), 10)
+    seq = train_shadow_set(data, tmp_path / "seq", _tiny_settings(1), seed=9,
+                           backend="sequential")
+    ray = train_shadow_set(data, tmp_path / "ray", _tiny_settings(1), seed=9, backend="ray",
+                           workers=2)
+    assert ray.backend == "ray" and sorted(ray.ran) == sorted(seq.ran)
+    from safetensors.torch import load_file
+
+    for name in ("benign-0000.safetensors", "jumbo-0000.safetensors"):
+        a, b = load_file(str(tmp_path / "seq" / name)), load_file(str(tmp_path / "ray" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- meta-classifier quality on tiny models ------------------------------------------------
+
+def _tiny_backdoor(ds: ImageDataset, target: int, corner: int, seed: int) -> ImageDataset:
+    """BadNets-like: an opaque 2×2 white patch in a corner, 15% relabelled to ``target``."""
+    rng = np.random.default_rng(seed)
+    idx = torch.from_numpy(np.sort(rng.choice(len(ds), int(0.15 * len(ds)), replace=False)))
+    x, y = ds.x.clone(), ds.labels().clone()
+    r, c = [(0, 0), (0, 6), (6, 0), (6, 6)][corner]
+    x[idx, :, r:r + 2, c:c + 2] = 1.0
+    y[idx] = target
+    return ds.with_data(x, y)
+
+
+@pytest.fixture(scope="module")
+def tiny_meta(digits: ImageDataset, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """8+8 jumbo/benign MLP shadows on one half of digits; 4+4 test models on the other."""
+    folder = tmp_path_factory.mktemp("mntd-shadows")
+    half = len(digits) // 2
+    share, attacker = digits.subset(slice(0, half)), digits.subset(slice(half, None))
+    settings_ = TrainSettings(num_shadows=8, num_val=2, archs=("mlp",), shadow_epochs=15,
+                              shadow_lr=3e-3, meta_epochs=30, variants=("qt", "one_class"))
+    train_shadow_set(shadows.ShadowData(share, 10), folder, settings_, seed=0,
+                     backend="sequential")
+    bundle = fit_bundle(folder, settings_, name="tiny", data=share, seed=0, device="cpu")
+    cfg = TrainConfig(epochs=15, batch_size=64, lr=3e-3)
+    models, labels = [], []
+    for i in range(8):
+        backdoored = i % 2 == 1
+        data = _tiny_backdoor(attacker, (3 * i) % 10, i % 4, i) if backdoored else attacker
+        models.append(train_model("mlp", data, config=cfg, seed=100 + i, device="cpu"))
+        labels.append(int(backdoored))
+    return {"bundle": bundle, "models": models, "labels": labels, "folder": folder}
+
+
+def test_tiny_meta_classifier_separates_clean_and_backdoored_models(tiny_meta: dict) -> None:
+    bundle: MetaBundle = tiny_meta["bundle"]
+    meta, _ = bundle.variant("qt")
+    scores = raw_scores(meta, tiny_meta["models"])
+    assert calibration.auroc(tiny_meta["labels"], scores) >= 0.8  # chance: 0.5
+
+
+def test_one_class_variant_stays_finite(tiny_meta: dict) -> None:
+    meta, cal = tiny_meta["bundle"].variant("one_class")
+    assert np.all(np.isfinite(raw_scores(meta, tiny_meta["models"])))
+    assert np.isfinite(float(meta.r)) and len(cal["benign_raw"]) == 2
+
+
+def test_bundle_round_trip_and_tamper_check(tiny_meta: dict, tmp_path: Path) -> None:
+    weights, sidecar = save_bundle(tmp_path / "m", tiny_meta["bundle"])
+    back = load_bundle(sidecar)
+    assert back.input_shape == (1, 8, 8) and back.num_classes == 10
+    m0 = tiny_meta["models"][0]
+    for v in ("qt", "one_class"):
+        a = raw_scores(tiny_meta["bundle"].variants[v], [m0])
+        b = raw_scores(back.variants[v], [m0])
+        assert np.allclose(a, b, atol=1e-5)
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_bundle(sidecar)
+
+
+def test_detector_with_user_bundle_is_deterministic_and_borrows(tiny_meta: dict,
+                                                                tmp_path: Path,
+                                                                digits: ImageDataset) -> None:
+    _, sidecar = save_bundle(tmp_path / "m", tiny_meta["bundle"])
+    model = tiny_meta["models"][1]
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    det = create("mntd", meta_classifier=str(sidecar))
+    r1, r2 = det.fit(model, digits), det.fit(model, digits)
+    assert r1.score == r2.score and r1.verdict == r2.verdict
+    assert 0 <= r1.score <= 1 and 0 < r1.p_value <= 1 and r1.suspected_targets == ()
+    assert r1.to_dict()["meta_classifier"] == "tiny"
+    assert model.training and count_hooks(model) == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert r1.images["mntd_queries"].shape == (8, 10 * 9)
+    with pytest.raises(ParameterError, match="variant"):
+        MNTD(meta_classifier=str(sidecar), variant="no_qt").fit(model, digits)
+    model.eval()
+
+
+# -- shape checks ------------------------------------------------------------------------
+
+def test_explicit_meta_classifier_of_another_shape_is_a_clear_error(digits: ImageDataset,
+                                                                    ) -> None:
+    model = archs.build("mlp", (1, 8, 8), 10)
+    with pytest.raises(IncompatibleError, match=r"1×28×28 → 10.*1×8×8 → 10"):
+        MNTD(meta_classifier="fashion-mnist").fit(model, digits)
+
+
+def test_no_meta_classifier_for_the_shape_is_not_applicable() -> None:
+    ds = ImageDataset(torch.rand(4, 3, 8, 8), torch.arange(4))
+    model = archs.build("mlp", (3, 8, 8), 10)
+    with pytest.raises(DetectorNotApplicable, match=r"3×8×8 → 10.*mntd train"):
+        MNTD().fit(model, ds)
+    five = archs.build("mlp", (1, 8, 8), 5)
+    d = load_dataset("digits:test")
+    with pytest.raises(DetectorNotApplicable, match=r"1×8×8 → 5"):
+        MNTD().fit(five, d.with_data(d.x, d.labels() % 5))
+
+
+def test_bad_settings_name_the_parameter(digits: ImageDataset, tmp_path: Path) -> None:
+    model = archs.build("mlp", (1, 8, 8), 10)
+    with pytest.raises(ParameterError, match=r"variant.*'qt'.*'bogus'"):
+        MNTD(variant="bogus").fit(model, digits)
+    with pytest.raises(ParameterError, match=r"meta_classifier.*nope"):
+        MNTD(meta_classifier=str(tmp_path / "nope.json")).fit(model, digits)
+    with pytest.raises(ParameterError, match="response"):
+        MetaConfig(response="probits").validate()  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match="labels"):
+        fit_meta([model], [1], config=MetaConfig(epochs=1), input_shape=(1, 8, 8),
+                 num_classes=10)
+
+
+# -- shipped meta-classifiers ---------------------------------------------------------------
+
+def test_shipped_bundles_load_are_small_and_documented() -> None:
+    found = available_builtins()
+    assert set(found) == set(BUILTINS)
+    assert found["fashion-mnist"].input_shape == (1, 28, 28)
+    assert found["digits"].input_shape == (1, 8, 8)
+    for name, bundle in found.items():
+        path = builtin_path(name)
+        assert path.with_suffix(".safetensors").stat().st_size < 2_000_000
+        info = bundle.info
+        assert info["produced_by"]["script"] == "scripts/make_mntd_pretrained.py"
+        assert info["training"]["settings"]["num_shadows"] <= 256
+        assert set(bundle.variants) == {"qt", "no_qt", "one_class"}
+        for cal in bundle.calibration.values():
+            assert len(cal["benign_raw"]) == info["training"]["settings"]["num_val"]
+    assert not list(DATA_DIR.glob("mntd_*.pt")) and not list(DATA_DIR.glob("mntd_*.pkl"))
+
+
+@pytest.mark.parametrize("variant", ["qt", "no_qt", "one_class"])
+def test_shipped_digits_meta_classifier_scores_the_tiny_fixtures(tiny, variant: str) -> None:
+    det = MNTD(variant=variant)
+    bad, good = det.fit(tiny.backdoored, tiny.test), det.fit(tiny.clean, tiny.test)
+    for r in (bad, good):
+        assert r.evidence["meta_classifier"] == "digits"
+        assert 0 <= r.score <= 1 and 0 < r.p_value <= 1
+        assert np.isfinite(r.evidence["raw_score"])
+    assert count_hooks(tiny.backdoored) == 0
+
+
+# -- command line --------------------------------------------------------------------------
+
+def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: ImageDataset,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    from trojanscan.cli import main
+
+    args = ["mntd", "train", "--data", "digits:train", "--share", "0.1", "--out",
+            str(tmp_path), "--num-shadows", "2", "--num-val", "1", "--archs", "mlp",
+            "--shadow-epochs", "1", "--meta-epochs", "1", "--no-ray", "--quiet"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    sidecar = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sidecar == tmp_path / "mntd_1x8x8_10.json"
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "shadows").iterdir()}
+    assert len(stamps) == 4
+    r = MNTD(meta_classifier=str(sidecar)).fit(archs.build("mlp", (1, 8, 8), 10), digits)
+    assert r.detector == "mntd"
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    with pytest.raises(SystemExit) as exc:
+        main([*args[:-2], "--variants", "qt,bogus", "--quiet"])
+    assert exc.value.code == 2
+    assert "variants" in capsys.readouterr().err
+
+
+def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:
+    import ast
+
+    import trojanscan.commands.mntd_cli as m
+
+    tree = ast.parse(Path(m.__file__).read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top.add((node.module or "").split(".")[0])
+    assert top <= {"__future__", "pathlib", "typing", "typer"}
+    assert hasattr(m, "app") and any(c.name == "train" for c in m.app.registered_commands)

@@ -1,0 +1,356 @@
+"""STRIP (Gao et al., ACSAC 2019): the maths on hand-made numbers, thresholds (with
+property tests), and the detector on the tiny backdoored model and its clean twin."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import norm
+from torch import nn
+
+from trojanscan.dataset import ImageDataset
+from trojanscan.detectors import get
+from trojanscan.detectors.base import count_hooks
+from trojanscan.detectors.strip import Strip
+from trojanscan.exceptions import DataError, ModelError, ParameterError
+from trojanscan.maths import runtime as rt
+
+# ---------------------------------------------------------------------------
+# entropy
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("probs", "bits"), [
+    ([1.0, 0.0, 0.0, 0.0], 0.0),
+    ([0.5, 0.5, 0.0, 0.0], 1.0),
+    ([0.25, 0.25, 0.25, 0.25], 2.0),
+    ([0.5, 0.25, 0.25, 0.0], 1.5),
+    ([0.1] * 10, math.log2(10)),
+])
+def test_entropy_of_hand_made_probability_vectors(probs: list[float], bits: float) -> None:
+    assert float(rt.entropy(torch.tensor(probs, dtype=torch.float64))) == pytest.approx(bits)
+    assert float(rt.entropy(np.array(probs))) == pytest.approx(bits)
+
+
+def test_entropy_from_logits_applies_softmax_first() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 0.0], [-3.0, -3.0, -3.0]])
+    expected = rt.entropy(torch.softmax(logits.double(), dim=1))
+    assert torch.allclose(rt.entropy_from_logits(logits).double(), expected, atol=1e-6)
+    # uniform logits (even negative ones) are log2(K) bits, not NaN
+    assert float(rt.entropy_from_logits(logits)[2]) == pytest.approx(math.log2(3), abs=1e-6)
+
+
+def test_entropy_from_extreme_logits_is_finite() -> None:
+    logits = torch.tensor([[1e4, -1e4, 0.0], [-1e30, 1e30, 5.0]])
+    h = rt.entropy_from_logits(logits)
+    assert torch.isfinite(h).all() and torch.allclose(h, torch.zeros(2), atol=1e-6)
+
+
+def test_strip_entropy_is_over_classes_then_averaged_over_overlays() -> None:
+    # every overlay gives a confident but *different* class: entropy over the classes of
+    # each prediction is 0, so STRIP's entropy is 0 (entropy across overlays would be high)
+    k = 4
+    confident = torch.full((1, k, k), -50.0)
+    for j in range(k):
+        confident[0, j, j] = 50.0
+    assert float(rt.strip_entropy(confident)[0]) == pytest.approx(0.0, abs=1e-6)
+    # one uniform prediction among two overlays: mean of 2 bits and 0 bits
+    mixed = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [50.0, -50.0, -50.0, -50.0]]])
+    assert float(rt.strip_entropy(mixed)[0]) == pytest.approx(1.0, abs=1e-6)
+    assert float(rt.strip_scores(mixed)[0]) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_strip_entropy_needs_three_dimensions() -> None:
+    with pytest.raises(ParameterError, match="logits"):
+        rt.strip_entropy(torch.zeros(3, 4))
+
+
+def test_superimpose_blends() -> None:
+    x = torch.full((2, 1, 2, 2), 0.8)
+    o = torch.full((3, 1, 2, 2), 0.6)
+    assert torch.allclose(rt.superimpose(x, o, "sum"), torch.full((2, 3, 1, 2, 2), 1.4))
+    assert torch.allclose(rt.superimpose(x, o, "sum_clip"), torch.ones(2, 3, 1, 2, 2))
+    assert torch.allclose(rt.superimpose(x, o, "average"), torch.full((2, 3, 1, 2, 2), 0.7))
+    per_input = torch.stack([o, o * 0])  # B×N×C×H×W
+    out = rt.superimpose(x, per_input, "sum")
+    assert torch.allclose(out[1], torch.full((3, 1, 2, 2), 0.8))
+    assert torch.allclose(rt.superimpose(x, o, "max"), torch.full((2, 3, 1, 2, 2), 0.8))
+    with pytest.raises(ParameterError, match="blend"):
+        rt.superimpose(x, o, "median")
+
+
+# ---------------------------------------------------------------------------
+# thresholds
+# ---------------------------------------------------------------------------
+
+
+def test_normal_threshold_is_the_papers_rule() -> None:
+    entropies = np.random.default_rng(0).normal(1.2, 0.3, size=500)
+    # the paper: fit a normal to clean entropies, flag entropy below its FRR quantile
+    mu, sigma = norm.fit(entropies)
+    paper = norm.ppf(0.01, loc=mu, scale=sigma)
+    # ours works on scores = -entropy, flagging score > threshold
+    assert rt.normal_threshold(-entropies, 0.01) == pytest.approx(-paper)
+
+
+def test_empirical_threshold_keeps_at_most_frr_of_clean_above() -> None:
+    scores = np.arange(100, dtype=float)
+    thr = rt.empirical_threshold(scores, 0.05)
+    assert rt.flag(scores, thr).sum() == 5 and thr == 94.0
+    # fewer than 1/frr samples: the maximum, nothing flagged
+    assert rt.empirical_threshold(np.array([3.0, 1.0, 2.0]), 0.01) == 3.0
+
+
+def test_threshold_input_errors() -> None:
+    with pytest.raises(ParameterError, match="frr"):
+        rt.normal_threshold([1.0, 2.0], 1.5)
+    with pytest.raises(ParameterError, match="frr"):
+        rt.empirical_threshold([1.0, 2.0], 0)
+    with pytest.raises(ParameterError, match="threshold_method"):
+        rt.fit_threshold([1.0, 2.0], 0.1, "gamma")
+    with pytest.raises(DataError, match="NaN"):
+        rt.normal_threshold([1.0, float("nan")], 0.1)
+    with pytest.raises(DataError, match="zero"):
+        rt.empirical_threshold([], 0.1)
+
+
+def test_flag_never_lets_nan_through() -> None:
+    assert rt.flag(np.array([0.0, np.nan, 2.0]), 1.0).tolist() == [False, True, True]
+
+
+scores_st = st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=2, max_size=200)
+frr_st = st.floats(1e-4, 0.999)
+
+
+@settings(max_examples=150, deadline=None)
+@given(scores=scores_st, a=frr_st, b=frr_st, method=st.sampled_from(rt.THRESHOLD_METHODS))
+def test_threshold_monotone_in_frr(scores: list[float], a: float, b: float,
+                                   method: str) -> None:
+    lo, hi = min(a, b), max(a, b)
+    t_lo = rt.fit_threshold(scores, lo, method)
+    t_hi = rt.fit_threshold(scores, hi, method)
+    assert t_hi <= t_lo + 1e-9 * max(1.0, abs(t_lo))  # a larger FRR never raises the bar
+    # so the set of flagged inputs only grows with the FRR
+    s = np.asarray(scores)
+    assert rt.flag(s, t_lo).sum() <= rt.flag(s, t_hi).sum()
+
+
+@settings(max_examples=150, deadline=None)
+@given(scores=scores_st, frr=frr_st)
+def test_empirical_threshold_respects_frr_on_its_own_data(scores: list[float],
+                                                          frr: float) -> None:
+    s = np.asarray(scores)
+    flagged = rt.flag(s, rt.empirical_threshold(s, frr)).sum()
+    assert flagged <= math.floor(frr * len(s) + 1e-9)
+
+
+def test_clopper_pearson_upper_bound() -> None:
+    assert rt.clopper_pearson_upper(0, 300) == pytest.approx(1 - 0.05 ** (1 / 300))
+    assert 0.01 < rt.clopper_pearson_upper(3, 300) < 0.03
+    assert rt.clopper_pearson_upper(5, 5) == 1.0
+
+
+def test_calibration_split_is_disjoint_and_seeded() -> None:
+    pool, fit, hold = rt.calibration_split(100, pool_fraction=0.2, holdout_fraction=0.3,
+                                           seed=4)
+    assert (len(pool), len(fit), len(hold)) == (20, 50, 30)
+    assert len(set(pool) | set(fit) | set(hold)) == 100
+    again = rt.calibration_split(100, pool_fraction=0.2, holdout_fraction=0.3, seed=4)
+    assert all(np.array_equal(u, v) for u, v in zip(again, (pool, fit, hold), strict=True))
+    with pytest.raises(DataError, match="more clean samples"):
+        rt.calibration_split(4, pool_fraction=0.5, holdout_fraction=0.4, seed=0)
+    with pytest.raises(ParameterError, match="holdout_fraction"):
+        rt.calibration_split(10, pool_fraction=0.2, holdout_fraction=1.2, seed=0)
+
+
+# ---------------------------------------------------------------------------
+# the detector on the tiny models
+# ---------------------------------------------------------------------------
+
+FAST = {"n_overlays": 32, "blend": "sum_clip"}
+
+
+@pytest.fixture(scope="module")
+def strip_bd(tiny: Any) -> Strip:
+    return Strip(**FAST, seed=0).fit(tiny.backdoored, tiny.test)
+
+
+def test_registered_and_documented() -> None:
+    cls = get("strip")
+    assert cls is Strip and cls.level == "input"
+    assert "Gao" in (__import__("trojanscan.detectors.strip", fromlist=["x"]).__doc__ or "")
+    assert Strip().get_params()["n_overlays"] == 100  # the paper's N
+
+
+def test_flags_triggered_inputs_and_few_clean_ones(tiny: Any, strip_bd: Strip) -> None:
+    trig = strip_bd.filter(tiny.triggered_test())
+    assert trig.flagged.mean() >= 0.9, trig.flagged.mean()
+    assert trig.verdict == "triggered"
+    # held-out clean inputs: the FRR actually measured stays near the 1% asked for
+    assert strip_bd.frr_measured_ is not None and strip_bd.frr_measured_ <= 0.05
+    assert strip_bd.n_holdout_ > 50 and strip_bd.n_pool_ > 50
+    assert strip_bd.filter(tiny.test.x).flagged.mean() <= 0.05
+    # triggered inputs really have lower entropy (the paper's quantity)
+    clean_entropy = -strip_bd.fit_scores_
+    assert np.median(strip_bd.entropy(tiny.triggered_test())) < np.median(clean_entropy)
+
+
+def test_stamped_inputs_pass_on_the_clean_twin(tiny: Any) -> None:
+    det = Strip(**FAST, seed=0).fit(tiny.clean, tiny.test)
+    assert det.filter(tiny.triggered_test()).flagged.mean() <= 0.1
+
+
+def test_filter_result_contents(tiny: Any, strip_bd: Strip) -> None:
+    x = tiny.test.x[:25]
+    res = strip_bd.filter(x)
+    with torch.no_grad():
+        expected = tiny.backdoored(x).argmax(1).numpy()
+    assert np.array_equal(res.predictions, expected)
+    assert res.scores.shape == (25,) and res.flagged.dtype == bool
+    assert np.array_equal(res.flagged, res.scores > strip_bd.threshold_)
+    d = res.to_dict()
+    for key in ("verdict", "flagged", "predictions", "threshold", "frr", "frr_measured",
+                "num_holdout", "n_overlays", "blend"):
+        assert key in d
+    assert d["frr"] == 0.01 and d["blend"] == "sum_clip"
+
+
+def _sub(det: Strip, x: torch.Tensor, bs: int) -> np.ndarray:
+    return np.concatenate([det.score(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_scores_do_not_depend_on_batch_size_or_order(tiny: Any, strip_bd: Strip,
+                                                     data: st.DataObject) -> None:
+    x = tiny.test.x[:16]
+    ref = strip_bd.score(x)
+    perm = np.array(data.draw(st.permutations(list(range(16)))))
+    bs = data.draw(st.integers(1, 16))
+    np.testing.assert_allclose(_sub(strip_bd, x[torch.from_numpy(perm)], bs), ref[perm],
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("draw", ["per_input", "fixed"])
+def test_batch_invariance_for_both_overlay_draws(tiny: Any, draw: str) -> None:
+    det = Strip(n_overlays=8, blend="sum_clip", overlay_draw=draw, batch_size=64,
+                seed=3).fit(tiny.backdoored, tiny.test)
+    x = tiny.test.x[:30]
+    ref = det.score(x)
+    np.testing.assert_allclose(_sub(det, x, 7), ref, atol=1e-5)
+    np.testing.assert_allclose(det.score(x.flip(0)), ref[::-1], atol=1e-5)
+    idx = det.overlay_indices(x)
+    assert idx.shape == (30, 8)
+    if draw == "fixed":
+        assert (idx == idx[0]).all()
+    else:  # each input its own draw, without replacement from the pool
+        assert len({tuple(r) for r in idx}) > 25
+        assert all(len(set(r)) == 8 for r in idx)
+
+
+def test_same_seed_same_scores_other_seed_other_overlays(tiny: Any) -> None:
+    x = tiny.test.x[:10]
+    a = Strip(n_overlays=8, seed=5).fit(tiny.backdoored, tiny.test)
+    b = Strip(n_overlays=8, seed=5).fit(tiny.backdoored, tiny.test)
+    c = Strip(n_overlays=8, seed=6).fit(tiny.backdoored, tiny.test)
+    assert np.array_equal(a.score(x), b.score(x)) and a.threshold_ == b.threshold_
+    assert not np.array_equal(a.overlay_indices(x), c.overlay_indices(x))
+
+
+class _Counting(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(int(x.shape[0]))
+        return self.inner(x)
+
+
+def test_perturbations_of_a_batch_run_as_one_inference(tiny: Any) -> None:
+    model = _Counting(tiny.backdoored)
+    det = Strip(n_overlays=20, batch_size=4096).fit(model, tiny.test)
+    model.batches.clear()
+    det.score(tiny.test.x[:30])
+    # one batch of 30×20 perturbed inputs, one plain batch for the predictions
+    assert sorted(model.batches) == [30, 600]
+    model.batches.clear()
+    Strip(n_overlays=20, batch_size=200).fit(model, tiny.test).score(tiny.test.x[:30])
+    assert max(model.batches) <= 200
+
+
+def test_model_left_untouched(tiny: Any, strip_bd: Strip) -> None:
+    model = tiny.backdoored
+    assert count_hooks(model) == 0
+    model.train()
+    try:
+        strip_bd.score(tiny.test.x[:5])
+        assert model.training and all(m.training for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+    finally:
+        model.eval()
+
+
+def test_bad_inputs_are_our_errors(tiny: Any, strip_bd: Strip) -> None:
+    with pytest.raises(DataError, match=r"shape N×1×8×8"):
+        strip_bd.score(torch.rand(3, 1, 28, 28))
+    with pytest.raises(DataError, match="NaN"):
+        strip_bd.score(torch.full((2, 1, 8, 8), float("nan")))
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        strip_bd.score(torch.full((2, 1, 8, 8), 3.0))
+    with pytest.raises(ParameterError, match="not calibrated"):
+        Strip().score(tiny.test.x[:2])
+    assert strip_bd.score(tiny.test.x[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize(("params", "name"), [
+    ({"n_overlays": 0}, "n_overlays"), ({"blend": "median"}, "blend"), ({"frr": 0.0}, "frr"),
+    ({"threshold_method": "gamma"}, "threshold_method"), ({"pool_fraction": 0.0},
+                                                          "pool_fraction"),
+    ({"holdout_fraction": 0.95}, "holdout_fraction"), ({"overlay_draw": "x"}, "overlay_draw"),
+    ({"batch_size": 0}, "batch_size"), ({"max_samples": 2}, "max_samples"),
+])
+def test_bad_parameters_name_themselves(tiny: Any, params: dict[str, Any], name: str) -> None:
+    with pytest.raises(ParameterError, match=name):
+        Strip(**params).fit(tiny.backdoored, tiny.test)
+
+
+def test_model_errors_are_reported(tiny: Any) -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(64, 3)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls > 1:
+                return self.lin(x.flatten(1)).unsqueeze(0)  # wrong rank after the probe
+            return self.lin(x.flatten(1))
+
+    with pytest.raises(ModelError, match="N×K logits"):
+        Strip(n_overlays=4).fit(Broken(), ImageDataset(torch.rand(40, 1, 8, 8)))
+
+
+def test_unclipped_sum_is_available_and_scores_out_of_range_superimpositions(
+        tiny: Any) -> None:
+    det = Strip(n_overlays=8, blend="sum").fit(tiny.backdoored, tiny.test)
+    s = det.score(tiny.test.x[:5])
+    assert np.isfinite(s).all() and (s <= 0).all()  # negative entropies
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda_with_a_cpu_model(tiny: Any) -> None:  # pragma: no cover - GPU only
+    det = Strip(**FAST, device="cuda").fit(tiny.backdoored, tiny.test)
+    assert next(tiny.backdoored.parameters()).device.type == "cpu"
+    cpu = Strip(**FAST, device="cpu").fit(tiny.backdoored, tiny.test)
+    np.testing.assert_allclose(det.score(tiny.test.x[:20]), cpu.score(tiny.test.x[:20]),
+                               atol=1e-4)
