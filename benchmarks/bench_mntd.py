@@ -7,7 +7,7 @@ Stages (run ``all`` or one at a time; trained targets are cached and reused):
              all-to-all and source-specific lie outside the jumbo distribution) and as
              many clean ones, architectures taken in turn from :data:`ARCHS`. Each is
              trained on its own random 20,000 images of the Fashion-MNIST training set
-             *outside* the defender's 2% share, 5 epochs. One file set per model under
+             *outside* the defender's 2% share, 8 epochs. One file set per model under
              ``benchmarks/.cache/mntd/targets`` (resumable tasks).
 ``score``    score every target with the shipped meta-classifier (all variants): AUROC
              overall, per attack type and per architecture, the verdicts' TPR/FPR at the
@@ -52,7 +52,7 @@ ATTACKS: dict[str, tuple[str, bool]] = {
     "source": ("source-specific", False),
 }
 TARGET_SAMPLES = 20000
-TARGET_EPOCHS = 5
+TARGET_EPOCHS = 8
 DEFENDER_SHARE = 0.02  # as in scripts/make_mntd_pretrained.py (seed 0): excluded here
 
 
@@ -69,12 +69,12 @@ def attack_spec(kind: str, rng: np.random.Generator) -> tuple[str, float]:
     if kind == "blend":
         return f"blend:target={target},alpha=0.2,trigger_seed={int(rng.integers(1000))}", 0.1
     if kind == "wanet":
-        return f"wanet:target={target},trigger_seed={int(rng.integers(1000))}", 0.1
+        return f"wanet:target={target},trigger_seed={int(rng.integers(1000))}", 0.2
     if kind == "sig":
-        return f"sig:target={target}", 0.05
+        return f"sig:target={target}", 0.08
     if kind == "all2all":
         loc = ["bottom-right", "top-left"][int(rng.integers(2))]
-        return f"all2all:offset=1,size=4,location={loc}", 0.1
+        return f"all2all:offset=1,size=4,location={loc}", 0.2
     if kind == "source":
         source = int((target + 1 + rng.integers(9)) % 10)
         return f"source:source={source},target={target},size=4", 0.05
@@ -207,34 +207,35 @@ def _auroc(y: list[int], s: list[float]) -> float:
     return round(auroc(np.asarray(y), np.asarray(s)), 4)
 
 
-def stage_score(args: argparse.Namespace) -> dict[str, Any]:
+def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]],
+                 rows: list[dict[str, Any]], unseen_arch: str | None) -> dict[str, Any]:
+    """AUROC (overall, per attack, per architecture), verdict rates and timing of every
+    variant of one bundle on the targets; raw scores go into ``rows``."""
     from trojanscan.dataset import ImageDataset
     from trojanscan.detectors.mntd import MNTD
     from trojanscan.mntd.pretrained import resolve
 
-    torch.set_num_threads(1)
-    targets = load_targets(Path(args.cache), full_plan(args))
-    bundle = resolve(args.meta)
+    bundle = resolve(meta)
     assert bundle is not None
-    shape_only = ImageDataset(torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.int64))
-    out: dict[str, Any] = {"meta_classifier": bundle.name, "variants": {}, "models": []}
-    rows = [{"key": p["key"], "kind": p["kind"], "arch": p["arch"], "spec": p["spec"],
-             "accuracy": round(p["accuracy"], 4),
-             "asr": None if p["asr"] is None else round(p["asr"], 4)} for p, _ in targets]
+    shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
+    y = [int(p["kind"] != "clean") for p, _ in targets]
+    main = [i for i, (p, _) in enumerate(targets) if p["key"].startswith("t")]
+    unseen = [i for i, (p, _) in enumerate(targets) if p["key"].startswith("u")]
+    clean = [i for i in main if y[i] == 0]
+    settings = bundle.info.get("training", {}).get("settings", {})
+    out: dict[str, Any] = {"name": bundle.name, "response": settings.get("response"),
+                           "query_range": settings.get("query_range", "free"),
+                           "num_shadows_per_kind": settings.get("num_shadows"),
+                           "variants": {}}
     for variant in bundle.variants:
-        det = MNTD(meta_classifier=args.meta, variant=variant)
-        scores, raws, verdicts, secs = [], [], [], []
+        det = MNTD(meta_classifier=meta, variant=variant)
+        raws, verdicts, secs = [], [], []
         for (_p, model), row in zip(targets, rows):
             r = det.fit(model, shape_only)
-            scores.append(r.score)
             raws.append(r.evidence["raw_score"])
             verdicts.append(r.verdict == "backdoored")
             secs.append(r.seconds)
-            row[f"{variant}_raw"] = round(r.evidence["raw_score"], 4)
-        y = [int(p["kind"] != "clean") for p, _ in targets]
-        main = [i for i, (p, _) in enumerate(targets) if p["key"].startswith("t")]
-        unseen = [i for i, (p, _) in enumerate(targets) if p["key"].startswith("u")]
-        clean = [i for i in main if y[i] == 0]
+            row[f"{bundle.name}/{variant}"] = round(r.evidence["raw_score"], 4)
         res: dict[str, Any] = {"auroc": _auroc([y[i] for i in main], [raws[i] for i in main]),
                                "per_attack": {}, "per_arch": {}}
         if unseen:
@@ -245,48 +246,66 @@ def stage_score(args: argparse.Namespace) -> dict[str, Any]:
         for arch in dict.fromkeys(targets[i][0]["arch"] for i in main):
             idx = [i for i in main if targets[i][0]["arch"] == arch]
             res["per_arch"][arch] = _auroc([y[i] for i in idx], [raws[i] for i in idx])
-        pos = [verdicts[i] for i in main if y[i]]
-        neg = [verdicts[i] for i in main if not y[i]]
-        res["tpr_at_shipped_threshold"] = round(float(np.mean(pos)), 4)
-        res["fpr_at_shipped_threshold"] = round(float(np.mean(neg)), 4)
+        res["tpr_at_shipped_threshold"] = round(float(np.mean(
+            [verdicts[i] for i in main if y[i]])), 4)
+        res["fpr_at_shipped_threshold"] = round(float(np.mean(
+            [verdicts[i] for i in main if not y[i]])), 4)
         res["seconds_per_model"] = {"median": round(float(np.median(secs)), 4),
                                     "max": round(float(np.max(secs)), 4)}
         res["val_auroc_shadows"] = bundle.calibration[variant].get("val_auroc")
         out["variants"][variant] = res
-    out["models"] = rows
-    out["machine"] = machine()
-    out["num_models"] = sum(p["key"].startswith("t") for p, _ in targets)
-    out["num_backdoored"] = sum(p["key"].startswith("t") and p["kind"] != "clean"
-                                for p, _ in targets)
-    out["unseen_arch"] = args.unseen_arch if any(p["key"].startswith("u")
-                                                 for p, _ in targets) else None
-    print_score_table(out)
+    return out
+
+
+def stage_score(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    targets = load_targets(Path(args.cache), full_plan(args))
+    rows = [{"key": p["key"], "kind": p["kind"], "arch": p["arch"], "spec": p["spec"],
+             "rate": p["rate"], "accuracy": round(p["accuracy"], 4),
+             "asr": None if p["asr"] is None else round(p["asr"], 4)} for p, _ in targets]
+    main = [p for p, _ in targets if p["key"].startswith("t")]
+    out: dict[str, Any] = {
+        "num_models": len(main),
+        "num_backdoored": sum(p["kind"] != "clean" for p in main),
+        "unseen_arch": args.unseen_arch if len(main) < len(targets) else None,
+        "bundles": {}, "models": rows, "machine": machine()}
+    for meta in args.meta.split(","):
+        res = score_bundle(meta, targets, rows, out["unseen_arch"])
+        out["bundles"][res["name"]] = res
+        print_score_table(out, res)
+    asr = [p["asr"] for p in main if p["asr"] is not None]
+    out["backdoored_asr"] = {"median": round(float(np.median(asr)), 4),
+                             "min": round(float(np.min(asr)), 4),
+                             "below_0.8": int(sum(a < 0.8 for a in asr))}
     return {"score": out}
 
 
-def print_score_table(out: dict[str, Any]) -> None:
-    variants = list(out["variants"])
+def print_score_table(out: dict[str, Any], res: dict[str, Any]) -> None:
+    variants = list(res["variants"])
+    v0 = res["variants"][variants[0]]
     print(f"\nMNTD on {out['num_models']} held-out Fashion-MNIST models "
-          f"({out['num_backdoored']} backdoored), meta-classifier {out['meta_classifier']}")
+          f"({out['num_backdoored']} backdoored), meta-classifier {res['name']} "
+          f"(responses: {res['response']}, queries: {res['query_range']})")
     print("| attack | in jumbo? | " + " | ".join(f"AUROC {v}" for v in variants) + " |")
     print("|---|---|" + "---|" * len(variants))
+
+    def line(label: str, note: str, get: Any, fmt: str = "{:.3f}") -> None:
+        cells = " | ".join(fmt.format(get(res["variants"][v])) for v in variants)
+        print(f"| {label} | {note} | {cells} |")
+
     for kind, (label, inside) in ATTACKS.items():
-        cells = " | ".join(f"{out['variants'][v]['per_attack'][kind]:.3f}" for v in variants)
-        print(f"| {label} | {'yes' if inside else 'no'} | {cells} |")
-    cells = " | ".join(f"**{out['variants'][v]['auroc']:.3f}**" for v in variants)
-    print(f"| **all** | | {cells} |")
-    for arch in out["variants"][variants[0]]["per_arch"]:
-        cells = " | ".join(f"{out['variants'][v]['per_arch'][arch]:.3f}" for v in variants)
-        print(f"| arch {arch} | | {cells} |")
-    for key in ("tpr_at_shipped_threshold", "fpr_at_shipped_threshold"):
-        cells = " | ".join(f"{out['variants'][v][key]:.3f}" for v in variants)
-        print(f"| {key} | | {cells} |")
-    if out.get("unseen_arch"):
-        cells = " | ".join(f"{out['variants'][v]['unseen_arch_auroc']:.3f}" for v in variants)
-        print(f"| unseen arch {out['unseen_arch']} (separate set) | | {cells} |")
-    cells = " | ".join(f"{out['variants'][v]['seconds_per_model']['median'] * 1000:.1f} ms"
-                       for v in variants)
-    print(f"| scoring time (median) | | {cells} |")
+        line(label, "yes" if inside else "no", lambda r, k=kind: r["per_attack"][k])
+    line("**all**", "", lambda r: r["auroc"], "**{:.3f}**")
+    for arch in v0["per_arch"]:
+        line(f"arch {arch}", "", lambda r, a=arch: r["per_arch"][a])
+    if "unseen_arch_auroc" in v0:
+        line(f"unseen arch {out['unseen_arch']} (separate set)", "",
+             lambda r: r["unseen_arch_auroc"])
+    line("TPR at shipped threshold", "", lambda r: r["tpr_at_shipped_threshold"])
+    line("FPR at shipped threshold", "", lambda r: r["fpr_at_shipped_threshold"])
+    line("AUROC on held-out shadows", "", lambda r: r["val_auroc_shadows"])
+    line("scoring time (median)", "", lambda r: r["seconds_per_model"]["median"] * 1000,
+         "{:.1f} ms")
 
 
 # -- Ray throughput ---------------------------------------------------------------------
@@ -379,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unseen-arch", default=None,
                     help="also models of this architecture (not among the shadows')")
     ap.add_argument("--unseen-per-attack", type=int, default=1)
-    ap.add_argument("--meta", default="fashion-mnist", help="meta-classifier name or path")
+    ap.add_argument("--meta", default="fashion-mnist",
+                    help="meta-classifier name(s) or path(s), comma-separated")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per target task")

@@ -164,14 +164,15 @@ def detect(task: tuple[str, str, int, str]) -> dict[str, Any]:
     }
 
 
-def mitigate_one(task: tuple[str, int, str]) -> dict[str, Any]:
-    """Fast-mode detection + unlearning of one backdoored model."""
+def mitigate_one(task: tuple[str, int, str, list[list[float]] | None]) -> dict[str, Any]:
+    """Fast-mode detection (reference decision when clean models' norms are given) and
+    unlearning of the flagged labels of one backdoored model."""
     from trojanscan.attacks import parse_attack
     from trojanscan.detectors.neural_cleanse import NeuralCleanse
     from trojanscan.io.data import load_dataset
     from trojanscan.mitigation import mitigate, triggers_from_result
 
-    name, seed, device = task
+    name, seed, device, refs = task
     model, meta = load(name)
     model = model.to(device)
     test = _clean()
@@ -179,10 +180,11 @@ def mitigate_one(task: tuple[str, int, str]) -> dict[str, Any]:
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 99))
     finetune = train.subset(perm[:6000].sort().values)  # 10% of the training set
     t0 = time.perf_counter()
-    res = NeuralCleanse(seed=seed, device=device,
+    res = NeuralCleanse(seed=seed, device=device, reference=refs,
                         max_steps=_STATE.get("max_steps")).fit(model, finetune)
     det_s = time.perf_counter() - t0
     out: dict[str, Any] = {"model": name, "seed": seed, "flagged": list(res.suspected_targets),
+                           "decision": res.evidence["decision"],
                            "true_target": (meta.get("attack") or {}).get("target"),
                            "detect_seconds": det_s}
     if not res.suspected_targets:
@@ -231,12 +233,30 @@ def _fmt(v: Any) -> str:
     return "-" if not v else ",".join(map(str, v))
 
 
+def add_reference_decisions(rows: list[dict[str, Any]], alpha: float = 0.05) -> None:
+    """Reference-calibrated decision per run: the clean models of the same mode and seed
+    (leaving out the model itself) serve as references (in place)."""
+    from trojanscan.maths.outliers import reference_p_values
+
+    for r in rows:
+        refs = [c["l1_norms"] for c in rows if not c["backdoored"] and c["mode"] == r["mode"]
+                and c["seed"] == r["seed"] and c["model"] != r["model"]]
+        if len(refs) < 2:
+            r.update(ref_flagged=None, ref_min_p=None, ref_n=len(refs))
+            continue
+        p = reference_p_values(np.array(r["l1_norms"]), np.array(refs))
+        flagged = [k for k in range(len(p)) if p[k] < alpha and r["reached"][k]]
+        r.update(ref_flagged=sorted(flagged, key=lambda k: r["l1_norms"][k]),
+                 ref_min_p=float(p.min()), ref_n=len(refs))
+
+
 def table(rows: list[dict[str, Any]], modes: list[str]) -> str:
     by = {(r["model"], r["mode"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     head = ["model", "attack", "target"]
     for m in modes:
-        head += [f"{m} idx", f"{m} flagged", f"{m} p", f"{m} s"]
+        head += [f"{m} index", f"{m} flagged (index>2)", f"{m} flagged (reference)",
+                 f"{m} s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, spec, _ in MODELS:
         for seed in seeds:
@@ -247,48 +267,67 @@ def table(rows: list[dict[str, Any]], modes: list[str]) -> str:
                    str(any_r["true_target"]) if any_r["true_target"] is not None else "-"]
             for m in modes:
                 r = by.get((name, m, seed))
-                row += (["", "", "", ""] if r is None else
-                        [f"{r['anomaly_index']:.2f}", _fmt(r["flagged"]),
-                         f"{r['p_value']:.3g}", f"{r['seconds']:.1f}"])
+                if r is None:
+                    row += ["", "", "", ""]
+                    continue
+                ref = ("n/a" if r.get("ref_flagged") is None else
+                       f"{_fmt(r['ref_flagged'])} (p {r['ref_min_p']:.2g})")
+                row += [f"{r['anomaly_index']:.2f} (label {r['min_label']})",
+                        _fmt(r["index_flagged"]), ref, f"{r['seconds']:.1f}"]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _rule_stats(rs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    bd = [r for r in rs if r["backdoored"] and r.get(key) is not None]
+    cl = [r for r in rs if not r["backdoored"] and r.get(key) is not None]
+    return {"backdoored_flagged_with_target": f"{sum(r['true_target'] in r[key] for r in bd)}"
+                                              f"/{len(bd)}",
+            "backdoored_exactly_target": f"{sum(r[key] == [r['true_target']] for r in bd)}"
+                                         f"/{len(bd)}",
+            "clean_flagged": f"{sum(bool(r[key]) for r in cl)}/{len(cl)}"}
 
 
 def summarise(rows: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for m in modes:
         rs = [r for r in rows if r["mode"] == m]
-        bd = [r for r in rs if r["backdoored"]]
-        cl = [r for r in rs if not r["backdoored"]]
         out[m] = {
             "runs": len(rs),
-            "backdoored_flagged_with_target": sum(r["true_target"] in r["flagged"] for r in bd),
-            "backdoored_runs": len(bd),
-            "backdoored_exact": sum(r["flagged"] == [r["true_target"]] for r in bd),
-            "clean_flagged": sum(bool(r["flagged"]) for r in cl),
-            "clean_runs": len(cl),
-            "p_value_rule": {
-                "backdoored_flagged_with_target": sum(r["true_target"] in r["p_value_flagged"]
-                                                      for r in bd),
-                "clean_flagged": sum(bool(r["p_value_flagged"]) for r in cl)},
+            "rule_index_gt_2": _rule_stats(rs, "index_flagged"),
+            "rule_mad_p_value": _rule_stats(rs, "p_value_flagged"),
+            "rule_reference": _rule_stats(rs, "ref_flagged"),
             "mean_seconds": float(np.mean([r["seconds"] for r in rs])) if rs else None,
             "max_seconds": float(np.max([r["seconds"] for r in rs])) if rs else None,
         }
-    if "fast" in out and "faithful" in out:
-        pairs = {}
-        for r in rows:
-            pairs.setdefault((r["model"], r["seed"]), {})[r["mode"]] = r
-        ratios = [p["faithful"]["seconds"] / p["fast"]["seconds"] for p in pairs.values()
-                  if "fast" in p and "faithful" in p]
-        same = [p["fast"]["flagged"] == p["faithful"]["flagged"] for p in pairs.values()
-                if "fast" in p and "faithful" in p]
-        out["speedup"] = {"min": float(np.min(ratios)), "median": float(np.median(ratios)),
-                          "total": (sum(p["faithful"]["seconds"] for p in pairs.values()
-                                        if "fast" in p and "faithful" in p)
-                                    / sum(p["fast"]["seconds"] for p in pairs.values()
-                                          if "fast" in p and "faithful" in p))} \
-            if ratios else None
-        out["same_verdict_fast_vs_faithful"] = f"{sum(same)}/{len(same)}"
+    pairs: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        pairs.setdefault((r["model"], r["seed"]), {})[r["mode"]] = r
+    both = [p for p in pairs.values() if "fast" in p and "faithful" in p]
+    if both:
+        ratios = [p["faithful"]["seconds"] / p["fast"]["seconds"] for p in both]
+        out["speedup_faithful_over_fast"] = {
+            "pairs": len(both), "min": float(np.min(ratios)), "median": float(np.median(ratios)),
+            "total": sum(p["faithful"]["seconds"] for p in both)
+            / sum(p["fast"]["seconds"] for p in both)}
+        for key in ("index_flagged", "ref_flagged"):
+            same = [p["fast"].get(key) == p["faithful"].get(key) for p in both]
+            verdict = [bool(p["fast"].get(key)) == bool(p["faithful"].get(key)) for p in both]
+            out[f"fast_vs_faithful_{key}"] = {"same_flagged_labels": f"{sum(same)}/{len(same)}",
+                                              "same_verdict": f"{sum(verdict)}/{len(verdict)}"}
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) > 1:
+        stab: dict[str, Any] = {}
+        for m in modes:
+            for key in ("index_flagged", "ref_flagged"):
+                per_model: dict[str, set[str]] = {}
+                for r in rows:
+                    if r["mode"] == m:
+                        per_model.setdefault(r["model"], set()).add(str(r.get(key)))
+                stable = sum(len(v) == 1 for v in per_model.values())
+                stab[f"{m}_{key}"] = f"{stable}/{len(per_model)} models give the same " \
+                                     f"flagged labels for seeds {seeds}"
+        out["seed_stability"] = stab
     return out
 
 
@@ -303,18 +342,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="device for detection (timings: cpu)")
     p.add_argument("--train-device", default="auto")
     p.add_argument("--train-only", action="store_true")
+    p.add_argument("--train-threads", type=int, default=None)
     p.add_argument("--no-mitigation", action="store_true")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--max-steps", type=int, default=None,
                    help="override the modes' step budget (smoke tests only)")
+    p.add_argument("--from-log", type=Path, nargs="*", default=None,
+                   help="rebuild the table and summary from JSON-lines logs (no runs)")
     p.add_argument("--log", type=Path, default=None, help="append each run as JSON lines")
     a = p.parse_args(argv)
+    if a.from_log:
+        rows = [json.loads(line) for f in a.from_log for line in f.read_text().splitlines()
+                if line.strip()]
+        rows = [r for r in rows if "mode" in r]
+        return report(rows, [], a, wall=None)
     names = [n for n in a.models.split(",") if n]
     unknown = set(names) - set(SPECS)
     if unknown:
         p.error(f"unknown models {sorted(unknown)}")
     train_dev = "cuda" if a.train_device == "auto" and torch.cuda.is_available() else (
         "cpu" if a.train_device == "auto" else a.train_device)
+    if a.train_threads:
+        torch.set_num_threads(a.train_threads)
     ensure_models(names, train_dev)
     if a.train_only:
         return 0
@@ -328,24 +377,32 @@ def main(argv: list[str] | None = None) -> int:
     mit_rows: list[dict[str, Any]] = []
     if not a.no_mitigation:
         bd = [n for n in names if SPECS[n] != "none"]
-        mit_rows = _run_pool(mitigate_one, [(n, seeds[0], a.device) for n in bd], a.jobs,
+        refs = [r["l1_norms"] for r in rows if r["mode"] == "fast" and r["seed"] == seeds[0]
+                and not r["backdoored"]]
+        ref = refs if len(refs) >= 2 else None
+        mit_rows = _run_pool(mitigate_one, [(n, seeds[0], a.device, ref) for n in bd], a.jobs,
                              a.threads, not a.no_pin, a.log, a.max_steps)
-    wall = time.perf_counter() - t0
-    show = [m for m in ("faithful", "fast") if m in modes]
+    return report(rows, mit_rows, a, wall=time.perf_counter() - t0)
+
+
+def report(rows: list[dict[str, Any]], mit_rows: list[dict[str, Any]], a: argparse.Namespace,
+           wall: float | None) -> int:
+    add_reference_decisions(rows)
+    show = [m for m in ("faithful", "fast") if any(r["mode"] == m for r in rows)]
     print()
     print(table(rows, show))
     summary = summarise(rows, show)
     print(json.dumps(summary, indent=2))
     if mit_rows:
-        print("\n| model | flagged | true target | clean acc before | after | ASR true trigger "
-              "before | after | ASR reversed before | after | seconds |")
+        print("\n| model | unlearned labels | true target | clean acc before | after | "
+              "ASR true trigger before | after | ASR reversed before | after | seconds |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(mit_rows, key=lambda r: r["model"]):
             if not r.get("mitigated"):
                 print(f"| {r['model']} | - | {r['true_target']} | not flagged |||||||")
                 continue
             rev = [k for k in r["asr_before"] if k.startswith("reversed_")]
-            print(f"| {r['model']} | {_fmt(r['flagged'])} | {r['true_target']} | "
+            print(f"| {r['model']} | {_fmt(r['labels'])} | {r['true_target']} | "
                   f"{r['clean_accuracy_before']:.4f} | {r['clean_accuracy_after']:.4f} | "
                   f"{r['asr_before'].get('true_trigger', float('nan')):.4f} | "
                   f"{r['asr_after'].get('true_trigger', float('nan')):.4f} | "

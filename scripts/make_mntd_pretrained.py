@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from trojanscan.io.data import load_dataset
 from trojanscan.mntd.pipeline import TrainSettings, defender_share, fit_bundle, train_shadow_set
 from trojanscan.mntd.pretrained import save_bundle
@@ -45,7 +43,7 @@ PRESETS: dict[str, dict] = {
         "eval_samples": 1000,
         "settings": TrainSettings(num_shadows=256, num_val=32,
                                   archs=("small_cnn", "lenet", "mlp"), shadow_epochs=20,
-                                  shadow_batch_size=64, shadow_lr=1e-3, meta_epochs=40),
+                                  shadow_batch_size=64, shadow_lr=1e-3, meta_epochs=20),
     },
     "digits": {
         "stem": "mntd_digits",
@@ -65,7 +63,9 @@ def make(name: str, args: argparse.Namespace) -> Path:
     settings: TrainSettings = preset["settings"]
     overrides = {k: v for k, v in (("num_shadows", args.num_shadows), ("num_val", args.num_val),
                                    ("meta_epochs", args.meta_epochs),
-                                   ("shadow_epochs", args.shadow_epochs)) if v is not None}
+                                   ("shadow_epochs", args.shadow_epochs),
+                                   ("response", args.response),
+                                   ("query_range", args.query_range)) if v is not None}
     settings = dataclasses.replace(settings, **overrides)
     data = load_dataset(preset["data"])
     share = defender_share(data, preset["share"], seed=args.seed)
@@ -84,10 +84,11 @@ def make(name: str, args: argparse.Namespace) -> Path:
         "data": preset["data"], "share": preset["share"], "eval": preset["eval"],
         "shadow_backend": run.backend, "shadow_workers": run.workers,
         "shadow_seconds": round(shadow_s, 1), "device": args.device}}
-    torch.set_num_threads(args.meta_threads)
-    bundle = fit_bundle(folder, settings, name=name, data=share, seed=args.seed,
-                        device=args.meta_device or args.device, extra_info=extra)
-    weights, sidecar = save_bundle(Path(args.out) / preset["stem"], bundle)
+    bundle = fit_bundle(folder, settings, name=args.stem or name, data=share, seed=args.seed,
+                        device=args.meta_device or args.device, extra_info=extra,
+                        backend=args.meta_backend, workers=len(settings.variants),
+                        threads=args.meta_threads)
+    weights, sidecar = save_bundle(Path(args.out) / (args.stem or preset["stem"]), bundle)
     summary = {v: {"val_auroc": round(c["val_auroc"], 4), "best_epoch": c["best_epoch"]}
                for v, c in bundle.calibration.items()}
     print(f"{name}: wrote {weights} ({weights.stat().st_size / 1e3:.0f} kB) and {sidecar}; "
@@ -107,8 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="device training the shadows")
     ap.add_argument("--meta-device", default=None, help="device training the meta-classifiers")
-    ap.add_argument("--meta-threads", type=int, default=1, help="torch threads (meta, CPU)")
+    ap.add_argument("--meta-threads", type=int, default=1, help="torch threads per variant")
+    ap.add_argument("--meta-backend", default="sequential", choices=["sequential", "processes"],
+                    help="processes: train the variants side by side")
+    ap.add_argument("--response", default=None, help="override (logits, softmax, zscore)")
+    ap.add_argument("--query-range", default=None, help="override (free, unit)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stem", default=None, help="output file stem (default: the preset's)")
     ap.add_argument("--num-shadows", type=int, default=None, help="override (per kind)")
     ap.add_argument("--num-val", type=int, default=None, help="override (per kind)")
     ap.add_argument("--meta-epochs", type=int, default=None, help="override")

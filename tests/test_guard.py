@@ -327,11 +327,22 @@ def _cli(*args: str) -> int:
     return int(exc.value.code or 0)
 
 
+def _filter(files: dict[str, Path], inputs: Path, out: Path, **options: Any) -> int:
+    """The command's own exit code (what the CLI is to pass on)."""
+    from trojanscan.commands.filter import run
+
+    kwargs: dict[str, Any] = {"frr": 0.01, "detector": "strip", "seed": 0, "device": "cpu",
+                              "arch": None, "trust_pickle": False, "quiet": True,
+                              "json_out": False}
+    kwargs.update(options)
+    return run(model=files["model"], inputs=str(inputs), calibrate=str(files["clean"]),
+               out=out, **kwargs)
+
+
 def test_filter_command_report(files: dict[str, Path], tiny: Any) -> None:
     out = files["dir"] / "rep"
     before = files["trig"].read_bytes()
-    code = _cli("filter", str(files["model"]), str(files["trig"]), "--calibrate",
-                str(files["clean"]), "--out", str(out), "--device", "cpu", "--quiet")
+    code = _filter(files, files["trig"], out)
     assert code == 1
     assert files["trig"].read_bytes() == before  # inputs never modified
     rep = json.loads((out / "report.json").read_text())
@@ -353,11 +364,18 @@ def test_filter_command_exit_0_on_clean_inputs(files: dict[str, Path], tiny: Any
     calm = np.argsort(det.score(tiny.test.x))[:8]
     np.savez(files["dir"] / "calm.npz", x=tiny.test.x[torch.from_numpy(calm)].numpy())
     out = files["dir"] / "rep_clean"
-    code = _cli("filter", str(files["model"]), str(files["dir"] / "calm.npz"), "--calibrate",
-                str(files["clean"]), "--out", str(out), "--device", "cpu", "--quiet",
-                "--detector", "strip")
+    code = _filter(files, files["dir"] / "calm.npz", out)
     assert code == 0
     assert json.loads((out / "report.json").read_text())["verdict"] == "clean"
+
+
+def test_filter_command_through_the_cli(files: dict[str, Path]) -> None:
+    out = files["dir"] / "rep_cli"
+    _cli("filter", str(files["model"]), str(files["trig"]), "--calibrate",
+         str(files["clean"]), "--out", str(out), "--device", "cpu", "--quiet",
+         "--detector", "scale_up")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["detector"] == "scale_up" and rep["num_inputs"] == 30
 
 
 def test_filter_command_bad_options(files: dict[str, Path]) -> None:

@@ -7,6 +7,7 @@ digits fixture (BadNets 2×2 patch → class 0, and its clean twin) with a small
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from typing import Any
@@ -38,6 +39,7 @@ from trojanscan.maths.outliers import (
     anomaly_p_values,
     flag_outliers,
     index_threshold,
+    reference_p_values,
 )
 
 #: a small budget that still separates the tiny backdoored model from its twin
@@ -101,6 +103,27 @@ def test_p_values_order_and_range() -> None:
     assert np.all(np.diff(p[order]) >= 0)
     # the calibrated threshold on the index is above the paper's 2 for K = 10
     assert index_threshold(10, 0.05) > 2.0
+
+
+def test_reference_p_values_remove_class_intrinsic_small_norms() -> None:
+    """Label 8 needs a small trigger in every clean model: not suspicious against
+    references, while label 3's collapse is."""
+    rng = np.random.default_rng(0)
+    base = np.array([70.0, 65, 68, 72, 66, 75, 40, 250, 25, 70])
+    refs = base * np.exp(rng.normal(0, 0.08, (4, 10)))
+    clean = base * np.exp(rng.normal(0, 0.08, 10))
+    backdoored = clean.copy()
+    backdoored[3] = 6.0
+    assert flag_outliers(clean)[8]  # the paper's rule false-alarms on label 8
+    p_clean = reference_p_values(clean, refs)
+    p_bd = reference_p_values(backdoored, refs)
+    assert p_clean.min() > 0.05
+    assert p_bd.argmin() == 3 and p_bd[3] < 1e-4 and p_bd[8] > 0.05
+    assert np.all((p_bd >= 0) & (p_bd <= 1))
+    with pytest.raises(ParameterError, match="reference"):
+        reference_p_values(clean, refs[:1])
+    with pytest.raises(ParameterError, match="reference"):
+        reference_p_values(clean, refs[:, :5])
 
 
 # -- the λ schedule (pure state machine) -------------------------------------------
@@ -280,13 +303,48 @@ def test_every_mask_moves_from_its_random_start(results: dict[str, Any]) -> None
             assert moved > 0.3, (name, k)
 
 
+def _reference(norms: list[float]) -> np.ndarray:
+    """Two "clean reference models": the clean twin's norms and a jittered copy."""
+    n = np.asarray(norms)
+    jitter = np.exp(0.05 * np.where(np.arange(n.size) % 2 == 0, 1.0, -1.0))
+    return np.stack([n, n * jitter])
+
+
 def test_same_seed_same_norms_and_verdict(tiny: Any, results: dict[str, Any]) -> None:
-    again = NeuralCleanse(seed=0, **SMALL).fit(tiny.backdoored, tiny.test)
     first = results["backdoored"]
+    # same seed again (this time with the reference decision, which does not change the
+    # optimisation): the same norms, bit for bit, and the same verdict
+    ref = _reference(results["clean"].evidence["l1_norms"])
+    again = NeuralCleanse(seed=0, reference=ref, **SMALL).fit(tiny.backdoored, tiny.test)
     assert again.evidence["l1_norms"] == first.evidence["l1_norms"]
-    assert again.verdict == first.verdict and again.suspected_targets == first.suspected_targets
+    assert again.evidence["decision"] == "reference"
+    assert again.suspected_targets == first.suspected_targets == (tiny.target,)
+    assert again.evidence["reference_flagged_labels"] == [tiny.target]
+    assert again.p_value == pytest.approx(min(again.evidence["reference_p_values"]))
     other = NeuralCleanse(seed=1, **{**SMALL, "max_steps": 20}).fit(tiny.backdoored, tiny.test)
     assert other.evidence["l1_norms"] != first.evidence["l1_norms"]
+
+
+def test_reference_files_and_mode_check(results: dict[str, Any], tmp_path: Any) -> None:
+    from trojanscan.detectors.neural_cleanse import load_reference, write_reference
+
+    clean = results["clean"]
+    write_reference([clean, clean], tmp_path / "ref.json")
+    ref = load_reference(tmp_path / "ref.json", "fast")
+    assert ref is not None and ref.shape == (2, 10)
+    assert ref[0].tolist() == clean.evidence["l1_norms"]
+    # a scan report holding a neural_cleanse result counts as one reference model
+    report = {"detectors": {"neural_cleanse": clean.to_dict()}}
+    (tmp_path / "dir").mkdir()
+    for i in range(3):
+        (tmp_path / "dir" / f"report{i}.json").write_text(json.dumps(report))
+    assert load_reference(tmp_path / "dir", "fast").shape == (3, 10)
+    with pytest.raises(ParameterError, match="reference"):
+        load_reference(tmp_path / "ref.json", "faithful")  # norms of another mode
+    with pytest.raises(ParameterError, match="reference"):
+        load_reference([[1.0, 2.0, 3.0]])  # a single reference model is not enough
+    with pytest.raises(ParameterError, match="reference"):
+        NeuralCleanse(decision="reference").resolved_params()
 
 
 def _snapshot(model: nn.Module) -> dict[str, Any]:
@@ -316,6 +374,7 @@ class _FailsLater(nn.Module):
         return self.inner(x)
 
 
+@pytest.mark.filterwarnings("ignore:neural_cleanse")
 def test_model_untouched_after_fit_and_after_error(tiny: Any) -> None:
     model = copy.deepcopy(tiny.backdoored).train()
     model.register_forward_hook(lambda *a: None)
@@ -332,9 +391,10 @@ def test_model_untouched_after_fit_and_after_error(tiny: Any) -> None:
 def test_torchscript_model(tiny: Any, results: dict[str, Any]) -> None:
     scripted = torch.jit.script(copy.deepcopy(tiny.backdoored).eval())
     r = NeuralCleanse(seed=0, **SMALL).fit(scripted, tiny.test)
-    assert r.suspected_targets == (tiny.target,)
+    # the same computation as the eager module: the same norms
     assert np.allclose(r.evidence["l1_norms"], results["backdoored"].evidence["l1_norms"],
-                       rtol=0.2)
+                       rtol=1e-3)
+    assert r.suspected_targets == (tiny.target,)
 
 
 def test_onnx_converted_model(tiny: Any, tmp_path: Any) -> None:
@@ -382,7 +442,8 @@ def test_unreached_threshold_is_reported_not_hidden(tiny: Any) -> None:
     ("max_steps", 0), ("mini_batches", 1.5), ("lr", 0.0), ("init_cost", -1.0),
     ("attack_success", 1.5), ("patience", 0), ("early_stop_patience", 0),
     ("early_stop_threshold", 2.0), ("prune_ratio", 0.5), ("threshold", 0),
-    ("alpha", 1.0), ("images", "yes"), ("seed", -1),
+    ("alpha", 1.0), ("images", "yes"), ("seed", -1), ("reference", [[1.0, 2.0, 3.0]]),
+    ("reference", "/nonexistent/ref.json"),
 ])
 def test_bad_params_name_the_parameter(param: str, value: Any, tiny: Any) -> None:
     with pytest.raises(ParameterError, match=param):

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated",
                             category=DeprecationWarning)
     try:
-        app(args=argv, standalone_mode=False, prog_name="trojanscan")
+        rc = app(args=argv, standalone_mode=False, prog_name="trojanscan")
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except TrojanscanError as exc:
@@ -312,4 +312,4 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: internal error: {type(exc).__name__}: {exc} "
                    "(run with --debug for the traceback)", err=True)
         sys.exit(2)
-    sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -42,7 +42,7 @@ COMBINE_RULES = ("majority", "union", "intersection")
 
 @contextlib.contextmanager
 def blas_single_thread() -> Iterator[None]:
-    """Run small dense linear algebra on one BLAS thread.
+    """Run small dense linear algebra (BLAS, OpenMP k-means) on one thread.
 
     The per-class matrices are at most a few hundred columns wide; multi-threaded
     BLAS only adds synchronisation there, and on a busy machine it was measured ~10×
@@ -53,7 +53,7 @@ def blas_single_thread() -> Iterator[None]:
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1):
         yield
 
 

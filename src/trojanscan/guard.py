@@ -96,7 +96,7 @@ class Guard:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.detector.input_shape_)  # type: ignore[attr-defined,return-value]
+        return tuple(self.detector.input_shape_)  # type: ignore[attr-defined]
 
     @property
     def threshold(self) -> float:

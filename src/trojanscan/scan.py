@@ -99,6 +99,10 @@ def scan_model(
             results[name] = det.fit(model, clean)
         except DetectorNotApplicable as exc:
             skipped[name] = str(exc)
+    if not results:
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped.items())
+        raise DetectorNotApplicable(
+            f"no detector could run on this model, so no verdict can be given ({reasons})")
     evidence = [Evidence(n, r.verdict == "backdoored", r.p_value, tuple(r.suspected_targets))
                 for n, r in results.items()]
     fused = fuse(evidence, alpha=alpha)

@@ -106,6 +106,7 @@ def make_model(
     model = train_model(arch, data, config=cfg, seed=seed, device=device, num_classes=k,
                         description=description or f"training {arch}")
     seconds = time.perf_counter() - t0
+    model = model.to(device)
     acc = evaluate(model, test, device=device)
     asr: float | None = None
     detail: dict[str, float] = {}
@@ -113,6 +114,7 @@ def make_model(
         detail = {str(k2): float(v) for k2, v in
                   attack_success_rates(model, attack, test, device=device).items()}
         asr = detail["mean"]
+    model = model.cpu()
     return TrainedModel(model, arch, train.input_shape, k, attack, poisoned, acc, asr, detail,
                         seconds, seed, cfg, poison_rate if attack is not None else 0.0)
 

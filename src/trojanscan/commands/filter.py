@@ -39,7 +39,7 @@ def _histogram(rep: Report, det: Any, scores: np.ndarray) -> str | None:
     clean = np.concatenate([det.fit_scores_, det.holdout_scores_])
     lo = float(min(clean.min(), scores.min()))
     hi = float(max(clean.max(), scores.max(), det.threshold_))
-    bins = np.linspace(lo, hi + 1e-9, 50)
+    bins = np.linspace(lo, hi + 1e-9, 50).tolist()
     ax.hist(clean, bins=bins, alpha=0.6, density=True, label="clean (calibration)")
     ax.hist(scores, bins=bins, alpha=0.6, density=True, label="inputs")
     ax.axvline(det.threshold_, color="crimson", linestyle="--", label="threshold")

@@ -22,10 +22,26 @@ Modes:
     K-Arm-style pruning (Shen et al., ICML 2021): a label whose trigger stays over
     1.5× the median norm is retired, since it cannot be a small-norm outlier.
 
-Decision (``decision``): ``"index"`` flags labels below the median with anomaly index >
-``threshold`` (2, the paper); ``"p_value"`` flags labels whose family-wise p-value is below
-``alpha``. Both sets and all per-label statistics are in the evidence; ``score`` is
-``1 − min p-value``.
+Decision (``decision``):
+
+``"index"``
+    the paper: labels below the median with anomaly index > ``threshold`` (2);
+``"p_value"``
+    labels whose family-wise p-value under a null of iid log-normal norms
+    (:func:`~trojanscan.maths.outliers.anomaly_p_values`) is below ``alpha``;
+``"reference"``
+    labels whose norm is significantly smaller than the same label's norm in clean
+    *reference* models of the same task, run in the same mode (``reference``: R ≥ 2
+    norm vectors, or report/reference JSON files, see :func:`load_reference`);
+    Bonferroni-adjusted p-value below ``alpha``
+    (:func:`~trojanscan.maths.outliers.reference_p_values`). Removes the false alarms
+    on labels that need small triggers in every clean model (Fashion-MNIST's "Bag");
+``"auto"`` (default)
+    ``"reference"`` when references are given, else ``"index"``.
+
+Every rule's flagged set and all per-label statistics are in the evidence; ``p_value``
+is the smallest p-value of the rule used (the MAD-null one for ``"index"``) and
+``score = 1 − p_value``.
 
 Known to fail on triggers that are not small in L1 (e.g. a blended full-image pattern,
 input-specific or warping triggers), on all-to-all attacks (no single target), and it
@@ -55,20 +71,20 @@ from ..exceptions import (
     TrojanscanWarning,
     bad_param,
 )
-from ..maths.outliers import anomaly_index, anomaly_p_values
+from ..maths.outliers import anomaly_index, anomaly_p_values, reference_p_values
 from ..progress import progress
 from ..utils import pick_device, seed_everything
 from ._nc_reverse import LabelTrigger, ReverseConfig, label_generator, reverse_engineer, stamp
 from .base import ModelDetector, ModelScanResult, borrow_model
 
 MODES = ("fast", "faithful")
-DECISIONS = ("index", "p_value")
+DECISIONS = ("auto", "index", "p_value", "reference")
 
 #: settings each mode uses for the options left at None
 PRESETS: dict[str, dict[str, Any]] = {
     "faithful": {"max_steps": 1000, "mini_batches": None, "early_stop_patience": 25,
                  "early_stop_threshold": 1.0, "prune_ratio": None},
-    "fast": {"max_steps": 300, "mini_batches": 4, "early_stop_patience": 10,
+    "fast": {"max_steps": 200, "mini_batches": 4, "early_stop_patience": 10,
              "early_stop_threshold": 0.99, "prune_ratio": 1.5},
 }
 
@@ -116,7 +132,8 @@ class NeuralCleanse(ModelDetector):
         early_stop_patience: int | None = None,
         early_stop_threshold: float | None = None,
         prune_ratio: float | None = None,
-        decision: str = "index",
+        decision: str = "auto",
+        reference: Any = None,
         threshold: float = 2.0,
         alpha: float = 0.05,
         images: bool = True,
@@ -136,6 +153,7 @@ class NeuralCleanse(ModelDetector):
         self.early_stop_threshold = early_stop_threshold
         self.prune_ratio = prune_ratio
         self.decision = decision
+        self.reference = reference
         self.threshold = threshold
         self.alpha = alpha
         self.images = images
@@ -150,7 +168,13 @@ class NeuralCleanse(ModelDetector):
         if self.decision not in DECISIONS:
             raise bad_param("decision", DECISIONS, self.decision)
         preset = PRESETS[self.mode]
-        p: dict[str, Any] = {"mode": self.mode, "decision": self.decision}
+        decision = self.decision
+        if decision == "auto":
+            decision = "index" if self.reference is None else "reference"
+        if decision == "reference" and self.reference is None:
+            raise bad_param("reference", "clean reference models' norms for "
+                            "decision='reference'", None)
+        p: dict[str, Any] = {"mode": self.mode, "decision": decision}
         p["n_samples"] = _int("n_samples", self.n_samples, 1)
         p["batch_size"] = _int("batch_size", self.batch_size, 1)
         p["max_steps"] = _int("max_steps", preset["max_steps"] if self.max_steps is None
@@ -183,6 +207,8 @@ class NeuralCleanse(ModelDetector):
         if self.device is not None and not isinstance(self.device, (str, torch.device)):
             raise bad_param("device", "None, 'auto', 'cpu', 'cuda', 'cuda:N'", self.device)
         p["device"] = self.device
+        ref = load_reference(self.reference, self.mode)
+        p["reference"] = None if ref is None else ref
         return p
 
     def _config(self, p: Mapping[str, Any]) -> ReverseConfig:
@@ -231,6 +257,10 @@ class NeuralCleanse(ModelDetector):
             asr = _trigger_asr(net, x, sub.y, triggers)
         return self._result(triggers, asr, sub, k, p, time.perf_counter() - t0)
 
+    def reference_norms(self) -> np.ndarray | None:
+        """The reference models' norms (R×K) this detector compares with, or None."""
+        return load_reference(self.reference, self.mode)
+
     def _reverse(self, net: nn.Module, x: torch.Tensor, k: int,
                  p: Mapping[str, Any]) -> dict[int, LabelTrigger]:
         cfg = self._config(p)
@@ -255,11 +285,22 @@ class NeuralCleanse(ModelDetector):
         norms = np.array([triggers[lab].l1 for lab in labels], dtype=np.float64)
         reached = [triggers[lab].reached for lab in labels]
         index = anomaly_index(norms)
-        pvals = anomaly_p_values(np.maximum(norms, 1e-12), seed=p["seed"])
+        safe = np.maximum(norms, 1e-12)
+        pvals = anomaly_p_values(safe, seed=p["seed"])
         paper = [lab for lab in labels if index[lab] > p["threshold"] and reached[lab]]
         calibrated = [lab for lab in labels if pvals[lab] < p["alpha"] and reached[lab]]
-        flagged = paper if p["decision"] == "index" else calibrated
-        flagged = sorted(flagged, key=lambda lab: norms[lab])
+        ref: np.ndarray | None = p["reference"]
+        ref_p: np.ndarray | None = None
+        by_ref: list[int] = []
+        if ref is not None:
+            if ref.shape[1] != k:
+                raise IncompatibleError(f"neural_cleanse: the reference norms have "
+                                        f"{ref.shape[1]} labels but the model has {k}")
+            ref_p = reference_p_values(safe, ref)
+            by_ref = [lab for lab in labels if ref_p[lab] < p["alpha"] and reached[lab]]
+        chosen = {"index": paper, "p_value": calibrated, "reference": by_ref}[p["decision"]]
+        flagged = sorted(chosen, key=lambda lab: norms[lab])
+        used_p = ref_p if p["decision"] == "reference" and ref_p is not None else pvals
         min_label = int(np.argmin(norms))
         warn: list[str] = []
         for lab in labels:
@@ -274,7 +315,7 @@ class NeuralCleanse(ModelDetector):
                             "random start; the result for this label is meaningless")
         for msg in warn:
             warnings.warn(msg, TrojanscanWarning, stacklevel=3)
-        min_p = float(pvals.min())
+        min_p = float(used_p.min())
         evidence: dict[str, Any] = {
             "mode": p["mode"],
             "decision": p["decision"],
@@ -285,6 +326,9 @@ class NeuralCleanse(ModelDetector):
             "flagged_labels": flagged,
             "index_flagged_labels": paper,
             "p_value_flagged_labels": calibrated,
+            "reference_flagged_labels": by_ref if ref is not None else None,
+            "reference_p_values": None if ref_p is None else ref_p.tolist(),
+            "num_reference_models": 0 if ref is None else int(ref.shape[0]),
             "l1_norms": norms.tolist(),
             "anomaly_indices": index.tolist(),
             "p_values": pvals.tolist(),
@@ -299,7 +343,8 @@ class NeuralCleanse(ModelDetector):
             "total_steps": int(sum(triggers[lab].steps for lab in labels)),
         }
         images = _images(triggers, sub) if p["images"] else {}
-        params = {key: v for key, v in p.items() if key != "images"}
+        params = {key: v for key, v in p.items() if key not in ("images", "reference")}
+        params["reference"] = None if ref is None else f"{ref.shape[0]} clean reference models"
         return ModelScanResult(
             detector=self.name,
             verdict="backdoored" if flagged else "clean",
@@ -422,6 +467,93 @@ def _images(triggers: dict[int, LabelTrigger], sub: ImageDataset) -> dict[str, n
     return out
 
 
+def _norms_from_json(doc: Any, where: str) -> tuple[list[list[float]], str | None]:
+    """Norm vectors (and mode) from a report.json, a reference file or a result dict."""
+    if isinstance(doc, Mapping) and isinstance(doc.get("detectors"), Mapping):
+        doc = doc["detectors"].get("neural_cleanse")
+        if not isinstance(doc, Mapping):
+            raise DataError(f"{where}: the report has no neural_cleanse result")
+    if not isinstance(doc, Mapping) or "l1_norms" not in doc:
+        raise DataError(f"{where}: expected a trojanscan report.json, a Neural Cleanse result "
+                        "or a reference file with 'l1_norms'")
+    norms = doc["l1_norms"]
+    mode = doc.get("mode") or (doc.get("params") or {}).get("mode")
+    if norms and not isinstance(norms[0], (list, tuple)):
+        norms = [norms]
+    return [[float(v) for v in row] for row in norms], mode
+
+
+def load_reference(reference: Any, mode: str | None = None) -> np.ndarray | None:
+    """Reference models' L1 norms as an R×K array (None when ``reference`` is None).
+
+    ``reference`` is an R×K array / nested list, or a path (or list of paths) to JSON
+    files — ``report.json`` of ``trojanscan scan`` runs on clean models, a file written by
+    :func:`write_reference`, or a folder of such files (searched recursively). Files that
+    record a mode must match ``mode``: norms from fast and faithful runs differ.
+    """
+    if reference is None:
+        return None
+    import json
+    from pathlib import Path
+
+    rows: list[list[float]] = []
+    if isinstance(reference, (str, Path)) or (
+            isinstance(reference, (list, tuple)) and reference
+            and all(isinstance(r, (str, Path)) for r in reference)):
+        paths = [Path(reference)] if isinstance(reference, (str, Path)) else [
+            Path(r) for r in reference]
+        files: list[Path] = []
+        for path in paths:
+            if path.is_dir():
+                files += sorted(path.rglob("*.json"))
+            elif path.is_file():
+                files.append(path)
+            else:
+                raise bad_param("reference", "an existing JSON file or folder", str(path))
+        if not files:
+            raise bad_param("reference", "a folder holding report/reference JSON files",
+                            [str(p) for p in paths])
+        for f in files:
+            try:
+                doc = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{f}: cannot read a reference JSON file ({exc})") from exc
+            norms, file_mode = _norms_from_json(doc, str(f))
+            if mode is not None and file_mode is not None and file_mode != mode:
+                raise bad_param("reference", f"norms from {mode}-mode runs", f"{file_mode}-mode "
+                                f"norms in {f}")
+            rows += norms
+    else:
+        rows = reference
+    try:
+        arr = np.asarray(rows, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise bad_param("reference", "an R×K array of L1 norms, or JSON file paths",
+                        type(reference).__name__) from exc
+    if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 3:
+        raise bad_param("reference", "norms of at least 2 reference models with >= 3 labels "
+                        "(R×K)", f"shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise bad_param("reference", "positive, finite L1 norms", "other values")
+    return arr
+
+
+def write_reference(results: Any, path: Any) -> None:
+    """Write the norms of Neural Cleanse results on clean models as a reference file."""
+    from pathlib import Path
+
+    from ..utils import atomic_write_text
+
+    items = [results] if isinstance(results, ModelScanResult) else list(results)
+    modes = {r.evidence.get("mode") for r in items}
+    if len(modes) != 1:
+        raise bad_param("results", "results of one mode", sorted(map(str, modes)))
+    import json
+
+    doc = {"mode": modes.pop(), "l1_norms": [list(r.evidence["l1_norms"]) for r in items]}
+    atomic_write_text(Path(path), json.dumps(doc, indent=2) + "\n")
+
+
 def reversed_trigger(result: ModelScanResult, label: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask H×W, pattern C×H×W) of ``label`` from a Neural Cleanse result's images."""
     try:
@@ -435,4 +567,5 @@ def reversed_trigger(result: ModelScanResult, label: int) -> tuple[torch.Tensor,
     return torch.from_numpy(mask), pat_t.contiguous()
 
 
-__all__ = ["DECISIONS", "MODES", "PRESETS", "NeuralCleanse", "reversed_trigger"]
+__all__ = ["DECISIONS", "MODES", "PRESETS", "NeuralCleanse", "load_reference",
+           "reversed_trigger", "write_reference"]

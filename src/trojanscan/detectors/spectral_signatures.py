@@ -43,6 +43,7 @@ from ..maths.spectral import (
     class_signature,
     decide_population,
     paper_removal_count,
+    suspect_side,
     top_k_mask,
 )
 
@@ -60,12 +61,14 @@ class SpectralSignatures(FeatureDataDetector):
     name: ClassVar[str] = "spectral_signatures"
 
     def __init__(self, *, poison_rate_bound: float | None = None, mode: str = "adaptive",
-                 centre: bool = True, min_separation: float = 4.0,
-                 removal_factor: float = 1.5, layer: str = "penultimate",
+                 centre: bool = True, max_valley: float = 0.25,
+                 min_separation: float = 3.0, removal_factor: float = 1.5,
+                 layer: str = "penultimate",
                  batch_size: int = 256, seed: int = 0, device: str | None = None) -> None:
         self.poison_rate_bound = poison_rate_bound
         self.mode = mode
         self.centre = centre
+        self.max_valley = max_valley
         self.min_separation = min_separation
         self.removal_factor = removal_factor
         self.layer = layer
@@ -83,6 +86,8 @@ class SpectralSignatures(FeatureDataDetector):
                                  "None")
         if not isinstance(self.min_separation, (int, float)) or self.min_separation <= 0:
             raise bad_param("min_separation", "a number > 0", self.min_separation)
+        if not isinstance(self.max_valley, (int, float)) or not 0 < self.max_valley <= 1:
+            raise bad_param("max_valley", "a float in (0, 1]", self.max_valley)
         if not isinstance(self.removal_factor, (int, float)) or self.removal_factor <= 0:
             raise bad_param("removal_factor", "a number > 0", self.removal_factor)
 
@@ -97,18 +102,21 @@ class SpectralSignatures(FeatureDataDetector):
         per_class: dict[str, Any] = {}
         for label, index in class_groups(y).items():
             sig = class_signature(f, index, label, centre=self.centre)
-            dec = decide_population(sig.projection, min_separation=float(self.min_separation),
+            dec = decide_population(sig.projection, max_valley=float(self.max_valley),
+                                    min_separation=float(self.min_separation),
                                     min_count=min_population(len(index)))
             paper_scores[index] = sig.scores
+            entry: dict[str, Any] = {"num_samples": len(index),
+                                     "top_eigenvalue": round(sig.variance, 6), **dec.to_dict()}
             if dec.detected:
-                major = sig.projection[~dec.suspect]
+                suspect, rule = suspect_side(f, index, dec.upper)
+                major = sig.projection[~suspect]
                 sd = max(float(major.std()), 1e-12)
                 scores[index] = ((sig.projection - major.mean()) / sd) ** 2
-                adaptive[index[dec.suspect]] = True
+                adaptive[index[suspect]] = True
+                entry.update(orientation=rule, suspect_fraction=round(float(suspect.mean()), 4))
             else:
                 scores[index] = sig.scores
-            entry = {"num_samples": len(index), "top_eigenvalue": round(sig.variance, 6),
-                     **dec.to_dict()}
             if eps is not None:
                 k = paper_removal_count(len(index), eps, self.removal_factor)
                 paper[index[top_k_mask(sig.scores, k)]] = True

@@ -41,6 +41,7 @@ from ..maths.spectral import (
     moments,
     paper_removal_count,
     project,
+    suspect_side,
     top_eigen,
     top_k_mask,
 )
@@ -54,15 +55,18 @@ class Spectre(FeatureDataDetector):
 
     def __init__(self, *, poison_rate_bound: float | None = None, mode: str = "adaptive",
                  alpha: float = 4.0, dims: tuple[int, ...] = (2, 4, 8, 16, 32),
-                 min_separation: float = 4.0, max_fit_samples: int = 5000,
-                 shrinkage: float = 0.05,
+                 max_valley: float = 0.25, min_separation: float = 3.0,
+                 reference_quantile: float = 0.99, shrinkage: float = 0.05,
+                 max_fit_samples: int = 5000,
                  removal_factor: float = 1.5, layer: str = "penultimate",
                  batch_size: int = 256, seed: int = 0, device: str | None = None) -> None:
         self.poison_rate_bound = poison_rate_bound
         self.mode = mode
         self.alpha = alpha
         self.dims = dims
+        self.max_valley = max_valley
         self.min_separation = min_separation
+        self.reference_quantile = reference_quantile
         self.max_fit_samples = max_fit_samples
         self.shrinkage = shrinkage
         self.removal_factor = removal_factor
@@ -87,6 +91,14 @@ class Spectre(FeatureDataDetector):
             raise bad_param("dims", "a tuple of integers >= 1", self.dims)
         if not isinstance(self.min_separation, (int, float)) or self.min_separation <= 0:
             raise bad_param("min_separation", "a number > 0", self.min_separation)
+        if not isinstance(self.max_valley, (int, float)) or not 0 < self.max_valley <= 1:
+            raise bad_param("max_valley", "a float in (0, 1]", self.max_valley)
+        if not isinstance(self.reference_quantile, (int, float)) or not (
+                0.5 <= self.reference_quantile < 1):
+            raise bad_param("reference_quantile", "a float in [0.5, 1)",
+                            self.reference_quantile)
+        if not isinstance(self.shrinkage, (int, float)) or not 0 <= self.shrinkage <= 1:
+            raise bad_param("shrinkage", "a float in [0, 1]", self.shrinkage)
         if (isinstance(self.max_fit_samples, bool) or not isinstance(self.max_fit_samples, int)
                 or self.max_fit_samples < 100):
             raise bad_param("max_fit_samples", "an integer >= 100", self.max_fit_samples)
@@ -103,23 +115,13 @@ class Spectre(FeatureDataDetector):
         per_class: dict[str, Any] = {}
         for label, index in class_groups(y).items():
             nc = len(index)
-            mom = moments(f, index)
-            big_k = max(1, min(max(dims), f.shape[1], nc - 2))
-            _, basis = top_eigen(mom.cov, big_k)
-            reps = project(f, index, mom.mean, basis)
-            rows = seeded_subset(nc, self.max_fit_samples, self.seed + label)
-            res = spectre_class_scores(reps, ks=dims, alpha=float(self.alpha),
-                                       fit_rows=rows, shrinkage=float(self.shrinkage))
-            dec = decide_population(res.projection, min_separation=float(self.min_separation),
-                                    max_fraction=0.55, min_count=min_population(nc),
-                                    reference=0.0)
-            scores[index] = res.scores
-            if dec.detected:
-                adaptive[index[dec.suspect]] = True
-            entry = {"num_samples": nc, **res.to_dict(), **dec.to_dict()}
+            entry, suspect, que = self._class(f, index, label, dims)
+            scores[index] = que
+            if suspect is not None:
+                adaptive[index[suspect]] = True
             if eps is not None:
                 k = paper_removal_count(nc, eps, self.removal_factor)
-                paper[index[top_k_mask(res.scores, k)]] = True
+                paper[index[top_k_mask(que, k)]] = True
                 entry["paper_num_flagged"] = k
             per_class[str(label)] = entry
         limit = budget(eps, n, self.removal_factor)
@@ -137,3 +139,55 @@ class Spectre(FeatureDataDetector):
             evidence["paper_num_flagged"] = int(paper.sum())
         return {"scores": scores, "flagged": flagged, "per_class": per_class,
                 "evidence": evidence}
+
+    def _class(self, f: np.ndarray, index: np.ndarray, label: int, dims: tuple[int, ...]
+               ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray]:
+        """One class: ``(per-class entry, suspect mask or None, QUE scores)``."""
+        nc = len(index)
+        min_count = min_population(nc)
+        mom = moments(f, index)
+        big_k = max(1, min(max(dims), f.shape[1], nc - 2))
+        _, basis = top_eigen(mom.cov, big_k)
+        reps = project(f, index, mom.mean, basis)
+        rows = seeded_subset(nc, self.max_fit_samples, self.seed + label)
+        common = {"ks": dims, "alpha": float(self.alpha), "fit_rows": rows,
+                  "shrinkage": float(self.shrinkage)}
+        # the spectral view (top principal direction, as Spectral Signatures) ...
+        spectral = decide_population(reps[:, 0], max_valley=float(self.max_valley),
+                                     min_separation=float(self.min_separation),
+                                     min_count=min_count)
+        view = "spectral"
+        suspect: np.ndarray | None = None
+        rule = ""
+        if spectral.detected:
+            suspect, rule = suspect_side(f, index, spectral.upper)
+            res = spectre_class_scores(reps, reference=~suspect, **common)
+            dec = spectral
+        else:
+            # ... else the whitened view: robust (MCD) whitening, top excess direction;
+            # whitening amplifies heavy tails, hence the stricter valley
+            res = spectre_class_scores(reps, **common)
+            view = "whitened"
+            dec = decide_population(res.projection, max_valley=float(self.max_valley) / 5,
+                                    min_separation=float(self.min_separation),
+                                    min_count=min_count)
+            if dec.detected:
+                far_upper = abs(res.projection[dec.upper].mean()) >= abs(
+                    res.projection[~dec.upper].mean())
+                suspect = dec.upper if far_upper else ~dec.upper
+                rule = "far from the robust centre"
+                if suspect.mean() > 0.5:
+                    suspect, rule = None, ""
+        entry: dict[str, Any] = {"num_samples": nc, **res.to_dict(), "view": view,
+                                 **dec.to_dict()}
+        entry["detected"] = suspect is not None
+        if suspect is not None:
+            # flag the suspect group's samples the clean group's QUE scores do not explain
+            cut = float(np.quantile(res.scores[~suspect], self.reference_quantile))
+            suspect = suspect & (res.scores > cut)
+            entry.update(orientation=rule, que_cut=round(cut, 4),
+                         suspect_fraction=round(float(suspect.mean()), 4))
+            if int(suspect.sum()) < min_count:
+                suspect = None
+                entry["detected"] = False
+        return entry, suspect, res.scores

@@ -174,7 +174,8 @@ class CalibratedInputDetector(InputDetector):
         if not isinstance(clean, ImageDataset):
             raise DataError(f"clean: expected an ImageDataset, got {type(clean).__name__}")
         x = check_inputs(clean.x, None, f"{clean.source}")
-        self.input_shape_ = tuple(int(s) for s in x.shape[1:])
+        c, h, w = (int(s) for s in x.shape[1:])
+        self.input_shape_: tuple[int, int, int] = (c, h, w)
         n_all = len(x)
         if self.max_samples is not None and n_all > self.max_samples:
             keep = np.sort(np.random.default_rng(self.seed).permutation(n_all)[:self.max_samples])

@@ -250,34 +250,50 @@ class SpectreClassResult:
 
 def spectre_class_scores(y: np.ndarray, *, ks: tuple[int, ...] = (2, 4, 8, 16, 32),
                          alpha: float = 4.0, support_fraction: float = 0.5,
-                         fit_rows: np.ndarray | None = None,
-                         shrinkage: float = 0.05) -> SpectreClassResult:
+                         fit_rows: np.ndarray | None = None, shrinkage: float = 0.05,
+                         reference: np.ndarray | None = None) -> SpectreClassResult:
     """SPECTRE for one class: ``y`` holds the class's representations projected on
     its top principal directions (``n×K``, columns in decreasing variance).
 
-    One robust (MCD) fit in ``max(ks)`` dimensions, on ``fit_rows`` when given (a
-    bounded subsample); for each ``k`` in ``ks`` the leading ``k×k`` block of its
-    covariance (made consistent) whitens the first ``k`` columns of every row and gives
-    QUE scores. The ``k`` with the largest QUE-weighted excess variance ``tr(Σ'M)/tr(M)``
-    is kept (the reference code's automatic choice of ``k``).
+    The clean mean and covariance come from ``reference`` (a bool mask of rows known to
+    be clean, e.g. the other side of a detected split) or else from one deterministic
+    MCD fit in ``max(ks)`` dimensions on ``fit_rows`` (a bounded subsample), refined by
+    C-steps in each ``k`` and made consistent. ``shrinkage`` adds that share of the
+    classical covariance, so sparse (ReLU) directions whose central half has almost no
+    variance are not blown up by whitening. For each ``k`` in ``ks`` the first ``k``
+    columns of every row are whitened and given QUE scores; the ``k`` with the largest
+    QUE-weighted excess variance ``tr(Σ'M)/tr(M)`` is kept (the reference code's
+    automatic choice of ``k``).
     """
     y = np.asarray(y, dtype=np.float64)
-    n_fit = len(y) if fit_rows is None else len(fit_rows)
-    # a covariance needs many more samples than dimensions: k ≤ (robust support) / 15
-    cap = max(1, int(np.ceil(np.clip(support_fraction, 0.5, 1.0) * n_fit)) // SAMPLES_PER_DIM)
+    rows = np.arange(len(y)) if fit_rows is None else np.asarray(fit_rows)
+    if reference is not None:
+        rows = rows[np.asarray(reference, dtype=bool)[rows]]
+    # a covariance needs many more samples than dimensions: k ≤ (support) / 15
+    frac = 1.0 if reference is not None else float(np.clip(support_fraction, 0.5, 1.0))
+    cap = max(1, int(np.ceil(frac * len(rows))) // SAMPLES_PER_DIM)
     ks = tuple(k for k in ks if k <= cap) or (min(min(ks), cap),)
-    big_k = min(y.shape[1], max(int(k) for k in ks))
-    fit = (y if fit_rows is None else y[fit_rows])[:, :big_k]
-    rf = robust_covariance(fit, support_fraction=support_fraction)
+    big_k = max(1, min(y.shape[1], max(int(k) for k in ks)))
+    fit = y[rows, :big_k]
+    _, classical = _mean_cov(y[:, :big_k] if reference is None else fit)
+    if reference is None:
+        rf = robust_covariance(fit, support_fraction=support_fraction)
+        start = rf.start
+    else:
+        mu, cov = _mean_cov(fit)
+        rf = RobustFit(mu, cov, np.ones(len(fit), dtype=bool), _log_det(cov), "reference")
+        start = "reference"
     h = int(rf.support.sum())
-    _, classical = _mean_cov(fit)
     best: SpectreClassResult | None = None
     cands: dict[int, float] = {}
     for k in sorted({min(int(k), big_k) for k in ks if k >= 1}):
-        # refit in k dimensions from the big fit's support: C-steps, consistency, reweighting
-        support = _c_steps(fit[:, :k], rf.support, h, 5)
-        mu, cov = _mean_cov(fit[support, :k])
-        cov = cov * consistency_factor(k, h / len(fit))
+        if reference is None:
+            # refit in k dimensions from the big fit's support: C-steps, consistency
+            support = _c_steps(fit[:, :k], rf.support, h, 5)
+            mu, cov = _mean_cov(fit[support, :k])
+            cov = cov * consistency_factor(k, h / len(fit))
+        else:
+            mu, cov = rf.mean[:k], rf.cov[:k, :k]
         if shrinkage > 0:  # keep sparse (ReLU) directions from exploding when whitened
             cov = cov + shrinkage * classical[:k, :k]
         z = whiten(y[:, :k], mu, cov)
@@ -285,7 +301,7 @@ def spectre_class_scores(y: np.ndarray, *, ks: tuple[int, ...] = (2, 4, 8, 16, 3
         cands[k] = q.excess
         if best is None or q.excess > best.excess:
             best = SpectreClassResult(q.scores, z @ q.top_direction, k, q.excess,
-                                      q.top_eigenvalue, h / len(fit), rf.start, {})
+                                      q.top_eigenvalue, h / max(len(fit), 1), start, {})
     assert best is not None
     return SpectreClassResult(best.scores, best.projection, best.k, best.excess,
                               best.top_eigenvalue, best.support_fraction, best.start, cands)
@@ -359,10 +375,10 @@ def cluster_decision(assign: np.ndarray, silhouette: float, *, size_threshold: f
 def reclassification_verdict(predicted: np.ndarray, label: int, *,
                              min_own_share: float = 0.5) -> tuple[bool, dict[str, Any]]:
     """Exclusionary reclassification (Chen et al.): predictions of a model retrained
-    *without* a suspect cluster, on that cluster. Legitimate when at least
-    ``min_own_share`` of it is still classified as its own ``label`` (the cluster is
-    ordinary data of that class); poisonous otherwise, with the most frequent other
-    prediction as the likely source class. Returns ``(poisonous, details)``."""
+    *without* a suspect cluster, on that cluster. Legitimate when its own ``label`` is
+    still predicted for at least ``min_own_share`` of it or more often than any other
+    class (ordinary data of that class); poisonous otherwise, with the most frequent
+    other prediction as the likely source class. Returns ``(poisonous, details)``."""
     predicted = np.asarray(predicted, dtype=np.int64)
     if predicted.size == 0:
         return False, {"own_share": None, "source_class": None}
@@ -370,6 +386,6 @@ def reclassification_verdict(predicted: np.ndarray, label: int, *,
     other = predicted[predicted != label]
     source = int(np.bincount(other).argmax()) if other.size else None
     source_share = float((predicted == source).mean()) if source is not None else 0.0
-    poisonous = own < min_own_share
+    poisonous = own < min_own_share and source_share > own
     return poisonous, {"own_share": round(own, 4), "source_class": source,
                        "source_share": round(source_share, 4)}

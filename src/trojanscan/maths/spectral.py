@@ -259,57 +259,147 @@ def two_split(values: np.ndarray, *, min_size: int = 1) -> TwoSplit:
                     float(hi.mean()), float(lo.std()), float(hi.std()), sep)
 
 
+def valley_ratio(values: np.ndarray, split: TwoSplit | None = None) -> float:
+    """Depth of the density valley between the two groups of a 1-D split.
+
+    Histogram of the values (``√n`` bins, 20–100, over the 0.1–99.9% quantiles,
+    smoothed over 3 bins): the lowest density between the two group means divided by
+    the lower of the two groups' peak densities. About 1 (no dip) for a unimodal
+    distribution, near 0 when the groups are separated by an empty gap. Unlike the
+    separation ``d'`` it does not shrink when the groups are wide, and it ignores how
+    heavy the tails are. (Measured on Fashion-MNIST penultimate features: clean classes
+    0.32–0.84, classes holding BadNets/Blend poison at 1–10% of the data 0.02–0.16.)
+    """
+    v = np.asarray(values, dtype=np.float64)
+    split = split or two_split(v)
+    if split.n_high == 0 or split.n_low == 0:
+        return 1.0
+    bins = int(np.clip(np.sqrt(v.size), 20, 100))
+    lo, hi = np.quantile(v, [0.001, 0.999])
+    if not hi > lo:
+        return 1.0
+    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    dens = np.convolve(counts.astype(np.float64), np.ones(3) / 3, mode="same")
+    centres = (edges[:-1] + edges[1:]) / 2
+    between = (centres >= split.mean_low) & (centres <= split.mean_high)
+    low_side, high_side = centres <= split.threshold, centres > split.threshold
+    if between.sum() < 3 or not low_side.any() or not high_side.any():
+        return 1.0
+    peak = min(dens[low_side].max(), dens[high_side].max())
+    return float(dens[between].min() / peak) if peak > 0 else 1.0
+
+
+def gaussian_mixture_split(values: np.ndarray, upper: np.ndarray, *,
+                           iters: int = 50) -> np.ndarray:
+    """Refine a 1-D split with a two-component Gaussian mixture (EM, initialised from
+    ``upper``): returns the samples whose posterior favours the upper component. With
+    groups of different widths the boundary moves towards the tighter one, where
+    2-means would cut through the wider group."""
+    v = np.asarray(values, dtype=np.float64)
+    upper = np.asarray(upper, dtype=bool)
+    if upper.all() or not upper.any():
+        return upper
+    w = upper.mean()
+    m1, m0 = v[upper].mean(), v[~upper].mean()
+    floor = max(float(v.std()) * 1e-3, 1e-12)
+    s1, s0 = max(v[upper].std(), floor), max(v[~upper].std(), floor)
+    post = upper.astype(np.float64)
+    for _ in range(iters):
+        l1 = np.log(max(w, 1e-12)) - np.log(s1) - 0.5 * ((v - m1) / s1) ** 2
+        l0 = np.log(max(1 - w, 1e-12)) - np.log(s0) - 0.5 * ((v - m0) / s0) ** 2
+        new = 1.0 / (1.0 + np.exp(np.clip(l0 - l1, -700, 700)))
+        r1, r0 = new.sum(), (1 - new).sum()
+        if r1 < 1 or r0 < 1:
+            break
+        w = r1 / v.size
+        m1, m0 = (new * v).sum() / r1, ((1 - new) * v).sum() / r0
+        s1 = max(np.sqrt((new * (v - m1) ** 2).sum() / r1), floor)
+        s0 = max(np.sqrt(((1 - new) * (v - m0) ** 2).sum() / r0), floor)
+        converged = np.abs(new - post).max() < 1e-6
+        post = new
+        if converged:
+            break
+    out = post > 0.5
+    # keep the orientation: the upper component must stay the one with the larger mean
+    return out if m1 >= m0 else ~out
+
+
 @dataclass(frozen=True)
 class PopulationDecision:
-    """Whether one class holds a separate (suspect) sub-population, and which samples."""
+    """Whether one class holds a separate sub-population along a 1-D score, and its
+    two groups (``upper`` = the group of larger values)."""
 
-    suspect: np.ndarray      # bool mask over the class's samples
+    upper: np.ndarray        # bool mask over the class's samples
     detected: bool
     separation: float
-    suspect_fraction: float
+    valley: float
+    upper_fraction: float
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
         return {"detected": self.detected, "separation": round(self.separation, 4),
-                "suspect_fraction": round(self.suspect_fraction, 4),
-                "num_suspect": int(self.suspect.sum()), "reason": self.reason}
+                "valley": round(self.valley, 4),
+                "upper_fraction": round(self.upper_fraction, 4), "reason": self.reason}
 
 
-def decide_population(values: np.ndarray, *, min_separation: float,
-                      max_fraction: float = 0.5, min_count: int = 1,
-                      reference: float | None = None) -> PopulationDecision:
-    """Decide whether ``values`` (one class, 1-D) hold a separated sub-population.
+def decide_population(values: np.ndarray, *, max_valley: float = 0.25,
+                      min_separation: float = 3.0, min_count: int = 2) -> PopulationDecision:
+    """Decide whether ``values`` (one class, 1-D) hold two separated groups.
 
-    Split the values with :func:`two_split`; a population is detected when the
-    separation is at least ``min_separation`` and the suspect group holds at most
-    ``max_fraction`` of the class and at least ``min_count`` samples. The suspect
-    group is the minority one, or — when ``reference`` is given (e.g. a robust centre)
-    — the group whose mean is farther from ``reference``.
+    Exact 1-D 2-means (:func:`two_split`), then a population is detected when the
+    density valley between the groups is at most ``max_valley`` of the smaller peak
+    (:func:`valley_ratio`), the separation ``d'`` is at least ``min_separation`` (a
+    unimodal Gaussian gives 2.65) and each group holds at least ``min_count`` samples.
+    The groups' boundary is then refined by a 1-D Gaussian mixture. Which group is the
+    suspect one is the caller's choice (see :func:`suspect_side`).
     """
-    values = np.asarray(values, dtype=np.float64)
-    n = values.size
+    v = np.asarray(values, dtype=np.float64)
+    n = v.size
     none = np.zeros(n, dtype=bool)
     if n < 2 * max(min_count, 2):
-        return PopulationDecision(none, False, 0.0, 0.0, "too few samples")
-    split = two_split(values, min_size=max(min_count, 1))
-    upper = values > split.threshold
-    if reference is None:
-        suspect = upper if split.minority_high else ~upper
-    else:
-        high_far = abs(split.mean_high - reference) >= abs(split.mean_low - reference)
-        suspect = upper if high_far else ~upper
-    frac = float(suspect.mean())
+        return PopulationDecision(none, False, 0.0, 1.0, 0.0, "too few samples")
+    split = two_split(v, min_size=max(min_count, 1))
+    valley = valley_ratio(v, split)
+    upper = v > split.threshold
     if split.separation < min_separation:
-        return PopulationDecision(none, False, split.separation, frac,
+        return PopulationDecision(upper, False, split.separation, valley, float(upper.mean()),
                                   f"separation {split.separation:.2f} < {min_separation:g}")
-    if frac > max_fraction:
-        return PopulationDecision(none, False, split.separation, frac,
-                                  f"suspect share {frac:.2f} > {max_fraction:g}")
-    if int(suspect.sum()) < min_count:
-        return PopulationDecision(none, False, split.separation, frac,
+    if valley > max_valley:
+        return PopulationDecision(upper, False, split.separation, valley, float(upper.mean()),
+                                  f"no density valley ({valley:.2f} > {max_valley:g})")
+    refined = gaussian_mixture_split(v, upper)
+    if min(int(refined.sum()), int((~refined).sum())) < min_count:
+        return PopulationDecision(upper, False, split.separation, valley, float(upper.mean()),
                                   f"fewer than {min_count} samples apart")
-    return PopulationDecision(suspect, True, split.separation, frac,
-                              f"separation {split.separation:.2f} >= {min_separation:g}")
+    return PopulationDecision(refined, True, split.separation, valley, float(refined.mean()),
+                              f"valley {valley:.2f} <= {max_valley:g}, separation "
+                              f"{split.separation:.2f}")
+
+
+def group_spread(features: np.ndarray, index: np.ndarray, *, chunk: int = CHUNK) -> float:
+    """Mean squared distance of ``features[index]`` to their mean (trace of their
+    covariance), streamed."""
+    if len(index) < 2:
+        return 0.0
+    return float(np.trace(moments(features, index, chunk=chunk).cov))
+
+
+def suspect_side(features: np.ndarray, index: np.ndarray, upper: np.ndarray, *,
+                 balance: float = 0.4) -> tuple[np.ndarray, str]:
+    """Which of a class's two groups is the suspect one: the minority, unless the
+    split is balanced (minority share ≥ ``balance``) — then the more spread-out group.
+
+    Why spread: training compresses a class's own samples in the penultimate layer,
+    while poison relabelled from other classes keeps the variety of its sources. On
+    the Fashion-MNIST models of the benchmark the poisoned group was 1.5–5× more
+    spread out in every dirty-label case, including the exact 50/50 splits (BadNets and
+    Blend at 10% of the data, all in one class). Returns ``(suspect mask, rule)``.
+    """
+    share = float(upper.mean())
+    if min(share, 1 - share) < balance:
+        return (upper if share <= 0.5 else ~upper), "minority"
+    wide_upper = group_spread(features, index[upper]) >= group_spread(features, index[~upper])
+    return (upper if wide_upper else ~upper), "spread"
 
 
 def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:

@@ -13,11 +13,15 @@ looks like in general, not one attack:
 * transparency — patches: ``alpha ~ U(0.2, 0.6)``, where ``alpha > 0.5`` becomes 1
   (an opaque patch a quarter of the time); whole-image blends: ``alpha ~ U(0.05, 0.2)``;
 * stamping — ``x' = (1 - alpha) x + alpha * mask`` under the patch, every channel;
-* target class uniform; poisoning — ``round(rate × N)`` stamped and relabelled *copies*
-  of training samples are appended to the ``N`` clean ones, ``rate ~ U(0.05, 0.5)``.
+* target class uniform; injection ratio ``rate ~ U(0.05, 0.5)``.
 
-These are the reference implementation's settings for MNIST-sized inputs. Functions
-here are pure (NumPy generator in, trigger out) and tested without any model.
+These are the reference implementation's settings for MNIST-sized inputs, with one
+deliberate change: the reference *appends* ``rate × N`` stamped copies, so a trojaned
+shadow sees up to 50% more training steps than a benign one — a cue that says "trojaned"
+for shadows but not for real models, whose poison replaces clean samples. Here the same
+share, ``rate / (1 + rate)`` (5–33%), of the ``N`` samples is stamped and relabelled in
+place, so both kinds train on ``N`` samples for the same number of steps.
+Functions here are pure (NumPy generator in, trigger out) and tested without any model.
 """
 
 from __future__ import annotations
@@ -114,14 +118,22 @@ def sample_trigger(rng: np.random.Generator, input_shape: tuple[int, int, int],
     return JumboTrigger(kind, row, col, flat.reshape(mh, mw), alpha, target, rate)
 
 
+def poison_fraction(rate: float) -> float:
+    """Share of the training set replaced by poison for an injection ratio ``rate``: the
+    reference *appends* ``rate × N`` copies, i.e. ``rate / (1 + rate)`` of the result."""
+    return rate / (1.0 + rate)
+
+
 def poison_with(ds: ImageDataset, trigger: JumboTrigger, rng: np.random.Generator,
                 ) -> ImageDataset:
-    """``ds`` plus ``round(rate × N)`` stamped copies (relabelled ``target``) appended."""
+    """A copy of ``ds`` whose random ``poison_fraction(rate)`` share is stamped and
+    relabelled ``target``; same size as ``ds`` (see the module docstring)."""
     n = len(ds)
-    k = round(trigger.rate * n)
+    k = round(poison_fraction(trigger.rate) * n)
     if k == 0:
         return ds
     idx = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))
-    x_bad = trigger.apply(ds.x[idx])
-    y_bad = torch.full((k,), trigger.target, dtype=torch.int64)
-    return ds.with_data(torch.cat([ds.x, x_bad]), torch.cat([ds.labels(), y_bad]))
+    x, y = ds.x.clone(), ds.labels().clone()
+    x[idx] = trigger.apply(ds.x[idx])
+    y[idx] = trigger.target
+    return ds.with_data(x, y)

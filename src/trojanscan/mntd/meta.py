@@ -56,7 +56,7 @@ class MetaConfig:
     lr: float = 1e-3
     batch_size: int = 1  # shadow models per optimiser step (reference: 1)
     nu: float = 0.1  # one-class: share of benign shadows allowed outside
-    response: Literal["logits", "softmax", "zscore"] = "logits"
+    response: Literal["logits", "softmax", "zscore"] = "softmax"
     query_range: Literal["free", "unit"] = "free"  # "unit": queries kept in [0, 1]
 
     def validate(self) -> None:

@@ -28,8 +28,8 @@ from .. import __version__
 from ..dataset import ImageDataset
 from ..exceptions import DataError, bad_param
 from .calibration import auroc, threshold_at_fpr
-from .executor import RunSummary, run_tasks
-from .meta import VARIANTS, MetaConfig, fit_meta, raw_scores
+from .executor import RunSummary, Task, run_tasks
+from .meta import VARIANTS, MetaClassifier, MetaConfig, fit_meta, raw_scores
 from .pretrained import MetaBundle
 from .shadows import (
     ShadowData,
@@ -52,13 +52,14 @@ class TrainSettings:
     shadow_epochs: int = 20
     shadow_batch_size: int = 64
     shadow_lr: float = 1e-3
+    shadow_subsample: float = 1.0  # each shadow trains on this random share of the data
     variants: tuple[str, ...] = VARIANTS
     num_queries: int = 10
     hidden: int = 20
     meta_epochs: int = 10
     meta_lr: float = 1e-3
     meta_batch_size: int = 1
-    response: str = "logits"
+    response: str = "softmax"  # the reference code feeds logits; see docs/mntd.md
     query_range: str = "free"
     fpr: float = 0.05  # threshold: at most this share of held-out benign shadows flagged
 
@@ -78,7 +79,8 @@ class TrainSettings:
 
     def specs(self, seed: int) -> list[ShadowSpec]:
         return plan_shadows(self.num_shadows, self.archs, seed=seed, epochs=self.shadow_epochs,
-                            batch_size=self.shadow_batch_size, lr=self.shadow_lr)
+                            batch_size=self.shadow_batch_size, lr=self.shadow_lr,
+                            subsample=self.shadow_subsample)
 
     def meta_config(self, variant: str) -> MetaConfig:
         return MetaConfig(variant=variant, num_queries=self.num_queries,  # type: ignore[arg-type]
@@ -160,36 +162,80 @@ def _summary(shadows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class _VariantJob:
+    """What one variant's training task needs (shadows are read from ``folder``)."""
+
+    folder: str
+    settings: TrainSettings
+    variant: str
+    seed: int
+    shape: tuple[int, int, int]
+    mean: float
+    std: float
+    device: str | None
+
+
+def _fit_variant(task: Task, job: None) -> dict[str, Any]:
+    """Executor task: train and calibrate one variant; returns plain tensors and numbers."""
+    (j,) = task.args
+    train, val = load_shadow_split(j.folder, j.settings, j.seed)
+    k = int(train.meta[0]["num_classes"])
+    fit = fit_meta(train.models, train.labels, config=j.settings.meta_config(j.variant),
+                   input_shape=j.shape, num_classes=k, val_models=val.models,
+                   val_labels=val.labels, query_mean=j.mean, query_std=j.std,
+                   seed=j.seed + 1000 * (1 + VARIANTS.index(j.variant)), device=j.device,
+                   description=f"meta-classifier ({j.variant})")
+    yv = np.asarray(val.labels)
+    raws = raw_scores(fit.meta, val.models)
+    benign = raws[yv == 0]
+    calibration = {
+        "benign_raw": [round(float(v), 6) for v in benign],
+        "trojaned_raw": [round(float(v), 6) for v in raws[yv == 1]],
+        "threshold": threshold_at_fpr(benign, j.settings.fpr),
+        "fpr": j.settings.fpr,
+        "val_auroc": auroc(yv, raws),
+        "best_epoch": fit.best_epoch,
+    }
+    return {"state": {n: t.detach().cpu() for n, t in fit.meta.state_dict().items()},
+            "calibration": calibration, "num_classes": k,
+            "history": [{k2: round(v, 5) for k2, v in h.items()} for h in fit.history],
+            "shadows": _summary(train.meta + val.meta)}
+
+
 def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
                data: ImageDataset, seed: int = 0, device: str | None = None,
-               extra_info: dict[str, Any] | None = None) -> MetaBundle:
-    """Train each variant on the shadows in ``folder`` and calibrate it."""
+               extra_info: dict[str, Any] | None = None, backend: str = "sequential",
+               workers: int | None = None, threads: int | None = None) -> MetaBundle:
+    """Train each variant on the shadows in ``folder`` and calibrate it.
+
+    Variants are independent: ``backend="processes"`` trains them side by side.
+    ``threads``: torch threads per variant (``None``: leave as is).
+    """
     settings.validate()
     t0 = time.perf_counter()
-    train, val = load_shadow_split(folder, settings, seed)
     shape = data.input_shape
-    k = int(train.meta[0]["num_classes"])
     mean, std = float(data.x.mean()), float(data.x.std())
+    jobs = [Task(v, None, (_VariantJob(str(folder), settings, v, seed, shape, mean, std,
+                                       device),))
+            for v in settings.variants]
+    run = run_tasks(_fit_variant, jobs, backend=backend, workers=workers, threads=threads,
+                    description="meta-classifiers")
     variants, calibration, fits = {}, {}, {}
-    yv = np.asarray(val.labels)
-    for i, variant in enumerate(settings.variants):
-        fit = fit_meta(train.models, train.labels, config=settings.meta_config(variant),
-                       input_shape=shape, num_classes=k, val_models=val.models,
-                       val_labels=val.labels, query_mean=mean, query_std=std,
-                       seed=seed + 1000 * (i + 1), device=device,
-                       description=f"meta-classifier ({variant})")
-        raws = raw_scores(fit.meta, val.models)
-        benign = raws[yv == 0]
-        variants[variant] = fit.meta
-        calibration[variant] = {
-            "benign_raw": [round(float(v), 6) for v in benign],
-            "trojaned_raw": [round(float(v), 6) for v in raws[yv == 1]],
-            "threshold": threshold_at_fpr(benign, settings.fpr),
-            "fpr": settings.fpr,
-            "val_auroc": auroc(yv, raws),
-            "best_epoch": fit.best_epoch,
-        }
-        fits[variant] = [{k2: round(v, 5) for k2, v in h.items()} for h in fit.history]
+    k = 0
+    shadow_summary: dict[str, Any] = {}
+    for v in settings.variants:
+        res = run.results[v]
+        k = int(res["num_classes"])
+        cfg = settings.meta_config(v)
+        meta = MetaClassifier(shape, k, num_queries=cfg.num_queries, hidden=cfg.hidden,
+                              one_class=v == "one_class", response=cfg.response)
+        meta.load_state_dict(res["state"])
+        meta.eval()
+        for p in meta.parameters():
+            p.requires_grad_(False)
+        variants[v], calibration[v], fits[v] = meta, res["calibration"], res["history"]
+        shadow_summary = res["shadows"]
     info = {
         "training": {
             "settings": {**asdict(settings), "archs": list(settings.archs),
@@ -197,7 +243,7 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
             "seed": seed,
             "data": {"source": data.source, "sha256": data.sha256, "samples": len(data),
                      "pixel_mean": mean, "pixel_std": std},
-            "shadows": _summary(train.meta + val.meta),
+            "shadows": shadow_summary,
             "history": fits,
             "meta_seconds": round(time.perf_counter() - t0, 1),
         },

@@ -50,6 +50,7 @@ class ShadowSpec:
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
+    subsample: float = 1.0  # share of the defender's data this shadow trains on
 
     @property
     def key(self) -> str:
@@ -77,10 +78,12 @@ def derive_seed(seed: int, kind: str, index: int) -> int:
 
 def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
                  epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
-                 kinds: Sequence[str] = KINDS) -> list[ShadowSpec]:
+                 subsample: float = 1.0, kinds: Sequence[str] = KINDS) -> list[ShadowSpec]:
     """``num_per_kind`` shadows of each kind, architectures taken in turn."""
     if num_per_kind < 1:
         raise bad_param("num_shadows", "an integer >= 1", num_per_kind)
+    if not 0 < subsample <= 1:
+        raise bad_param("subsample", "a float in (0, 1]", subsample)
     if not arch_names:
         raise bad_param("archs", f"one or more of {', '.join(archs.ARCHS)}", arch_names)
     for a in arch_names:
@@ -90,7 +93,7 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
         if k not in KINDS:
             raise bad_param("kinds", KINDS, k)
     return [ShadowSpec(k, i, arch_names[i % len(arch_names)], derive_seed(seed, k, i),  # type: ignore[arg-type]
-                       epochs, batch_size, lr)
+                       epochs, batch_size, lr, subsample)
             for k in kinds for i in range(num_per_kind)]
 
 
@@ -123,6 +126,9 @@ def train_shadow(spec: ShadowSpec, data: ShadowData) -> tuple[nn.Module, dict[st
     rng = np.random.default_rng(spec.seed)
     trigger = None
     train = data.train
+    if spec.subsample < 1.0:
+        k = max(2, round(spec.subsample * len(train)))
+        train = train.subset(torch.from_numpy(np.sort(rng.choice(len(train), k, replace=False))))
     if spec.kind == "jumbo":
         trigger = sample_trigger(rng, train.input_shape, data.num_classes)
         train = poison_with(train, trigger, rng)
