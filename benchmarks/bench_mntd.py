@@ -6,8 +6,9 @@ Stages (run ``all`` or one at a time; trained targets are cached and reused):
              :data:`ATTACKS` (BadNets and Blend resemble the jumbo triggers; WaNet, SIG,
              all-to-all and source-specific lie outside the jumbo distribution) and as
              many clean ones, architectures taken in turn from :data:`ARCHS`. Each is
-             trained on its own random 20,000 images of the Fashion-MNIST training set
-             *outside* the defender's 2% share, 8 epochs. One file set per model under
+             trained on its own random 5,000 images of the Fashion-MNIST training set
+             *outside* the defender's 2% share, 12 epochs (``--target-samples``,
+             ``--target-epochs``). One file set per model under
              ``benchmarks/.cache/mntd/targets`` (resumable tasks).
 ``score``    score every target with the shipped meta-classifier (all variants): AUROC
              overall, per attack type and per architecture, the verdicts' TPR/FPR at the
@@ -17,9 +18,9 @@ Stages (run ``all`` or one at a time; trained targets are cached and reused):
 
 Writes ``benchmarks/results/mntd.json`` (merging stages) and prints tables.
 
-    python benchmarks/bench_mntd.py targets --backend processes --workers 12 --device cuda
+    python benchmarks/bench_mntd.py targets --backend processes --workers 2
     python benchmarks/bench_mntd.py score
-    python benchmarks/bench_mntd.py ray --tasks 8
+    python benchmarks/bench_mntd.py ray --tasks 16 --ray-epochs 20 --with-sequential
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "mntd"
 RESULTS = HERE / "results" / "mntd.json"
 
-ARCHS = ("small_cnn", "lenet", "mlp")
+ARCHS = ("mlp", "lenet")
 #: attack type -> (label in tables, inside the jumbo distribution?)
 ATTACKS: dict[str, tuple[str, bool]] = {
     "badnets": ("BadNets patch", True),
@@ -51,8 +52,8 @@ ATTACKS: dict[str, tuple[str, bool]] = {
     "all2all": ("all-to-all", False),
     "source": ("source-specific", False),
 }
-TARGET_SAMPLES = 20000
-TARGET_EPOCHS = 8
+TARGET_SAMPLES = 5000
+TARGET_EPOCHS = 12
 DEFENDER_SHARE = 0.02  # as in scripts/make_mntd_pretrained.py (seed 0): excluded here
 
 

@@ -41,9 +41,9 @@ PRESETS: dict[str, dict] = {
         "share": 0.02,  # the paper's 2%: 1,200 images
         "eval": "fashion-mnist:test",  # only to report shadow accuracy / ASR
         "eval_samples": 1000,
-        "settings": TrainSettings(num_shadows=256, num_val=32,
-                                  archs=("small_cnn", "lenet", "mlp"), shadow_epochs=20,
-                                  shadow_batch_size=64, shadow_lr=1e-3, meta_epochs=20),
+        "settings": TrainSettings(num_shadows=128, num_val=24, archs=("mlp", "lenet"),
+                                  shadow_epochs=20, shadow_batch_size=64, shadow_lr=1e-3,
+                                  meta_epochs=20, response="softmax"),
     },
     "digits": {
         "stem": "mntd_digits",
@@ -51,9 +51,10 @@ PRESETS: dict[str, dict] = {
         "share": 0.5,  # 2% of 1,442 digits would be 29 images: too few to train on
         "eval": "digits:test",
         "eval_samples": 355,
-        "settings": TrainSettings(num_shadows=256, num_val=32,
+        "settings": TrainSettings(num_shadows=128, num_val=24,
                                   archs=("small_cnn", "lenet", "mlp"), shadow_epochs=30,
-                                  shadow_batch_size=64, shadow_lr=2e-3, meta_epochs=40),
+                                  shadow_batch_size=64, shadow_lr=2e-3, meta_epochs=20,
+                                  response="softmax"),
     },
 }
 

@@ -123,9 +123,10 @@ def test_exclusionary_reclassification_releases_legitimate_cluster() -> None:
     res = ActivationClustering(reclassify_epochs=15, silhouette_threshold=0.2).fit(
         PassThrough(), data)
     entry = res.per_class["1"]
-    if "reclassification" in entry:  # the style cluster was suspected, then released
-        assert not entry["reclassification"]["poisonous"]
-    assert not res.flagged.any()
+    assert entry["num_suspect"] == 25  # the style cluster was suspected ...
+    assert not entry["reclassification"]["poisonous"]  # ... and released
+    assert entry["reclassification"]["own_share"] > 0.9
+    assert not res.flagged.any() and res.verdict == "clean"
 
 
 def test_reclassification_needs_the_architecture_for_torchscript() -> None:

@@ -29,6 +29,7 @@ label under reclassification.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -54,36 +55,56 @@ REDUCTIONS = ("pca", "ica")
 SILHOUETTE_DEFAULTS = {"pca": 0.42, "ica": 0.25}
 
 
-def reduce_class(x: np.ndarray, *, method: str, n_components: int, seed: int,
-                 fit_rows: np.ndarray | None = None) -> np.ndarray:
-    """Reduce one class's activations to ``n_components`` dims (PCA or ICA, seeded).
+def fit_reduction(fit: np.ndarray, *, method: str, n_components: int,
+                  seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit the reduction of one class's activations on ``fit`` (rows × D); returns the
+    transform (rows × D → rows × k), to be applied chunk by chunk.
 
     PCA: projections on the top principal directions (variances kept). ICA: those
     components scaled to unit variance (dead ReLU units make the raw activations
     rank-deficient, so whitening happens in the PCA subspace, as FastICA itself does)
-    and rotated to independent components.
+    and rotated to independent components (FastICA, seeded).
     """
     from sklearn.decomposition import FastICA
 
     from ..maths.spectral import top_eigen
 
-    fit = x if fit_rows is None else x[fit_rows]
+    fit = np.asarray(fit, dtype=np.float64)
     mean = fit.mean(axis=0)
-    cov = np.cov(fit - mean, rowvar=False, bias=True).reshape(x.shape[1], x.shape[1])
-    vals, vecs = top_eigen(cov, min(n_components, x.shape[1], max(1, len(fit) - 1)))
+    cov = np.cov(fit - mean, rowvar=False, bias=True).reshape(fit.shape[1], fit.shape[1])
+    vals, vecs = top_eigen(cov, min(n_components, fit.shape[1], max(1, len(fit) - 1)))
     keep = vals > max(float(vals.max()), 1e-30) * 1e-9
     vals, vecs = vals[keep], vecs[:, keep]
-    if method == "pca":
-        return (x - mean) @ vecs
-    z = ((x - mean) @ vecs) / np.sqrt(vals)
-    if z.shape[1] < 2:
-        return z
-    ica = FastICA(n_components=z.shape[1], random_state=seed, whiten=False, max_iter=400,
+    if method == "pca" or vecs.shape[1] < 2:
+        scale = np.ones_like(vals) if method == "pca" else np.sqrt(vals)
+        return lambda x: ((np.asarray(x, dtype=np.float64) - mean) @ vecs) / scale
+    ica = FastICA(n_components=vecs.shape[1], random_state=seed, whiten=False, max_iter=400,
                   tol=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence warnings: the rotation is still usable
-        ica.fit(z if fit_rows is None else z[fit_rows])
-    return np.asarray(ica.transform(z), dtype=np.float64)
+        ica.fit(((fit - mean) @ vecs) / np.sqrt(vals))
+    unmix = np.asarray(ica.components_, dtype=np.float64).T
+    return lambda x: (((np.asarray(x, dtype=np.float64) - mean) @ vecs) / np.sqrt(vals)) @ unmix
+
+
+def reduce_class(x: np.ndarray, *, method: str, n_components: int, seed: int,
+                 fit_rows: np.ndarray | None = None) -> np.ndarray:
+    """Reduce one class's activations (all in memory) with :func:`fit_reduction`."""
+    transform = fit_reduction(x if fit_rows is None else x[fit_rows], method=method,
+                              n_components=n_components, seed=seed)
+    return transform(x)
+
+
+def reduce_streamed(f: np.ndarray, index: np.ndarray, *, method: str, n_components: int,
+                    seed: int, max_fit: int, chunk: int = 8192) -> np.ndarray:
+    """Reduced activations of ``f[index]``: fitted on at most ``max_fit`` seeded rows,
+    applied in chunks (never the whole class as float64 at once)."""
+    rows = seeded_subset(len(index), max_fit, seed)
+    fit_index = index if rows is None else index[rows]
+    transform = fit_reduction(f[fit_index], method=method, n_components=n_components,
+                              seed=seed)
+    parts = [transform(f[index[s:s + chunk]]) for s in range(0, len(index), chunk)]
+    return np.concatenate(parts)
 
 
 def two_means(z: np.ndarray, *, seed: int, fit_rows: np.ndarray | None = None) -> np.ndarray:
@@ -163,10 +184,10 @@ class ActivationClustering(FeatureDataDetector):
                            if self.silhouette_threshold is None else self.silhouette_threshold)
         projections: dict[str, np.ndarray] = {}
         for label, index in class_groups(y).items():
-            x = np.asarray(f[index], dtype=np.float64)
+            z = reduce_streamed(f, index, method=self.reduction,
+                                n_components=self.n_components, seed=self.seed,
+                                max_fit=self.max_fit_samples)
             rows = seeded_subset(len(index), self.max_fit_samples, self.seed + label)
-            z = reduce_class(x, method=self.reduction, n_components=self.n_components,
-                             seed=self.seed, fit_rows=rows)
             assign = two_means(z, seed=self.seed, fit_rows=rows)
             sil = silhouette_sampled(z, assign, seed=self.seed + label)
             dec = cluster_decision(assign, sil, size_threshold=float(self.size_threshold),

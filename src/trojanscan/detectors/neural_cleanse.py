@@ -248,6 +248,10 @@ class NeuralCleanse(ModelDetector):
                 raise IncompatibleError(
                     f"{clean.source}: the labels span {int(clean.y.max()) + 1} classes but the "
                     f"model outputs {k} logits")
+            if p["reference"] is not None and p["reference"].shape[1] != k:
+                raise IncompatibleError(f"neural_cleanse: the reference norms have "
+                                        f"{p['reference'].shape[1]} labels but the model "
+                                        f"has {k}")
             if k < 3:
                 raise DetectorNotApplicable(
                     f"neural_cleanse needs a model with at least 3 classes for its outlier "
@@ -293,9 +297,6 @@ class NeuralCleanse(ModelDetector):
         ref_p: np.ndarray | None = None
         by_ref: list[int] = []
         if ref is not None:
-            if ref.shape[1] != k:
-                raise IncompatibleError(f"neural_cleanse: the reference norms have "
-                                        f"{ref.shape[1]} labels but the model has {k}")
             ref_p = reference_p_values(safe, ref)
             by_ref = [lab for lab in labels if ref_p[lab] < p["alpha"] and reached[lab]]
         chosen = {"index": paper, "p_value": calibrated, "reference": by_ref}[p["decision"]]

@@ -5,7 +5,9 @@ folder of models is the same shape of work: many independent tasks, one file (or
 small result) each. :func:`run_tasks` runs ``fn(task, shared)`` for every task:
 
 * ``backend="sequential"`` — in this process, one after the other (no dependency);
-* ``backend="processes"`` — a local process pool (``workers`` processes, stdlib only);
+* ``backend="processes"`` — a local process pool (``workers`` processes, stdlib only;
+  processes are *spawned*, so a calling script needs the ``if __name__ == "__main__":``
+  guard);
 * ``backend="ray"`` — Ray tasks (optional extra ``trojanscan[ray]``, imported lazily):
   a local Ray started in-process with ``workers`` CPUs, or an existing cluster with
   ``address="auto"`` / ``"ray://host:port"``. ``shared`` (e.g. the training data) is put
@@ -175,13 +177,13 @@ def _run_processes(fn: TaskFn, todo: Sequence[Task], shared: Any, workers: int,
                                 initargs=(shared,)) as pool:
         futures = {pool.submit(_process_call, fn, t, threads): t.key for t in todo}
         for fut in cf.as_completed(futures):
-            try:
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is None and not fut.cancelled():
                 out[futures[fut]] = fut.result()
-            except BaseException as exc:  # keep the others' files, raise afterwards
-                if error is None:
-                    error = exc
-                    for f in futures:
-                        f.cancel()
+            elif error is None and exc is not None:  # keep the others' files, raise later
+                error = exc
+                for f in futures:
+                    f.cancel()
             bar.advance()
     if error is not None:
         raise error

@@ -2,8 +2,8 @@
 
 Xu, Wang, Li, Borisov, Gunter & Li, "Detecting AI Trojans Using Meta Neural Analysis",
 IEEE S&P 2021, sections 4.3–4.4. A set of ``Q`` query inputs (10 in the paper) is fed
-to the model under test; its ``Q×K`` outputs (logits, as in the reference code) are
-concatenated and passed to a small classifier with one hidden layer of 20 ReLU units:
+to the model under test; its ``Q×K`` outputs are concatenated and passed to a small
+classifier with one hidden layer of 20 ReLU units:
 
 * ``qt`` (query tuning, the paper's main method): the queries are parameters and are
   trained jointly with the classifier by back-propagating BCE through each shadow model
@@ -14,9 +14,15 @@ concatenated and passed to a small classifier with one hidden layer of 20 ReLU u
   re-set to the ν-quantile (ν = 0.1) of the benign scores after every step; queries
   tuned as well. Its raw suspicion is ``r − ⟨w, h⟩`` (higher = less like the benign ones).
 
+Outputs: the reference code feeds raw logits; our default is their softmax
+(``response="softmax"``; ``"logits"`` is the reference's choice, ``"zscore"`` another).
+Logit scale depends on how long and on how much data a model was trained — shadows see
+2% of the data, real models far more — and on held-out Fashion-MNIST models softmax
+responses ranked backdoored models better (docs/mntd.md has the measurements).
 Queries start as Gaussian noise with the defender data's pixel mean and standard
-deviation (reference code); they are not clipped to [0, 1]. Raw outputs are higher for
-more suspicious models; :mod:`trojanscan.mntd.calibration` turns them into scores.
+deviation (reference code) and are not clipped (``query_range="unit"`` keeps them in
+[0, 1]). Raw outputs are higher for more suspicious models;
+:mod:`trojanscan.mntd.calibration` turns them into scores.
 Where it fails: a backdoor unlike anything in the jumbo distribution and invisible in
 the outputs on the tuned queries (the paper's adaptive attacks), and models whose
 output scale differs a lot from the shadows' (e.g. temperature-scaled logits).
