@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="semicolon-separated row names")
     ap.add_argument("--no-verify", action="store_true", help="skip the retraining check")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="JSON output path")
     args = ap.parse_args(argv)
     train = load_dataset("fashion-mnist:train")
     test = load_dataset("fashion-mnist:test")
@@ -307,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                    clean_meta["clean_accuracy"], args.seed)
         report["verify"] = v
         print(f"verify {v}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(report, indent=2) + "\n")
     print(table(results))
-    print(f"peak RSS {report['peak_rss_mb']:.0f} MB; wrote {RESULTS}")
+    print(f"peak RSS {report['peak_rss_mb']:.0f} MB; wrote {args.results}")
     return 0
 
 

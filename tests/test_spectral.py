@@ -16,11 +16,15 @@ from trojanscan.maths.spectral import (
     class_groups,
     class_signature,
     decide_population,
+    gaussian_mixture_split,
+    group_spread,
     moments,
     paper_removal_count,
     spectral_signature_scores,
+    suspect_side,
     top_k_mask,
     two_split,
+    valley_ratio,
 )
 
 
@@ -94,17 +98,51 @@ def test_two_split_separation_calibration() -> None:
     assert bimodal.n_high == 100 and bimodal.minority_high
 
 
-def test_decide_population_flags_minority_only_when_separated() -> None:
+def test_decide_population_needs_a_density_valley() -> None:
     rng = np.random.default_rng(2)
     values = np.concatenate([rng.normal(size=900), 10 + rng.normal(size=100)])
-    dec = decide_population(values, min_separation=4.0)
-    assert dec.detected and dec.suspect[900:].all() and not dec.suspect[:900].any()
-    flat = decide_population(rng.normal(size=1000), min_separation=4.0)
-    assert not flat.detected and not flat.suspect.any()
-    # the suspect group is the one far from a given reference, even when it is larger
-    values = np.concatenate([rng.normal(size=400), 10 + rng.normal(size=500)])
-    ref = decide_population(values, min_separation=4.0, max_fraction=0.6, reference=0.0)
-    assert ref.detected and ref.suspect[400:].all()
+    dec = decide_population(values)
+    assert dec.detected and dec.upper[900:].all() and not dec.upper[:900].any()
+    assert dec.valley < 0.05
+    flat = decide_population(rng.normal(size=1000))
+    assert not flat.detected and flat.valley > 0.5
+    # heavy tails stretch d' but leave no valley: not a population
+    tails = decide_population(rng.standard_t(2, size=3000))
+    assert not tails.detected
+    # two wide groups with an empty gap between them: d' is modest, the valley is deep
+    wide = np.concatenate([rng.uniform(0, 4, 1000), rng.uniform(5, 9, 1000)])
+    assert decide_population(wide).detected
+
+
+def test_gaussian_mixture_moves_boundary_towards_tight_group() -> None:
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(0, 0.5, 1000), rng.normal(6, 2.5, 300)])
+    truth = np.arange(1300) >= 1000
+    two = values > two_split(values).threshold
+    refined = gaussian_mixture_split(values, two)
+    assert (refined == truth).mean() > (two == truth).mean()
+    assert (refined == truth).mean() > 0.99
+
+
+def test_suspect_side_minority_or_spread() -> None:
+    rng = np.random.default_rng(4)
+    tight = rng.normal(size=(500, 5)) * 0.2
+    wide = rng.normal(size=(500, 5)) * 2.0 + 5
+    f = np.concatenate([tight, wide])
+    index = np.arange(1000)
+    upper = np.arange(1000) >= 500
+    side, rule = suspect_side(f, index, upper)
+    assert rule == "spread" and side[500:].all() and not side[:500].any()
+    small = np.arange(1000) >= 900
+    side, rule = suspect_side(f, index, small)
+    assert rule == "minority" and side.sum() == 100
+    assert group_spread(f, index[upper]) > 50 * group_spread(f, index[~upper])
+
+
+def test_valley_ratio_bounds() -> None:
+    rng = np.random.default_rng(5)
+    assert valley_ratio(np.zeros(100)) == 1.0
+    assert 0.5 < valley_ratio(rng.normal(size=5000)) <= 1.5
 
 
 def test_paper_removal_count_and_top_k() -> None:

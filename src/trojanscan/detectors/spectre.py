@@ -4,7 +4,8 @@ Using Robust Statistics", ICML 2021.
 Needs: the training set (with labels) and a model trained on it. The robust upgrade
 of Spectral Signatures: per class, project the penultimate representations on their
 top principal directions, estimate the clean mean and covariance *robustly*
-(deterministic MCD, see :mod:`trojanscan.maths.robust`), whiten every sample with them
+(deterministic MCD, see :mod:`trojanscan.maths.robust`, with 5% shrinkage towards the
+classical covariance), whiten every sample with them
 and score it with the QUantum Entropy score (``α = 4``). Whitening by the clean
 covariance turns a poison direction that is small next to the class's own variance
 into the direction of largest excess variance, so SPECTRE finds poison counts where
@@ -12,16 +13,20 @@ Spectral Signatures fails. The number of dimensions ``k`` is chosen per class am
 ``dims`` by the largest QUE-weighted excess variance, as in the reference code.
 
 Modes: ``"paper"`` removes the ``1.5·ε·n`` highest QUE scores of every class
-(``ε`` = ``poison_rate_bound``, required). ``"adaptive"`` (default) first decides per
-class whether the whitened projection on the top excess direction holds a separate
-group (1-D 2-means, separation ``≥ min_separation``) and flags the group farther from
-the robust centre, at most ``⌊1.5·ε·N⌋`` samples in total when ``ε`` is given.
+(``ε`` = ``poison_rate_bound``, required). ``"adaptive"`` (default) decides per class
+whether it holds a separate population, in two views: the spectral one (density valley
+on the top principal direction, exactly as Spectral Signatures' adaptive mode) and,
+when that finds nothing, the whitened one (valley on the direction of largest excess
+variance after robust whitening, with a 5× stricter bar because whitening amplifies the
+heavy tails of ReLU features). In a detected class the clean side of the split is the
+reference: mean and covariance are estimated from it, every sample is whitened and
+QUE-scored, and the suspect side's samples scoring above the reference's 99th
+percentile are flagged — at most ``⌊1.5·ε·N⌋`` in total when ``ε`` is given.
 
-Known failures: robust estimation assumes the clean samples are the majority *and*
-the tighter group of their class; a poison that is more than half of its class, or
-tighter than the class's clean samples when it is half of it, is taken for the clean
-part. Clean-label attacks whose poison looks like the class in feature space are not
-separable at all.
+Known failures: robust estimation assumes the clean samples are the majority of their
+class; a tight poison cluster can attract the MCD fit (the minimum determinant then
+favours it). Clean-label attacks whose poison looks like the class in feature space
+(SIG here) are not separable at all.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class Spectre(FeatureDataDetector):
                  alpha: float = 4.0, dims: tuple[int, ...] = (2, 4, 8, 16, 32),
                  max_valley: float = 0.25, min_separation: float = 3.0,
                  reference_quantile: float = 0.99, shrinkage: float = 0.05,
-                 max_fit_samples: int = 5000,
+                 max_fit_samples: int = 4000,
                  removal_factor: float = 1.5, layer: str = "penultimate",
                  batch_size: int = 256, seed: int = 0, device: str | None = None) -> None:
         self.poison_rate_bound = poison_rate_bound
@@ -159,7 +164,12 @@ class Spectre(FeatureDataDetector):
         view = "spectral"
         suspect: np.ndarray | None = None
         rule = ""
-        if spectral.detected:
+        if spectral.detected and self.mode == "paper":
+            # the paper's scores: robust (MCD) whitening, whatever the split says
+            suspect, rule = suspect_side(f, index, spectral.upper)
+            res = spectre_class_scores(reps, **common)
+            dec = spectral
+        elif spectral.detected:
             suspect, rule = suspect_side(f, index, spectral.upper)
             res = spectre_class_scores(reps, reference=~suspect, **common)
             dec = spectral

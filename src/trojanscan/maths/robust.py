@@ -77,15 +77,19 @@ def _log_det(cov: np.ndarray) -> float:
     return float(logdet) if sign > 0 else float("inf")
 
 
+def _smallest(d: np.ndarray, h: int) -> np.ndarray:
+    """Mask of the ``h`` smallest values (linear-time selection)."""
+    out = np.zeros(len(d), dtype=bool)
+    out[np.argpartition(d, h - 1)[:h] if h < len(d) else slice(None)] = True
+    return out
+
+
 def _c_steps(y: np.ndarray, subset: np.ndarray, h: int, max_steps: int) -> np.ndarray:
     """Concentration steps: refit on the ``h`` rows closest to the current fit."""
     current = subset
     for _ in range(max_steps):
         mu, cov = _mean_cov(y[current])
-        d = mahalanobis_sq(y, mu, cov)
-        order = np.lexsort((np.arange(len(d)), d))
-        nxt = np.zeros(len(y), dtype=bool)
-        nxt[order[:h]] = True
+        nxt = _smallest(mahalanobis_sq(y, mu, cov), h)
         if np.array_equal(nxt, current):
             break
         current = nxt
@@ -132,18 +136,13 @@ def robust_covariance(y: np.ndarray, *, support_fraction: float = 0.5,
     mad = np.median(np.abs(y - med), axis=0) * 1.4826
     mad[mad <= 0] = 1.0
     dist = (((y - med) / mad) ** 2).sum(1)
-    near = np.zeros(n, dtype=bool)
-    near[np.lexsort((np.arange(n), dist))[:h]] = True
-    starts["median"] = near
+    starts["median"] = _smallest(dist, h)
     groups = _two_means(y)
     for j in (0, 1):
         members = groups == j
         if members.sum() > k + 1:
             mu, cov = _mean_cov(y[members])
-            d = mahalanobis_sq(y, mu, cov)
-            sel = np.zeros(n, dtype=bool)
-            sel[np.lexsort((np.arange(n), d))[:h]] = True
-            starts[f"cluster{j}"] = sel
+            starts[f"cluster{j}"] = _smallest(mahalanobis_sq(y, mu, cov), h)
     best: RobustFit | None = None
     for name, start in starts.items():
         support = _c_steps(y, start, h, max_steps)
@@ -289,7 +288,7 @@ def spectre_class_scores(y: np.ndarray, *, ks: tuple[int, ...] = (2, 4, 8, 16, 3
     for k in sorted({min(int(k), big_k) for k in ks if k >= 1}):
         if reference is None:
             # refit in k dimensions from the big fit's support: C-steps, consistency
-            support = _c_steps(fit[:, :k], rf.support, h, 5)
+            support = _c_steps(fit[:, :k], rf.support, h, 3)
             mu, cov = _mean_cov(fit[support, :k])
             cov = cov * consistency_factor(k, h / len(fit))
         else:

@@ -46,7 +46,7 @@ from ..utils import pick_device, seed_everything
 from .calibration import auroc
 
 VARIANTS = ("qt", "no_qt", "one_class")
-RESPONSES = ("logits", "softmax", "zscore")
+RESPONSES = ("logits", "softmax", "zscore", "sorted")
 QUERY_RANGES = ("free", "unit")
 Variant = Literal["qt", "no_qt", "one_class"]
 
@@ -62,7 +62,7 @@ class MetaConfig:
     lr: float = 1e-3
     batch_size: int = 1  # shadow models per optimiser step (reference: 1)
     nu: float = 0.1  # one-class: share of benign shadows allowed outside
-    response: Literal["logits", "softmax", "zscore"] = "softmax"
+    response: Literal["logits", "softmax", "zscore", "sorted"] = "softmax"
     query_range: Literal["free", "unit"] = "free"  # "unit": queries kept in [0, 1]
 
     def validate(self) -> None:
@@ -146,6 +146,10 @@ def normalise_responses(out: torch.Tensor, response: str) -> torch.Tensor:
     if response == "zscore":
         centred = out - out.mean(dim=1, keepdim=True)
         return centred / (centred.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-6)
+    if response == "sorted":
+        prob = F.softmax(out, dim=-1)
+        order = prob.mean(dim=-2, keepdim=True).argsort(dim=-1, descending=True)
+        return prob.gather(-1, order.expand_as(prob))
     return out
 
 
