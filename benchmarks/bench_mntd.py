@@ -236,9 +236,11 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
             raws.append(r.evidence["raw_score"])
             verdicts.append(r.verdict == "backdoored")
             secs.append(r.seconds)
-            row[f"{bundle.name}/{variant}"] = round(r.evidence["raw_score"], 4)
+            row[f"{meta}:{variant}"] = round(r.evidence["raw_score"], 4)
         res: dict[str, Any] = {"auroc": _auroc([y[i] for i in main], [raws[i] for i in main]),
                                "per_attack": {}, "per_arch": {}}
+        strong = [i for i in main if y[i] == 0 or (targets[i][0]["asr"] or 0) >= 0.8]
+        res["auroc_asr_at_least_0.8"] = _auroc([y[i] for i in strong], [raws[i] for i in strong])
         if unseen:
             res["unseen_arch_auroc"] = _auroc([y[i] for i in unseen], [raws[i] for i in unseen])
         for kind in ATTACKS:
@@ -272,12 +274,23 @@ def stage_score(args: argparse.Namespace) -> dict[str, Any]:
         "bundles": {}, "models": rows, "machine": machine()}
     for meta in args.meta.split(","):
         res = score_bundle(meta, targets, rows, out["unseen_arch"])
-        out["bundles"][res["name"]] = res
+        label = meta if not meta.endswith(".json") else Path(meta).stem
+        res["meta"] = meta
+        out["bundles"][label] = res
         print_score_table(out, res)
     asr = [p["asr"] for p in main if p["asr"] is not None]
     out["backdoored_asr"] = {"median": round(float(np.median(asr)), 4),
                              "min": round(float(np.min(asr)), 4),
-                             "below_0.8": int(sum(a < 0.8 for a in asr))}
+                             "below_0.8": int(sum(a < 0.8 for a in asr)),
+                             "per_attack_median": {
+                                 k: round(float(np.median([p["asr"] for p in main
+                                                           if p["kind"] == k])), 3)
+                                 for k in ATTACKS}}
+    acc = [p["accuracy"] for p in main]
+    out["clean_accuracy"] = {"median": round(float(np.median(acc)), 4),
+                             "min": round(float(np.min(acc)), 4)}
+    print(f"backdoored models' ASR: {out['backdoored_asr']}; clean accuracy: "
+          f"{out['clean_accuracy']}")
     return {"score": out}
 
 
@@ -297,6 +310,7 @@ def print_score_table(out: dict[str, Any], res: dict[str, Any]) -> None:
     for kind, (label, inside) in ATTACKS.items():
         line(label, "yes" if inside else "no", lambda r, k=kind: r["per_attack"][k])
     line("**all**", "", lambda r: r["auroc"], "**{:.3f}**")
+    line("all, backdoors with ASR ≥ 0.8 only", "", lambda r: r["auroc_asr_at_least_0.8"])
     for arch in v0["per_arch"]:
         line(f"arch {arch}", "", lambda r, a=arch: r["per_arch"][a])
     if "unseen_arch_auroc" in v0:

@@ -5,11 +5,25 @@ Every setting is in :data:`PRESETS` below and recorded in the bundle's JSON; wit
 seed, data and torch build the shadows are the same (each shadow has its own derived
 seed, whatever backend trains it). Shadows are resumable files under ``--workdir``.
 
-Usage (what produced the shipped files; one H100 machine, 16 CPU cores)::
+Usage (what produced the shipped files: one H100 machine with 16 CPU cores, shadows
+trained by 8 (Fashion-MNIST) and 4 (digits) worker processes sharing the GPU, about 4 and
+3 minutes; meta-classifiers on one CPU thread)::
 
-    CUBLAS_WORKSPACE_CONFIG=:4096:8 python scripts/make_mntd_pretrained.py \\
-        --which fashion-mnist digits --backend processes --workers 12 --device cuda \\
-        --workdir .cache/mntd --out src/trojanscan/data
+    export CUBLAS_WORKSPACE_CONFIG=:4096:8
+    python scripts/make_mntd_pretrained.py --which fashion-mnist --backend processes \\
+        --workers 8 --device cuda --meta-device cpu --workdir .cache/mntd --out OUT
+    python scripts/make_mntd_pretrained.py --which digits --backend processes \\
+        --workers 4 --device cuda --meta-device cpu --workdir .cache/mntd --out OUT
+
+On CPU only (same settings, not bit-identical to GPU-trained shadows): drop ``--device``;
+expect hours for Fashion-MNIST on two cores. The alternative measured in
+docs/benchmarks/mntd.md (softmax responses, poison replacing samples, 128 shadows per kind
+of mlp and lenet)::
+
+    python scripts/make_mntd_pretrained.py --which fashion-mnist --backend processes \\
+        --workers 2 --meta-backend processes --num-shadows 128 --num-val 24 \\
+        --archs mlp,lenet --meta-epochs 20 --response softmax --poisoning replace \\
+        --stem mntd_fmnist_softmax --out benchmarks/.cache/mntd/local_softmax
 
 Quick check on a laptop (smaller, not the shipped settings)::
 
@@ -41,9 +55,10 @@ PRESETS: dict[str, dict] = {
         "share": 0.02,  # the paper's 2%: 1,200 images
         "eval": "fashion-mnist:test",  # only to report shadow accuracy / ASR
         "eval_samples": 1000,
-        "settings": TrainSettings(num_shadows=128, num_val=24, archs=("mlp", "lenet"),
-                                  shadow_epochs=20, shadow_batch_size=64, shadow_lr=1e-3,
-                                  meta_epochs=20, response="softmax"),
+        "settings": TrainSettings(num_shadows=256, num_val=32,
+                                  archs=("small_cnn", "lenet", "mlp"), shadow_epochs=20,
+                                  shadow_batch_size=64, shadow_lr=1e-3, meta_epochs=40,
+                                  response="logits", shadow_poisoning="append"),
     },
     "digits": {
         "stem": "mntd_digits",
@@ -51,10 +66,10 @@ PRESETS: dict[str, dict] = {
         "share": 0.5,  # 2% of 1,442 digits would be 29 images: too few to train on
         "eval": "digits:test",
         "eval_samples": 355,
-        "settings": TrainSettings(num_shadows=128, num_val=24,
+        "settings": TrainSettings(num_shadows=256, num_val=32,
                                   archs=("small_cnn", "lenet", "mlp"), shadow_epochs=30,
-                                  shadow_batch_size=64, shadow_lr=2e-3, meta_epochs=20,
-                                  response="softmax"),
+                                  shadow_batch_size=64, shadow_lr=2e-3, meta_epochs=40,
+                                  response="logits", shadow_poisoning="append"),
     },
 }
 
@@ -66,7 +81,10 @@ def make(name: str, args: argparse.Namespace) -> Path:
                                    ("meta_epochs", args.meta_epochs),
                                    ("shadow_epochs", args.shadow_epochs),
                                    ("response", args.response),
-                                   ("query_range", args.query_range)) if v is not None}
+                                   ("query_range", args.query_range),
+                                   ("shadow_poisoning", args.poisoning),
+                                   ("archs", None if args.archs is None else
+                                    tuple(args.archs.split(",")))) if v is not None}
     settings = dataclasses.replace(settings, **overrides)
     data = load_dataset(preset["data"])
     share = defender_share(data, preset["share"], seed=args.seed)
@@ -114,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="processes: train the variants side by side")
     ap.add_argument("--response", default=None, help="override (logits, softmax, zscore)")
     ap.add_argument("--query-range", default=None, help="override (free, unit)")
+    ap.add_argument("--poisoning", default=None, help="override (append, replace)")
+    ap.add_argument("--archs", default=None, help="override, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stem", default=None, help="output file stem (default: the preset's)")
     ap.add_argument("--num-shadows", type=int, default=None, help="override (per kind)")

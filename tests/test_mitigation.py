@@ -34,6 +34,8 @@ def _true_trigger(label: int = 0) -> Trigger:
 def test_trigger_apply_matches_the_stamp(tiny: Any) -> None:
     x = tiny.test.x[:5]
     assert torch.equal(_true_trigger().apply(x), tiny.stamp(x))
+    grown = _true_trigger().dilated().mask
+    assert grown.sum() == 9 and grown[-3:, -3:].sum() == 9  # 2×2 → 3×3 inside the image
 
 
 def test_unlearning_removes_the_backdoor_and_keeps_accuracy(tiny: Any) -> None:
@@ -63,7 +65,8 @@ def test_unlearning_is_deterministic(tiny: Any) -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("stamp_fraction", 0.0), ("stamp_fraction", 1.0),
-                                              ("epochs", 0), ("lr", -1.0), ("batch_size", 1)])
+                                              ("epochs", 0), ("lr", -1.0), ("batch_size", 1),
+                                              ("optimizer", "rmsprop"), ("dilate", 1.5)])
 def test_bad_unlearning_settings(field: str, value: Any, tiny: Any) -> None:
     with pytest.raises(ParameterError, match=field):
         unlearn(tiny.backdoored, tiny.train_clean, [_true_trigger()],

@@ -18,9 +18,9 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -171,7 +171,7 @@ def make_result(name: str, *, scores: np.ndarray, flagged: np.ndarray, seconds: 
         raise AssertionError("scores and flags must be vectors of the same length")
     if not np.isfinite(scores).all():
         scores = np.nan_to_num(scores, nan=0.0, posinf=np.finfo(np.float32).max)
-    verdict = "poisoned" if bool(flagged.any()) else "clean"
+    verdict: Literal["poisoned", "clean"] = "poisoned" if bool(flagged.any()) else "clean"
     return DataScanResult(detector=name, verdict=verdict, scores=scores, flagged=flagged,
                           seconds=float(seconds), seed=int(seed), params=dict(params),
                           per_class=dict(per_class), evidence=dict(evidence or {}),
@@ -230,7 +230,6 @@ class DataScan:
     features: Features
     combine: str
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def flagged_indices(self) -> np.ndarray:
@@ -308,9 +307,7 @@ def scan_data(model: Any, train: ImageDataset, *,
     eps = check_rate("poison_rate_bound", poison_rate_bound)
     if combine_rule not in COMBINE_RULES:
         raise bad_param("combine", COMBINE_RULES, combine_rule)
-    labels = train.labels()
-    train.require_classes(2)
-    del labels
+    train.require_classes(2)  # also raises when there are no labels
     feats = extract(model, train, layer=layer, batch_size=batch_size, device=device,
                     out=features_out)
     results: dict[str, DataScanResult] = {}

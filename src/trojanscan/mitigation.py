@@ -4,7 +4,10 @@ Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019, Section VI-C.
 Fine-tune the model on clean data where a share (20% in the paper) of each mini-batch
 carries a reversed trigger (from :class:`~trojanscan.detectors.neural_cleanse.NeuralCleanse`)
 while keeping its *true* label: the model learns that the trigger means nothing. The
-paper fine-tunes for one epoch on 10% of the training data.
+paper fine-tunes for one epoch on 10% of the training data. Defaults here (measured on
+Fashion-MNIST, docs/benchmarks/neural_cleanse.md): SGD with momentum 0.9, lr 0.005
+decaying to 0 along a cosine, 2 epochs, batch 64 — Adam, or SGD without the decay, cost
+1.5–2.5 points of clean accuracy on 6,000 samples, most of it from the fine-tuning itself.
 
 Needs labelled clean data. The user's model is never modified: :func:`unlearn` trains a
 deep copy. :func:`evaluate_mitigation` measures clean accuracy and the attack success
@@ -43,17 +46,38 @@ class Trigger:
         """``(1 − m)·x + m·p`` on a batch N×C×H×W."""
         return stamp(x, self.mask.to(x.device, x.dtype), self.pattern.to(x.device, x.dtype))
 
+    def dilated(self) -> Trigger:
+        """The same trigger with its mask grown by one pixel (3×3 max-pool)."""
+        m = F.max_pool2d(self.mask[None, None], 3, stride=1, padding=1)[0, 0]
+        return Trigger(self.label, m, self.pattern)
+
+
+OPTIMIZERS = ("sgd", "adam")
+
 
 @dataclass(frozen=True)
 class UnlearnConfig:
-    """Fine-tuning settings of :func:`unlearn` (defaults: the paper's share, Adam)."""
+    """Fine-tuning settings of :func:`unlearn` (the paper's 20% stamped share).
+
+    The learning rate decays to 0 along a cosine over the run (lets the model settle
+    back, as the trainer does). ``optimizer``: ``"sgd"`` (momentum 0.9) or ``"adam"``;
+    ``dilate``: probability that a stamped sample gets the trigger's mask dilated by one
+    pixel (3×3 max-pool) — the reversed trigger is a minimal part of the real one, and
+    unlearning a slightly larger one may generalise better to it (beyond the paper).
+    """
 
     stamp_fraction: float = 0.2
-    epochs: int = 1
-    lr: float = 1e-3
+    epochs: int = 2
+    lr: float = 5e-3
     batch_size: int = 64
+    optimizer: str = "sgd"
+    dilate: float = 0.0
 
     def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise bad_param("optimizer", OPTIMIZERS, self.optimizer)
+        if not isinstance(self.dilate, (int, float)) or not 0.0 <= self.dilate <= 1.0:
+            raise bad_param("dilate", "a float in [0, 1]", self.dilate)
         if not 0.0 < self.stamp_fraction < 1.0:
             raise bad_param("stamp_fraction", "a float in (0, 1)", self.stamp_fraction)
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -114,7 +138,12 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
         raise ModelError("the model has no parameters to fine-tune")
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt: torch.optim.Optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+                                  if cfg.optimizer == "sgd" else
+                                  torch.optim.Adam(params, lr=cfg.lr))
+    variants = [(t, t.dilated()) for t in triggers]
+    n_steps = cfg.epochs * ((len(clean) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)
     n = len(clean)
     n_stamp = max(1, round(cfg.stamp_fraction * n))
     net.train()
@@ -124,18 +153,21 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
             stamped = torch.zeros(n, dtype=torch.bool)
             stamped[torch.randperm(n, generator=gen)[:n_stamp]] = True
             which = torch.randint(len(triggers), (n,), generator=gen)
+            grow = torch.rand(n, generator=gen) < cfg.dilate
             perm = torch.randperm(n, generator=gen)
             for sl in batches(n, cfg.batch_size):
                 idx = perm[sl]
                 xb = clean.x[idx].to(dev)
-                for j, trig in enumerate(triggers):
-                    sel = (stamped[idx] & (which[idx] == j)).to(dev)
-                    if bool(sel.any()):
-                        xb[sel] = trig.apply(xb[sel])
+                for j, (plain, grown) in enumerate(variants):
+                    for trig, g in ((plain, False), (grown, True)):
+                        sel = (stamped[idx] & (which[idx] == j) & (grow[idx] == g)).to(dev)
+                        if bool(sel.any()):
+                            xb[sel] = trig.apply(xb[sel])
                 loss = F.cross_entropy(_logits(net, xb), y_all[idx].to(dev))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 bar.advance()
     net.eval()
     for p in params:
@@ -251,8 +283,7 @@ def mitigate(model: nn.Module, finetune: ImageDataset, holdout: ImageDataset,
         clean_accuracy_before=acc0, clean_accuracy_after=acc1, asr_before=asr0,
         asr_after=asr1, num_finetune=len(finetune), num_holdout=len(holdout),
         seconds=time.perf_counter() - t0, seed=seed,
-        params={"stamp_fraction": cfg.stamp_fraction, "epochs": cfg.epochs, "lr": cfg.lr,
-                "batch_size": cfg.batch_size})
+        params=dict(cfg.__dict__))
 
 
 def triggers_from_result(result: Any, labels: Sequence[int] | None = None) -> list[Trigger]:

@@ -45,6 +45,12 @@ def train(
     shadow_epochs: Annotated[int, typer.Option("--shadow-epochs")] = 20,
     meta_epochs: Annotated[int, typer.Option("--meta-epochs")] = 40,
     queries: Annotated[int, typer.Option("--queries", help="Number of tuned queries.")] = 10,
+    response: Annotated[str, typer.Option(
+        "--response", help="What the meta-classifier reads: logits (the paper's), softmax, "
+                           "zscore or sorted.")] = "logits",
+    poisoning: Annotated[str, typer.Option(
+        "--poisoning", help="Jumbo shadows' poison: append (the paper's) or replace.")
+                         ] = "append",
     variants: Annotated[str, typer.Option(
         "--variants", help="Comma-separated: qt (query tuning), no_qt, one_class.")
                         ] = "qt,no_qt,one_class",
@@ -84,6 +90,7 @@ def train(
         num_shadows=num_shadows, num_val=num_val,
         archs=tuple(a.strip() for a in archs.split(",") if a.strip()),
         shadow_epochs=shadow_epochs, meta_epochs=meta_epochs, num_queries=queries,
+        response=response, shadow_poisoning=poisoning,
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
     settings.validate()
     ds = load_dataset(data)

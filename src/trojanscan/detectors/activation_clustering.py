@@ -218,12 +218,12 @@ class ActivationClustering(FeatureDataDetector):
                 reclass = self._reclassify(clusters, model, train)
             except DetectorNotApplicable as exc:
                 notes.append(f"exclusionary reclassification skipped: {exc}")
-            for label, info in reclass.items():
-                per_class[label]["reclassification"] = info
+            for key, info in reclass.items():
+                per_class[key]["reclassification"] = info
                 if not info["poisonous"]:
-                    flagged[clusters[int(label)]] = False
-                    per_class[label]["detected"] = False
-                    per_class[label]["reason"] += "; released by exclusionary reclassification"
+                    flagged[clusters[int(key)]] = False
+                    per_class[key]["detected"] = False
+                    per_class[key]["reason"] += "; released by exclusionary reclassification"
         limit = budget(self.poison_rate_bound, n)
         flagged = apply_budget(flagged, scores, limit)
         for label, index in class_groups(y).items():

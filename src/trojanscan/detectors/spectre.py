@@ -155,7 +155,7 @@ class Spectre(FeatureDataDetector):
         _, basis = top_eigen(mom.cov, big_k)
         reps = project(f, index, mom.mean, basis)
         rows = seeded_subset(nc, self.max_fit_samples, self.seed + label)
-        common = {"ks": dims, "alpha": float(self.alpha), "fit_rows": rows,
+        common: dict[str, Any] = {"ks": dims, "alpha": float(self.alpha), "fit_rows": rows,
                   "shrinkage": float(self.shrinkage)}
         # the spectral view (top principal direction, as Spectral Signatures) ...
         spectral = decide_population(reps[:, 0], max_valley=float(self.max_valley),

@@ -15,12 +15,12 @@ looks like in general, not one attack:
 * stamping — ``x' = (1 - alpha) x + alpha * mask`` under the patch, every channel;
 * target class uniform; injection ratio ``rate ~ U(0.05, 0.5)``.
 
-These are the reference implementation's settings for MNIST-sized inputs, with one
-deliberate change: the reference *appends* ``rate × N`` stamped copies, so a trojaned
-shadow sees up to 50% more training steps than a benign one — a cue that says "trojaned"
-for shadows but not for real models, whose poison replaces clean samples. Here the same
-share, ``rate / (1 + rate)`` (5–33%), of the ``N`` samples is stamped and relabelled in
-place, so both kinds train on ``N`` samples for the same number of steps.
+These are the reference implementation's settings for MNIST-sized inputs. Poisoning
+(``mode``): ``"append"`` (the reference) adds ``round(rate × N)`` stamped, relabelled
+copies of random training samples to the ``N`` clean ones, so a trojaned shadow trains on
+up to 1.5× the data and steps of a benign one — a cue that real poisoned models, whose
+poison replaces clean samples, do not carry; ``"replace"`` stamps and relabels the same
+share, ``rate / (1 + rate)`` (5–33%), of the ``N`` samples in place.
 Functions here are pure (NumPy generator in, trigger out) and tested without any model.
 """
 
@@ -40,6 +40,7 @@ PATCH_ALPHA = (0.2, 0.6)
 OPAQUE_ABOVE = 0.5
 BLEND_ALPHA = (0.05, 0.2)
 RATE = (0.05, 0.5)
+POISONINGS = ("append", "replace")
 
 
 @dataclass(frozen=True)
@@ -125,14 +126,25 @@ def poison_fraction(rate: float) -> float:
 
 
 def poison_with(ds: ImageDataset, trigger: JumboTrigger, rng: np.random.Generator,
-                ) -> ImageDataset:
-    """A copy of ``ds`` whose random ``poison_fraction(rate)`` share is stamped and
-    relabelled ``target``; same size as ``ds`` (see the module docstring)."""
+                mode: str = "append") -> ImageDataset:
+    """``ds`` poisoned with ``trigger`` (a new data set; ``ds`` is not modified).
+
+    ``append``: ``round(rate × N)`` stamped copies relabelled ``target`` are appended;
+    ``replace``: a random ``poison_fraction(rate)`` share is stamped and relabelled in
+    place (same size as ``ds``).
+    """
+    if mode not in POISONINGS:
+        raise bad_param("poisoning", POISONINGS, mode)
     n = len(ds)
-    k = round(poison_fraction(trigger.rate) * n)
+    frac = trigger.rate if mode == "append" else poison_fraction(trigger.rate)
+    k = round(frac * n)
     if k == 0:
         return ds
     idx = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))
+    if mode == "append":
+        x_bad = trigger.apply(ds.x[idx])
+        y_bad = torch.full((k,), trigger.target, dtype=torch.int64)
+        return ds.with_data(torch.cat([ds.x, x_bad]), torch.cat([ds.labels(), y_bad]))
     x, y = ds.x.clone(), ds.labels().clone()
     x[idx] = trigger.apply(ds.x[idx])
     y[idx] = trigger.target

@@ -14,11 +14,12 @@ classifier with one hidden layer of 20 ReLU units:
   re-set to the ν-quantile (ν = 0.1) of the benign scores after every step; queries
   tuned as well. Its raw suspicion is ``r − ⟨w, h⟩`` (higher = less like the benign ones).
 
-Outputs: the reference code feeds raw logits; our default is their softmax
-(``response="softmax"``; ``"logits"`` is the reference's choice, ``"zscore"`` another).
-Logit scale depends on how long and on how much data a model was trained — shadows see
-2% of the data, real models far more — and on held-out Fashion-MNIST models softmax
-responses ranked backdoored models better (docs/mntd.md has the measurements).
+Outputs (``response``): raw ``logits`` as the reference code (default); ``softmax``,
+``zscore`` (per-query standardised logits) and ``sorted`` (softmax with the classes put
+in order of their mean probability over the queries, so the meta-classifier need not
+learn every possible target class separately) are options whose measurements are in
+docs/mntd.md — logit scale depends on how long and on how much data a model was
+trained, and shadows see 2% of the data.
 Queries start as Gaussian noise with the defender data's pixel mean and standard
 deviation (reference code) and are not clipped (``query_range="unit"`` keeps them in
 [0, 1]). Raw outputs are higher for more suspicious models;
@@ -62,7 +63,7 @@ class MetaConfig:
     lr: float = 1e-3
     batch_size: int = 1  # shadow models per optimiser step (reference: 1)
     nu: float = 0.1  # one-class: share of benign shadows allowed outside
-    response: Literal["logits", "softmax", "zscore", "sorted"] = "softmax"
+    response: Literal["logits", "softmax", "zscore", "sorted"] = "logits"
     query_range: Literal["free", "unit"] = "free"  # "unit": queries kept in [0, 1]
 
     def validate(self) -> None:
@@ -83,6 +84,8 @@ class MetaConfig:
 
 class MetaClassifier(nn.Module):
     """Queries plus a one-hidden-layer classifier over the model's responses."""
+
+    r: torch.Tensor  # one-class radius (a buffer)
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, *, num_queries: int = 10,
                  hidden: int = 20, one_class: bool = False,

@@ -29,11 +29,13 @@ from ..dataset import ImageDataset
 from ..exceptions import DataError, bad_param
 from .calibration import auroc, threshold_at_fpr
 from .executor import RunSummary, Task, run_tasks
+from .jumbo import POISONINGS
 from .meta import VARIANTS, MetaClassifier, MetaConfig, fit_meta, raw_scores
 from .pretrained import MetaBundle
 from .shadows import (
     ShadowData,
     ShadowSpec,
+    check_reusable,
     load_shadow,
     plan_shadows,
     shadow_path,
@@ -53,13 +55,14 @@ class TrainSettings:
     shadow_batch_size: int = 64
     shadow_lr: float = 1e-3
     shadow_subsample: float = 1.0  # each shadow trains on this random share of the data
+    shadow_poisoning: str = "append"  # "append" (reference) or "replace" (see jumbo.py)
     variants: tuple[str, ...] = VARIANTS
     num_queries: int = 10
     hidden: int = 20
     meta_epochs: int = 10
     meta_lr: float = 1e-3
     meta_batch_size: int = 1
-    response: str = "softmax"  # the reference code feeds logits; see docs/mntd.md
+    response: str = "logits"  # as the reference; "softmax" is measured in docs/mntd.md
     query_range: str = "free"
     fpr: float = 0.05  # threshold: at most this share of held-out benign shadows flagged
 
@@ -76,11 +79,15 @@ class TrainSettings:
             raise bad_param("variants", VARIANTS, "nothing")
         if not 0 < self.fpr < 1:
             raise bad_param("fpr", "a float in (0, 1)", self.fpr)
+        self.meta_config(self.variants[0]).validate()
+        if self.shadow_poisoning not in POISONINGS:
+            raise bad_param("poisoning", POISONINGS, self.shadow_poisoning)
 
     def specs(self, seed: int) -> list[ShadowSpec]:
         return plan_shadows(self.num_shadows, self.archs, seed=seed, epochs=self.shadow_epochs,
                             batch_size=self.shadow_batch_size, lr=self.shadow_lr,
-                            subsample=self.shadow_subsample)
+                            subsample=self.shadow_subsample,
+                            poisoning=self.shadow_poisoning)
 
     def meta_config(self, variant: str) -> MetaConfig:
         return MetaConfig(variant=variant, num_queries=self.num_queries,  # type: ignore[arg-type]
@@ -117,7 +124,11 @@ def train_shadow_set(data: ShadowData, folder: str | Path, settings: TrainSettin
     """Train the planned shadows not yet in ``folder`` (resumable)."""
     settings.validate()
     Path(folder).mkdir(parents=True, exist_ok=True)
-    tasks = shadow_tasks(settings.specs(seed), folder)
+    specs = settings.specs(seed)
+    for spec in specs:
+        if shadow_path(folder, spec).is_file():
+            check_reusable(shadow_path(folder, spec), spec)
+    tasks = shadow_tasks(specs, folder)
     return run_tasks(shadow_task, tasks, shared=data, backend=backend, workers=workers,
                      address=address, description="shadow models")
 

@@ -28,11 +28,11 @@ from torch import nn
 
 from .. import archs
 from ..dataset import ImageDataset
-from ..exceptions import ModelError, bad_param
+from ..exceptions import DataError, ModelError, bad_param
 from ..training import TrainConfig, train_model
 from ..utils import atomic_path
 from .executor import Task
-from .jumbo import JumboTrigger, poison_with, sample_trigger
+from .jumbo import POISONINGS, JumboTrigger, poison_with, sample_trigger
 
 KINDS = ("benign", "jumbo")
 META_KEY = "trojanscan_mntd_shadow"
@@ -51,6 +51,7 @@ class ShadowSpec:
     batch_size: int = 64
     lr: float = 1e-3
     subsample: float = 1.0  # share of the defender's data this shadow trains on
+    poisoning: str = "append"  # jumbo shadows: "append" (reference) or "replace"
 
     @property
     def key(self) -> str:
@@ -78,12 +79,15 @@ def derive_seed(seed: int, kind: str, index: int) -> int:
 
 def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
                  epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
-                 subsample: float = 1.0, kinds: Sequence[str] = KINDS) -> list[ShadowSpec]:
+                 subsample: float = 1.0, poisoning: str = "append",
+                 kinds: Sequence[str] = KINDS) -> list[ShadowSpec]:
     """``num_per_kind`` shadows of each kind, architectures taken in turn."""
     if num_per_kind < 1:
         raise bad_param("num_shadows", "an integer >= 1", num_per_kind)
     if not 0 < subsample <= 1:
         raise bad_param("subsample", "a float in (0, 1]", subsample)
+    if poisoning not in POISONINGS:
+        raise bad_param("poisoning", POISONINGS, poisoning)
     if not arch_names:
         raise bad_param("archs", f"one or more of {', '.join(archs.ARCHS)}", arch_names)
     for a in arch_names:
@@ -93,7 +97,7 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
         if k not in KINDS:
             raise bad_param("kinds", KINDS, k)
     return [ShadowSpec(k, i, arch_names[i % len(arch_names)], derive_seed(seed, k, i),  # type: ignore[arg-type]
-                       epochs, batch_size, lr, subsample)
+                       epochs, batch_size, lr, subsample, poisoning)
             for k in kinds for i in range(num_per_kind)]
 
 
@@ -131,7 +135,7 @@ def train_shadow(spec: ShadowSpec, data: ShadowData) -> tuple[nn.Module, dict[st
         train = train.subset(torch.from_numpy(np.sort(rng.choice(len(train), k, replace=False))))
     if spec.kind == "jumbo":
         trigger = sample_trigger(rng, train.input_shape, data.num_classes)
-        train = poison_with(train, trigger, rng)
+        train = poison_with(train, trigger, rng, spec.poisoning)
     model = train_model(spec.arch, train, config=spec.config(), seed=spec.seed,
                         device=data.device, num_classes=data.num_classes,
                         description=f"shadow {spec.key}")
@@ -194,6 +198,25 @@ def shadow_task(task: Task, data: ShadowData) -> dict[str, Any]:
     assert task.output is not None
     save_shadow(task.output, model, meta)
     return {k: meta.get(k) for k in ("kind", "index", "arch", "accuracy", "asr", "seconds")}
+
+
+#: ShadowSpec fields an existing file must match to be reused (missing = the default)
+_SPEC_FIELDS = ("kind", "index", "arch", "seed", "epochs", "batch_size", "lr", "subsample",
+                "poisoning")
+
+
+def check_reusable(path: str | Path, spec: ShadowSpec) -> None:
+    """Raise a DataError when an existing shadow file was trained with other settings
+    (resuming must never mix shadows of two configurations)."""
+    meta = read_shadow_meta(path)
+    defaults = ShadowSpec("benign", 0, "mlp", 0)
+    mismatch = [f for f in _SPEC_FIELDS
+                if meta.get(f, getattr(defaults, f)) != getattr(spec, f)]
+    if mismatch:
+        f = mismatch[0]
+        raise DataError(f"{path}: this shadow was trained with {f}={meta.get(f)!r}, the run "
+                        f"asks for {f}={getattr(spec, f)!r}; use another output folder or "
+                        "delete the old shadows")
 
 
 def list_shadows(folder: str | Path, kind: str | None = None) -> list[Path]:
