@@ -71,6 +71,12 @@ CONFIGS: dict[str, Any] = {
     "STRIP, max blend, empirical threshold": lambda d: Strip(blend="max",
                                                              threshold_method="empirical",
                                                              device=d),
+    "STRIP, median": lambda d: Strip(statistic="median", device=d),
+    "STRIP, median, empirical threshold": lambda d: Strip(statistic="median",
+                                                          threshold_method="empirical",
+                                                          device=d),
+    "STRIP, max blend, median, empirical threshold": lambda d: Strip(
+        blend="max", statistic="median", threshold_method="empirical", device=d),
     "STRIP, unclipped sum (reference code)": lambda d: Strip(blend="sum", device=d),
     "STRIP, average blend": lambda d: Strip(blend="average", device=d),
     "STRIP, N=10 (cheap)": lambda d: Strip(n_overlays=10, device=d),

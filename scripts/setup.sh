@@ -22,5 +22,14 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
     || echo "setup: could not install dataset-fashion-mnist; the demo will use digits" >&2
 fi
 
+# dev: a headless Chromium to check report.html in a real browser (tests skip without it)
+if [ "${1:-}" = "dev" ] && ! command -v chromium >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || echo "setup: could not install chromium; the browser test will be skipped" >&2
+fi
+
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install -q --disable-pip-version-check -e ".[${EXTRAS}]"

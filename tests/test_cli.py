@@ -24,6 +24,16 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert command in r.out
 
 
+def test_detectors_lists_names_levels_and_parameters(capsys: pytest.CaptureFixture[str]
+                                                    ) -> None:
+    r = run_cli(capsys, "detectors")
+    assert r.code == 0 and "neural_cleanse\tmodel" in r.out and "strip\tinput" in r.out
+    assert "statistic=" not in r.out
+    r = run_cli(capsys, "detectors", "--params")
+    strip = r.out.split("strip\tinput", 1)[1].split("\n", 1)[1]
+    assert "    statistic='mean'" in strip and "    n_overlays=100" in strip
+
+
 def test_usage_error_exits_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     r = run_cli(capsys, "scan")
     assert r.code == 2

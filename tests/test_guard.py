@@ -383,3 +383,22 @@ def test_filter_command_bad_options(files: dict[str, Path]) -> None:
             str(files["clean"]), "--out", str(files["dir"] / "x"), "--device", "cpu", "-q"]
     assert _cli(*args, "--detector", "neural_cleanse") == 2
     assert _cli(*args, "--frr", "1.5") == 2
+
+
+def test_filter_detector_parameters_from_the_cli(files: dict[str, Path],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = files["dir"] / "rep_param"
+    _cli("filter", str(files["model"]), str(files["trig"]), "--calibrate",
+         str(files["clean"]), "--out", str(out), "--device", "cpu", "--quiet",
+         "--param", "statistic=median", "--param", "n_overlays=20", "--param", "blend=max")
+    params = json.loads((out / "report.json").read_text())["params"]["detector_params"]
+    assert (params["statistic"], params["n_overlays"], params["blend"]) == ("median", 20, "max")
+    args = ["filter", str(files["model"]), str(files["trig"]), "--calibrate",
+            str(files["clean"]), "--out", str(files["dir"] / "y"), "--device", "cpu", "-q"]
+    capsys.readouterr()
+    assert _cli(*args, "--param", "no_such_thing=1") == 2
+    err = capsys.readouterr().err
+    assert "no_such_thing" in err and "accepted:" in err and "Traceback" not in err
+    assert _cli(*args, "--param", "statistic") == 2  # no '='
+    assert _cli(*args, "--param", "statistic=mode") == 2  # invalid value, named by STRIP
+    assert not (files["dir"] / "y" / "report.json").exists()

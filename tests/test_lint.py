@@ -1,4 +1,4 @@
-"""The code base stays ruff-clean (the dev extra installs ruff)."""
+"""The code base stays ruff- and mypy-clean (the dev extra installs both)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,10 @@ def test_ruff_clean() -> None:
     except FileNotFoundError:
         pytest.skip("ruff is not installed (pip install 'trojanscan[dev]')")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_clean() -> None:
+    pytest.importorskip("mypy", reason="mypy is not installed (pip install 'trojanscan[dev]')")
+    proc = subprocess.run([sys.executable, "-m", "mypy", "src"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

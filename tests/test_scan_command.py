@@ -119,3 +119,30 @@ def test_bad_data_exit_2(capsys: pytest.CaptureFixture[str], files: dict[str, Pa
                 str(tmp_path / "y"))
     assert r.code == 2 and "error: " in r.err
     assert not (tmp_path / "x" / "report.json").exists()
+
+
+def test_clean_reference_reports_calibrate_neural_cleanse(
+        capsys: pytest.CaptureFixture[str], files: dict[str, Path], tmp_path: Path,
+        tiny: Any) -> None:
+    # two scans of the clean twin (different seeds) are the references
+    refs = []
+    for seed in (1, 2):
+        out = tmp_path / f"ref{seed}"
+        assert _scan(capsys, files["clean"], files["data"], out, "--seed", str(seed)).code in (0, 1)
+        refs += ["--nc-reference", str(out / "report.json")]
+    r = _scan(capsys, files["backdoored"], files["data"], tmp_path / "bd", *refs)
+    assert r.code == 1, r.err
+    doc = json.loads((tmp_path / "bd" / "report.json").read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+    nc = doc["detectors"]["neural_cleanse"]
+    assert nc["decision"] == "reference" and nc["num_reference_models"] == 2
+    assert doc["suspected_targets"] == [tiny.target]
+    r = _scan(capsys, files["clean"], files["data"], tmp_path / "cl", "--seed", "3", *refs)
+    assert r.code == 0, r.err
+    # a folder of references works too; a missing one is a clear error before any work
+    assert _scan(capsys, files["clean"], files["data"], tmp_path / "cl2", "--seed", "3",
+                 "--nc-reference", str(tmp_path / "ref1"), "--nc-reference",
+                 str(tmp_path / "ref2")).code == 0
+    r = _scan(capsys, files["clean"], files["data"], tmp_path / "x", "--nc-reference",
+              str(tmp_path / "missing.json"))
+    assert r.code == 2 and "reference" in r.err and "Traceback" not in r.err

@@ -66,6 +66,20 @@ def test_strip_entropy_is_over_classes_then_averaged_over_overlays() -> None:
     assert float(rt.strip_scores(mixed)[0]) == pytest.approx(-1.0, abs=1e-6)
 
 
+def test_median_statistic_ignores_a_few_erased_triggers() -> None:
+    # 10 overlays: 8 confident (0 bits), 2 uniform over 4 classes (2 bits each)
+    confident = torch.tensor([50.0, -50.0, -50.0, -50.0])
+    logits = torch.stack([confident] * 8 + [torch.zeros(4)] * 2).unsqueeze(0)
+    assert float(rt.strip_entropy(logits)[0]) == pytest.approx(0.4, abs=1e-5)
+    assert float(rt.strip_entropy(logits, "median")[0]) == pytest.approx(0.0, abs=1e-5)
+    # even N: the median is the mean of the two middle entropies (0 and 2 bits here)
+    half = torch.stack([confident] * 5 + [torch.zeros(4)] * 5).unsqueeze(0)
+    assert float(rt.strip_entropy(half, "median")[0]) == pytest.approx(1.0, abs=1e-5)
+    assert float(rt.strip_scores(half, "median")[0]) == pytest.approx(-1.0, abs=1e-5)
+    with pytest.raises(ParameterError, match="statistic"):
+        rt.strip_entropy(logits, "mode")
+
+
 def test_strip_entropy_needs_three_dimensions() -> None:
     with pytest.raises(ParameterError, match="logits"):
         rt.strip_entropy(torch.zeros(3, 4))
@@ -317,6 +331,7 @@ def test_bad_inputs_are_our_errors(tiny: Any, strip_bd: Strip) -> None:
                                                           "pool_fraction"),
     ({"holdout_fraction": 0.95}, "holdout_fraction"), ({"overlay_draw": "x"}, "overlay_draw"),
     ({"batch_size": 0}, "batch_size"), ({"max_samples": 2}, "max_samples"),
+    ({"statistic": "mode"}, "statistic"),
 ])
 def test_bad_parameters_name_themselves(tiny: Any, params: dict[str, Any], name: str) -> None:
     with pytest.raises(ParameterError, match=name):

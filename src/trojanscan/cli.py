@@ -110,12 +110,18 @@ def scan(
     trust_pickle: TrustPickle = False,
     max_samples: Annotated[int | None, typer.Option("--max-samples", help="Use at most this "
                                                    "many clean samples.")] = None,
+    nc_reference: Annotated[list[Path] | None, typer.Option(
+        "--nc-reference", help="Neural Cleanse references: report.json files of scans of "
+                               "clean models of the same task (or folders of them; >= 2 "
+                               "models). Switches Neural Cleanse to the reference-calibrated "
+                               "decision. Repeatable.")] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
     """Is this model backdoored? Runs model-level detectors and fuses their verdicts."""
     _run("scan", model=model, data=data, detectors=detectors, out=out, seed=seed,
          device=device, arch=arch, trust_pickle=trust_pickle, max_samples=max_samples,
+         nc_reference=nc_reference,
          quiet=quiet, json_out=json_out)
 
 
@@ -153,6 +159,9 @@ def filter_(
                                            "threshold.")],
     frr: Annotated[float, typer.Option("--frr", help="Target false-rejection rate.")] = 0.01,
     detector: Annotated[str, typer.Option("--detector", help="strip or scale_up.")] = "strip",
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. statistic=median, "
+                        "blend=max, n_overlays=50).")] = None,
     out: Out = DEFAULT_OUT,
     seed: Seed = 0,
     device: Device = "auto",
@@ -164,7 +173,7 @@ def filter_(
     """Which of these inputs carry a trigger?"""
     _run("filter", model=model, inputs=inputs, calibrate=calibrate, frr=frr,
          detector=detector, out=out, seed=seed, device=device, arch=arch,
-         trust_pickle=trust_pickle, quiet=quiet, json_out=json_out)
+         trust_pickle=trust_pickle, quiet=quiet, json_out=json_out, param=param)
 
 
 @app.command()
@@ -174,6 +183,9 @@ def guard(
                                            "threshold.")],
     frr: Annotated[float, typer.Option("--frr")] = 0.01,
     detector: Annotated[str, typer.Option("--detector", help="strip or scale_up.")] = "strip",
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. statistic=median, "
+                        "blend=max, n_overlays=50).")] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8080,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch per "
@@ -187,7 +199,7 @@ def guard(
     """Serve predictions over HTTP and reject triggered inputs."""
     _run("guard", model=model, calibrate=calibrate, frr=frr, detector=detector, host=host,
          port=port, max_batch=max_batch, seed=seed, device=device, arch=arch,
-         trust_pickle=trust_pickle, quiet=quiet)
+         trust_pickle=trust_pickle, quiet=quiet, param=param)
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -241,12 +253,21 @@ def mitigate(
 
 
 @app.command("detectors")
-def list_detectors() -> None:
-    """List the detectors available in this installation."""
-    from .detectors import available
+def list_detectors(
+    verbose: Annotated[bool, typer.Option("--params", "-p", help="Also list each detector's "
+                                          "parameters and defaults.")] = False,
+) -> None:
+    """List the detectors available in this installation (and their parameters)."""
+    import inspect
+
+    from .detectors import available, get
 
     for name, level in available().items():
         typer.echo(f"{name}\t{level}")
+        if verbose:
+            for pname, prm in inspect.signature(get(name).__init__).parameters.items():
+                if prm.kind is inspect.Parameter.KEYWORD_ONLY:
+                    typer.echo(f"    {pname}={prm.default!r}")
 
 
 def _add_subapps() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .report import esc
@@ -35,7 +36,7 @@ def _verdict_html(verdict: Any) -> str:
     return f'<div class="verdict {cls}">Verdict: {esc(verdict)}</div>'
 
 
-def _kv_table(rows: dict[str, Any]) -> str:
+def _kv_table(rows: Mapping[str, Any]) -> str:
     body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows.items())
     return f"<table>{body}</table>"
 
@@ -66,8 +67,8 @@ def render_html(doc: dict[str, Any], report: Report) -> str:
     """The whole page: verdict first, detectors, sections, manifest."""
     title = f"trojanscan {doc.get('command', '')} report"
     parts = [f"<h1>{esc(title)}</h1>", _verdict_html(doc.get("verdict"))]
-    summary = {k: doc[k] for k in ("score", "suspected_targets", "num_samples", "num_flagged",
-                                   "threshold", "frr") if k in doc}
+    keys = ("score", "suspected_targets", "num_samples", "num_flagged", "threshold", "frr")
+    summary: dict[str, Any] = {k: doc[k] for k in keys if k in doc}
     if summary:
         parts.append(_kv_table(summary))
     parts.append("<h2>Detectors</h2>" + _detector_table(doc.get("detectors", {})))

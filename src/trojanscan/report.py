@@ -50,7 +50,7 @@ def png_bytes(image: np.ndarray, *, scale: int = 1) -> bytes:
     arr = np.nan_to_num(arr, nan=0.0).clip(0.0, 1.0)
     img = Image.fromarray(np.round(arr * 255).astype(np.uint8))
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

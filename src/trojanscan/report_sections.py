@@ -45,6 +45,14 @@ def _per_label(evidence: Mapping[str, Any], key: str) -> dict[int, float]:
     return {}
 
 
+#: how Neural Cleanse's ``decision`` evidence reads in the report
+_DECISIONS = {
+    "index": "the paper's rule (MAD anomaly index > 2, below the median)",
+    "p_value": "calibrated p-value of the anomaly index under a no-backdoor null",
+    "reference": "compared with the same labels' norms in {n} clean reference models",
+}
+
+
 def model_result_section(rep: Report, name: str, result: ModelScanResult) -> None:
     """Add the evidence of one model-level detector to the report."""
     suspects = set(result.suspected_targets)
@@ -52,6 +60,10 @@ def model_result_section(rep: Report, name: str, result: ModelScanResult) -> Non
     ev = result.evidence
     if result.p_value is not None:
         parts.append(f"<p>p-value {result.p_value:.3g}; score {result.score:.3f}.</p>")
+    rule = _DECISIONS.get(str(ev.get("decision")))
+    if rule:
+        n_ref = ev.get("num_reference_models") or 0
+        parts.append(f"<p>Decision: {esc(rule.format(n=n_ref))}.</p>")
     norms = _per_label(ev, "l1_norms")
     if norms:
         rel = _bar_chart(rep, f"{name}_l1_norms", norms, suspects, "L1 norm of mask",

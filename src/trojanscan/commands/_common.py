@@ -44,3 +44,26 @@ def subsample(ds: ImageDataset, max_samples: int | None, seed: int) -> ImageData
 def emit_json(path: Path) -> None:
     """Print the report JSON to stdout (``--json``)."""
     sys.stdout.write(json.dumps(json.loads(path.read_text()), indent=2) + "\n")
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``--param``) as detector keyword arguments.
+
+    Values are read as JSON where they parse (``100``, ``0.5``, ``true``, ``null``,
+    ``[3, 5]``) and kept as strings otherwise (``median``). Keys are the detector's
+    parameter names (``trojanscan detectors`` lists them); unknown ones are rejected by
+    the detector, not ignored.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ParameterError(f"invalid --param {item!r}: expected KEY=VALUE, e.g. "
+                                 "statistic=median")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key] = value
+    return out

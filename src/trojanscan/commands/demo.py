@@ -9,7 +9,6 @@ ground truth. ``--quick`` trains on a subset for one or two epochs (about a minu
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ import numpy as np
 import torch
 
 from ..dataset import ImageDataset
-from ..exceptions import DataError, ParameterError
+from ..exceptions import DataError
 from ..training import TrainConfig
 from ..utils import seed_everything
 
 ATTACK = "badnets:size=4,location=bottom-right,target=0"
+#: clean models trained with other seeds, the references of Neural Cleanse's decision
+N_REFERENCES = 2
 
 
 @dataclass(frozen=True)
@@ -91,15 +92,6 @@ def _save_npz(path: Path, x: torch.Tensor, y: torch.Tensor | None = None) -> Non
         np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
 
-def _command(name: str) -> Any | None:
-    try:
-        return importlib.import_module(f"{__package__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__package__}.{name}":
-            return None
-        raise
-
-
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, flush=True)
@@ -119,16 +111,22 @@ def run(*, out: Path, quick: bool, seed: int, device: str, cache: Path | None,
     plan = _plan(quick, seed)
     spec = _attack_spec(plan.dataset)
     attack = parse_attack(spec)
+    assert attack is not None  # the demo's spec is a real attack
     _say(quiet, f"trojanscan demo — data: {plan.note}")
     key = {"dataset": plan.dataset, "quick": quick, "seed": seed, "attack": spec,
            "n_train": len(plan.train), "epochs": plan.config.epochs}
     bd_path, clean_path = models / "backdoored.pt", models / "clean.pt"
     bd_meta, _ = _cached_or_train(bd_path, plan, attack, seed, device, {**key, "kind": "bd"})
     cl_meta, _ = _cached_or_train(clean_path, plan, None, seed, device, {**key, "kind": "clean"})
+    ref_paths = [models / f"reference-{i}.pt" for i in range(N_REFERENCES)]
+    for i, path in enumerate(ref_paths):
+        _cached_or_train(path, plan, None, seed + 1000 + i, device,
+                         {**key, "kind": "reference", "index": i})
     _say(quiet, f"1. Trained a backdoored small CNN ({spec}, 10% of the training set "
                 f"poisoned): clean accuracy {bd_meta['clean_accuracy']:.3f}, attack success "
-                f"rate {bd_meta['asr']:.3f}; and a clean twin: accuracy "
-                f"{cl_meta['clean_accuracy']:.3f}. Models: {models}")
+                f"rate {bd_meta['asr']:.3f}; a clean twin: accuracy "
+                f"{cl_meta['clean_accuracy']:.3f}; and {N_REFERENCES} clean reference models "
+                f"(other seeds). Models: {models}")
 
     # held-out data: calibration/clean half and an input batch from the other half
     g = torch.Generator().manual_seed(seed + 1)
@@ -145,65 +143,62 @@ def run(*, out: Path, quick: bool, seed: int, device: str, cache: Path | None,
     x_inputs = torch.cat([attack.apply(plan.test.x[trig_src]), plan.test.x[benign]])
     is_triggered = np.r_[np.ones(len(trig_src), bool), np.zeros(len(benign), bool)]
     _save_npz(data_dir / "inputs.npz", x_inputs)
-    results: dict[str, int | None] = {}
 
-    scan = _command("commands.scan")
+    from . import filter as filter_cmd
+    from . import scan, scan_data
+
     max_samples = 500 if quick else 1000
+    clean_npz = str(data_dir / "clean.npz")
+
+    def _scan(path: Path, dest: Path, detectors: str | None,
+              refs: list[Path] | None) -> int:
+        return scan.run(model=path, data=clean_npz, detectors=detectors, out=dest, seed=seed,
+                        device=device, arch=None, trust_pickle=False, max_samples=max_samples,
+                        quiet=True, json_out=False, nc_reference=refs)
+
+    # Neural Cleanse's paper rule flags labels that are easy targets in *every* model
+    # (Fashion-MNIST's "Bag"); its reference decision compares each label with the same
+    # label in clean models of the same task, scanned once
+    ref_dir = out / "references"
+    for i, path in enumerate(ref_paths):
+        _scan(path, ref_dir / f"reference-{i}", "neural_cleanse", None)
     for label, path in (("backdoored", bd_path), ("clean", clean_path)):
-        if scan is None:
-            results[f"scan-{label}"] = None
-            continue
-        results[f"scan-{label}"] = scan.run(
-            model=path, data=str(data_dir / "clean.npz"), detectors=None,
-            out=out / f"scan-{label}", seed=seed, device=device, arch=None,
-            trust_pickle=False, max_samples=max_samples, quiet=True, json_out=False)
-    if scan is not None:
-        bd = json.loads((out / "scan-backdoored" / "report.json").read_text())
-        cl = json.loads((out / "scan-clean" / "report.json").read_text())
-        _say(quiet, f"2. scan: backdoored model → {bd['verdict'].upper()} (score "
-                    f"{bd['score']:.2f}, suspected target(s) {bd['suspected_targets']}; true "
-                    f"target {attack.target}); clean model → {cl['verdict'].upper()} (score "
-                    f"{cl['score']:.2f}).")
-    else:
-        _say(quiet, "2. scan: not available in this installation.")
+        _scan(path, out / f"scan-{label}", None, [ref_dir])
+    bd = json.loads((out / "scan-backdoored" / "report.json").read_text())
+    cl = json.loads((out / "scan-clean" / "report.json").read_text())
+    _say(quiet, f"2. scan (Neural Cleanse against the {N_REFERENCES} reference models, and "
+                f"MNTD): backdoored model → {bd['verdict'].upper()} (score {bd['score']:.2f}, "
+                f"suspected target(s) {bd['suspected_targets']}; true target "
+                f"{attack.target}); clean model → {cl['verdict'].upper()} (score "
+                f"{cl['score']:.2f}).")
 
-    scan_data = _command("commands.scan_data")
     poisoned = models / "poisoned_train.npz"
-    if scan_data is not None and poisoned.exists():
-        results["scan-data"] = scan_data.run(
-            train=str(poisoned), model=bd_path, detectors=None, poison_rate_bound=None,
-            out=out / "scan-data", export_clean=None, verify=False, seed=seed, device=device,
-            arch=None, trust_pickle=False, quiet=True, json_out=False)
-        rep = json.loads((out / "scan-data" / "report.json").read_text())
-        truth = np.load(poisoned)["poison_mask"]
-        flagged = np.zeros(len(truth), bool)
-        flagged[np.asarray(rep["flagged_indices"], dtype=np.int64)] = True
-        tp = int((flagged & truth).sum())
-        _say(quiet, f"3. scan-data: {rep['verdict'].upper()} — flagged {int(flagged.sum())} of "
-                    f"{len(truth)} training samples; {tp} of the {int(truth.sum())} poisoned "
-                    f"ones (recall {tp / max(1, truth.sum()):.2f}, precision "
-                    f"{tp / max(1, flagged.sum()):.2f}).")
-    else:
-        _say(quiet, "3. scan-data: not available in this installation.")
+    scan_data.run(
+        train=str(poisoned), model=bd_path, detectors=None, poison_rate_bound=None,
+        out=out / "scan-data", export_clean=None, verify=False, seed=seed, device=device,
+        arch=None, trust_pickle=False, quiet=True, json_out=False)
+    rep = json.loads((out / "scan-data" / "report.json").read_text())
+    truth = np.load(poisoned)["poison_mask"]
+    flagged = np.zeros(len(truth), bool)
+    flagged[np.asarray(rep["flagged_indices"], dtype=np.int64)] = True
+    tp = int((flagged & truth).sum())
+    _say(quiet, f"3. scan-data: {rep['verdict'].upper()} — flagged {int(flagged.sum())} of "
+                f"{len(truth)} training samples; {tp} of the {int(truth.sum())} poisoned "
+                f"ones (recall {tp / max(1, truth.sum()):.2f}, precision "
+                f"{tp / max(1, flagged.sum()):.2f}).")
 
-    filt = _command("commands.filter")
-    if filt is not None:
-        results["filter"] = filt.run(
-            model=bd_path, inputs=str(data_dir / "inputs.npz"),
-            calibrate=str(data_dir / "clean.npz"), frr=0.01, detector="strip",
-            out=out / "filter", seed=seed, device=device, arch=None, trust_pickle=False,
-            quiet=True, json_out=False)
-        rep = json.loads((out / "filter" / "report.json").read_text())
-        fl = np.asarray(rep["flagged"], dtype=bool)
-        _say(quiet, f"4. filter (STRIP, FRR 1%): flagged {int(fl[is_triggered].sum())}/"
-                    f"{int(is_triggered.sum())} triggered inputs and "
-                    f"{int(fl[~is_triggered].sum())}/{int((~is_triggered).sum())} clean ones.")
-    else:
-        _say(quiet, "4. filter: not available in this installation.")
+    filter_cmd.run(
+        model=bd_path, inputs=str(data_dir / "inputs.npz"), calibrate=clean_npz, frr=0.01,
+        detector="strip", out=out / "filter", seed=seed, device=device, arch=None,
+        trust_pickle=False, quiet=True, json_out=False)
+    rep = json.loads((out / "filter" / "report.json").read_text())
+    fl = np.asarray(rep["flagged"], dtype=bool)
+    _say(quiet, f"4. filter (STRIP, FRR 1%): flagged {int(fl[is_triggered].sum())}/"
+                f"{int(is_triggered.sum())} triggered inputs and "
+                f"{int(fl[~is_triggered].sum())}/{int((~is_triggered).sum())} clean ones.")
 
-    reports = sorted(str(p) for p in out.glob("*/report.html"))
-    _say(quiet, "Reports:\n  " + "\n  ".join(reports) if reports else "No reports written.")
+    reports = [str(out / d / "report.html") for d in ("scan-backdoored", "scan-clean",
+                                                       "scan-data", "filter")]
+    _say(quiet, "Reports:\n  " + "\n  ".join(reports))
     _say(quiet, f"Done in {time.perf_counter() - t0:.0f} s.")
-    if not reports and scan is None:
-        raise ParameterError("demo: no analysis command is available in this installation")
     return 0

@@ -21,7 +21,7 @@ from ..exceptions import bad_param
 from ..guard import RUNTIME_DETECTORS
 from ..report import Report, esc
 from ..utils import seed_everything
-from ._common import emit_json, load_inputs
+from ._common import emit_json, load_inputs, parse_params
 
 #: flagged inputs shown as thumbnails in the HTML report
 MAX_THUMBNAILS = 24
@@ -85,13 +85,15 @@ def _sections(rep: Report, det: Any, x: Any, scores: np.ndarray, flagged: np.nda
 
 def run(*, model: Path, inputs: str, calibrate: str, frr: float, detector: str, out: Path,
         seed: int, device: str, arch: str | None, trust_pickle: bool, quiet: bool,
-        json_out: bool) -> int:
+        json_out: bool, param: list[str] | None = None) -> int:
     from ..io.data import load_dataset
 
     t0 = time.perf_counter()
     seed_everything(seed)
     if detector not in RUNTIME_DETECTORS:
         raise bad_param("detector", RUNTIME_DETECTORS, detector)
+    extra = parse_params(param)
+    create(detector, frr=frr, seed=seed, **extra)  # bad parameters fail before any loading
     loaded, clean = load_inputs(model, calibrate, arch=arch, trust_pickle=trust_pickle,
                                 device=device, need_labels=False)
     assert clean is not None
@@ -100,7 +102,7 @@ def run(*, model: Path, inputs: str, calibrate: str, frr: float, detector: str, 
         raise bad_param("INPUTS", f"inputs of the calibration data's shape "
                         f"{'×'.join(map(str, clean.input_shape))}",
                         "×".join(map(str, data.input_shape)))
-    det = create(detector, frr=frr, seed=seed, device=str(loaded.device))
+    det = create(detector, frr=frr, seed=seed, device=str(loaded.device), **extra)
     det.fit(loaded.module, clean)
     result = det.filter(data.x)
 

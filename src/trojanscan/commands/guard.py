@@ -11,10 +11,11 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from ..detectors import create
 from ..exceptions import bad_param, require
 from ..guard import RUNTIME_DETECTORS, Guard
 from ..utils import seed_everything
-from ._common import load_inputs
+from ._common import load_inputs, parse_params
 
 
 def _is_loopback(host: str) -> bool:
@@ -28,7 +29,7 @@ def _is_loopback(host: str) -> bool:
 
 def run(*, model: Path, calibrate: str, frr: float, detector: str, host: str, port: int,
         max_batch: int, seed: int, device: str, arch: str | None, trust_pickle: bool,
-        quiet: bool) -> int:
+        quiet: bool, param: list[str] | None = None) -> int:
     # fail fast, before loading anything, when the extra is missing
     require("fastapi", "serve")
     uvicorn = require("uvicorn", "serve")
@@ -41,12 +42,14 @@ def run(*, model: Path, calibrate: str, frr: float, detector: str, host: str, po
         raise bad_param("port", "an integer in [0, 65535]", port)
     if max_batch < 1:
         raise bad_param("max_batch", "an integer >= 1", max_batch)
+    extra = parse_params(param)
+    create(detector, frr=frr, seed=seed, **extra)  # bad parameters fail before any loading
     seed_everything(seed)
     loaded, clean = load_inputs(model, calibrate, arch=arch, trust_pickle=trust_pickle,
                                 device=device, need_labels=False)
     assert clean is not None
     guard = Guard.calibrate(loaded.module, clean, detector=detector, frr=frr, seed=seed,
-                            device=str(loaded.device))
+                            device=str(loaded.device), **extra)
     set_quiet(True)  # no progress bar per request
     app = create_app(guard, max_batch=max_batch)
     info = guard.info()

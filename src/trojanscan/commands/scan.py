@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..report import Report
@@ -14,9 +15,9 @@ from ._common import emit_json, load_inputs, subsample
 
 def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded: object,
                       data: str, clean_sha: str | None, clean_format: str, seed: int,
-                      params: dict[str, object], seconds: float) -> Path:
+                      params: Mapping[str, object], seconds: float) -> Path:
     """The contract's ``scan`` report (JSON + HTML) in ``out``."""
-    rep = Report(command="scan", out_dir=out, seed=seed, params=params)
+    rep = Report(command="scan", out_dir=out, seed=seed, params=dict(params))
     rep.add_input(role="model", path=str(model_path), sha256=getattr(loaded, "sha256", None),
                   format=getattr(loaded, "format", "unknown"))
     rep.add_input(role="clean_data", path=data, sha256=clean_sha, format=clean_format)
@@ -59,17 +60,24 @@ def print_summary(result: ScanResult, json_path: Path) -> None:
 
 def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, device: str,
         arch: str | None, trust_pickle: bool, max_samples: int | None, quiet: bool,
-        json_out: bool) -> int:
+        json_out: bool, nc_reference: list[Path] | None = None) -> int:
     t0 = time.perf_counter()
     seed_everything(seed)
+    refs = [str(p) for p in nc_reference or []]
+    det_params: dict[str, dict[str, object]] = {}
+    if refs:
+        from ..detectors.neural_cleanse import load_reference
+
+        load_reference(refs)  # bad references fail here, before any model is loaded
+        det_params["neural_cleanse"] = {"reference": refs}
     loaded, clean = load_inputs(model, data, arch=arch, trust_pickle=trust_pickle,
                                 device=device, min_classes=2)
     assert clean is not None
     clean = subsample(clean, max_samples, seed)
     result = scan_model(loaded.module, clean, detectors=detectors, seed=seed,
-                        device=loaded.device)
+                        device=loaded.device, detector_params=det_params)
     params = {"detectors": detectors, "max_samples": max_samples, "device": str(loaded.device),
-              "arch": arch}
+              "arch": arch, "nc_reference": refs or None}
     path = write_scan_report(result, out=out, model_path=model, loaded=loaded, data=data,
                              clean_sha=clean.sha256, clean_format=clean.format, seed=seed,
                              params=params, seconds=time.perf_counter() - t0)

@@ -61,8 +61,19 @@ def get(name: str) -> Any:
 
 
 def create(name: str, **params: Any) -> Any:
-    """Instantiate the detector ``name`` with ``params``."""
-    return get(name)(**params)
+    """Instantiate the detector ``name`` with ``params`` (unknown names: ParameterError)."""
+    import inspect
+
+    cls = get(name)
+    accepted = [n for n, prm in inspect.signature(cls.__init__).parameters.items()
+                if n != "self" and prm.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        from ..exceptions import ParameterError
+
+        raise ParameterError(f"{name}: unknown parameter(s) {', '.join(unknown)}; "
+                             f"accepted: {', '.join(accepted)}")
+    return cls(**params)
 
 
 __all__ = [

@@ -78,21 +78,33 @@ def entropy_from_logits(logits: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
     return h.clamp_min(0.0)
 
 
-def strip_entropy(logits: torch.Tensor) -> torch.Tensor:
+#: how the N overlays' entropies are summarised: the paper's mean, or their median
+STATISTICS = ("mean", "median")
+
+
+def strip_entropy(logits: torch.Tensor, statistic: str = "mean") -> torch.Tensor:
     """STRIP's normalised entropy per input from logits shaped ``B×N×K``.
 
     Entropy over the ``K`` classes of each of the ``N`` perturbed predictions, then the
-    mean over the ``N`` overlays (not an entropy *across* overlays). Returns ``B``.
+    mean over the ``N`` overlays as in the paper (not an entropy *across* overlays), or
+    their median (``statistic="median"``: a few overlays that cover and erase a trigger
+    patch no longer pull a triggered input's score up). Returns ``B``.
     """
     if logits.dim() != 3:
         raise bad_param("logits", "a tensor B×N×K (inputs × overlays × classes)",
                         tuple(logits.shape))
-    return entropy_from_logits(logits.float(), dim=-1).mean(dim=1)
+    if statistic not in STATISTICS:
+        raise bad_param("statistic", STATISTICS, statistic)
+    h = entropy_from_logits(logits.float(), dim=-1)
+    if statistic == "median":
+        # the mean of the two middle values for even N (torch.median takes the lower one)
+        return torch.quantile(h, 0.5, dim=1)
+    return h.mean(dim=1)
 
 
-def strip_scores(logits: torch.Tensor) -> torch.Tensor:
+def strip_scores(logits: torch.Tensor, statistic: str = "mean") -> torch.Tensor:
     """Suspicion scores (higher = more suspicious): the negative STRIP entropy."""
-    return -strip_entropy(logits)
+    return -strip_entropy(logits, statistic)
 
 
 # ---------------------------------------------------------------------------
