@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .attacks.metrics import checked_logits, model_device
 from .dataset import ImageDataset
 from .detectors._nc_reverse import stamp
 from .detectors.base import _jsonable, borrow_model
@@ -89,25 +90,6 @@ class UnlearnConfig:
             raise bad_param("batch_size", "an integer >= 2", self.batch_size)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    try:
-        out = model(x)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ModelError(f"the model failed on a batch of shape {tuple(x.shape)}: {exc}") from exc
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ModelError(f"the model must return N×K logits, got "
-                         f"{tuple(getattr(out, 'shape', ()))}")
-    return out
-
-
 def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], *,
             config: UnlearnConfig | None = None, seed: int = 0,
             device: str | torch.device | None = None) -> nn.Module:
@@ -163,7 +145,7 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
                         sel = (stamped[idx] & (which[idx] == j) & (grow[idx] == g)).to(dev)
                         if bool(sel.any()):
                             xb[sel] = trig.apply(xb[sel])
-                loss = F.cross_entropy(_logits(net, xb), y_all[idx].to(dev))
+                loss = F.cross_entropy(checked_logits(net, xb), y_all[idx].to(dev))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -181,7 +163,7 @@ def _accuracy_and_asr(model: nn.Module, ds: ImageDataset,
                       batch_size: int = 500) -> tuple[float, dict[str, float]]:
     """Clean accuracy, and per named attack the share of inputs (true label != target)
     sent to the target once the attack's stamp function is applied."""
-    dev = _model_device(model)
+    dev = model_device(model)
     y = ds.labels()
     correct = 0
     hits = {name: 0 for name in attacks}
@@ -189,12 +171,12 @@ def _accuracy_and_asr(model: nn.Module, ds: ImageDataset,
     with borrow_model(model):
         for sl in batches(len(ds), batch_size):
             xb, yb = ds.x[sl].to(dev), y[sl].to(dev)
-            correct += int((_logits(model, xb).argmax(1) == yb).sum())
+            correct += int((checked_logits(model, xb).argmax(1) == yb).sum())
             for name, (fn, target) in attacks.items():
                 keep = yb != target
                 if not bool(keep.any()):
                     continue
-                pred = _logits(model, fn(xb[keep])).argmax(1)
+                pred = checked_logits(model, fn(xb[keep])).argmax(1)
                 hits[name] += int((pred == target).sum())
                 total[name] += int(keep.sum())
     asr = {name: hits[name] / total[name] if total[name] else float("nan") for name in attacks}
@@ -275,8 +257,8 @@ def mitigate(model: nn.Module, finetune: ImageDataset, holdout: ImageDataset,
     cfg = config or UnlearnConfig()
     after = unlearn(model, finetune, triggers, config=cfg, seed=seed, device=device)
     before = model
-    if _model_device(model) != torch.device("cpu"):
-        after = after.to(_model_device(model))
+    if model_device(model) != torch.device("cpu"):
+        after = after.to(model_device(model))
     acc0, acc1, asr0, asr1 = evaluate_mitigation(before, after, holdout, triggers, extra)
     return MitigationResult(
         model=after.cpu(), labels=tuple(t.label for t in triggers),

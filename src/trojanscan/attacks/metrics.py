@@ -37,7 +37,8 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def checked_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` as N×K logits; a model failure or another output is a ModelError."""
     try:
         out = model(x)
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -65,7 +66,7 @@ def clean_accuracy(model: nn.Module, ds: ImageDataset, *, batch_size: int = 256,
     correct = 0
     with borrow_model(model):
         for sl in _batches(len(ds), batch_size):
-            pred = _logits(model, ds.x[sl].to(dev)).argmax(1).cpu()
+            pred = checked_logits(model, ds.x[sl].to(dev)).argmax(1).cpu()
             correct += int((pred == y[sl]).sum())
     return correct / len(ds)
 
@@ -82,7 +83,7 @@ def _single_asr(model: nn.Module, attack: Attack, ds: ImageDataset, batch_size: 
     x, y = ds.x[mask], y[mask]
     hits = 0
     for sl in _batches(len(y), batch_size):
-        logits = _logits(model, attack.apply(x[sl].to(dev)))
+        logits = checked_logits(model, attack.apply(x[sl].to(dev)))
         k = int(logits.shape[1])
         for t in attack.targets:
             if t >= k:

@@ -314,6 +314,11 @@ class NeuralCleanse(ModelDetector):
             if t.moved < 1e-4:
                 warn.append(f"neural_cleanse: label {lab}: the mask did not move from its "
                             "random start; the result for this label is meaningless")
+        if flagged and p["decision"] != "reference":
+            warn.append("neural_cleanse: decided without clean reference models; labels "
+                        "that are easy targets in every model of a task (Fashion-MNIST's "
+                        "'Bag') are flagged as well: compare with clean models of the same "
+                        "task (scan --nc-reference) before acting")
         for msg in warn:
             warnings.warn(msg, TrojanscanWarning, stacklevel=3)
         min_p = float(used_p.min())

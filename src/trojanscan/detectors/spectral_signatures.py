@@ -58,6 +58,16 @@ from ..maths.spectral import (
 MODES = ("adaptive", "paper")
 
 
+def check_mode(mode: str, poison_rate_bound: float | None) -> None:
+    """The checks Spectral Signatures and SPECTRE share: ε, and a mode that can use it."""
+    check_rate("poison_rate_bound", poison_rate_bound)
+    if mode not in MODES:
+        raise bad_param("mode", MODES, mode)
+    if mode == "paper" and poison_rate_bound is None:
+        raise ParameterError("invalid poison_rate_bound: mode='paper' removes 1.5·ε·n "
+                             "samples per class and needs ε (a float in (0, 0.5]), got None")
+
+
 def min_population(n: int) -> int:
     """Smallest group called a population in a class of ``n`` (0.2%, at least 2)."""
     return max(2, int(np.ceil(0.002 * n)))
@@ -85,13 +95,7 @@ class SpectralSignatures(FeatureDataDetector):
         self.device = device
 
     def _check_params(self) -> None:
-        check_rate("poison_rate_bound", self.poison_rate_bound)
-        if self.mode not in MODES:
-            raise bad_param("mode", MODES, self.mode)
-        if self.mode == "paper" and self.poison_rate_bound is None:
-            raise ParameterError("invalid poison_rate_bound: mode='paper' removes 1.5·ε·n "
-                                 "samples per class and needs ε (a float in (0, 0.5]), got "
-                                 "None")
+        check_mode(self.mode, self.poison_rate_bound)
         if not isinstance(self.min_separation, (int, float)) or self.min_separation <= 0:
             raise bad_param("min_separation", "a number > 0", self.min_separation)
         if not isinstance(self.max_valley, (int, float)) or not 0 < self.max_valley <= 1:

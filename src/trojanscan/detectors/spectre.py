@@ -37,10 +37,9 @@ import numpy as np
 
 from ..data_scan import FeatureDataDetector, apply_budget, budget, seeded_subset
 from ..dataset import ImageDataset
-from ..exceptions import ParameterError, bad_param
+from ..exceptions import bad_param
 from ..maths.robust import spectre_class_scores
 from ..maths.spectral import (
-    check_rate,
     class_groups,
     decide_population,
     moments,
@@ -50,7 +49,7 @@ from ..maths.spectral import (
     top_eigen,
     top_k_mask,
 )
-from .spectral_signatures import MODES, min_population
+from .spectral_signatures import check_mode, min_population
 
 
 class Spectre(FeatureDataDetector):
@@ -81,13 +80,7 @@ class Spectre(FeatureDataDetector):
         self.device = device
 
     def _check_params(self) -> None:
-        check_rate("poison_rate_bound", self.poison_rate_bound)
-        if self.mode not in MODES:
-            raise bad_param("mode", MODES, self.mode)
-        if self.mode == "paper" and self.poison_rate_bound is None:
-            raise ParameterError("invalid poison_rate_bound: mode='paper' removes 1.5·ε·n "
-                                 "samples per class and needs ε (a float in (0, 0.5]), got "
-                                 "None")
+        check_mode(self.mode, self.poison_rate_bound)
         if not isinstance(self.alpha, (int, float)) or self.alpha < 0:
             raise bad_param("alpha", "a number >= 0", self.alpha)
         dims = self.dims if isinstance(self.dims, (tuple, list)) else (self.dims,)
