@@ -203,8 +203,11 @@ def mitigate_one(task: tuple[str, int, str, list[list[float]] | None]) -> dict[s
         return out
     atk = parse_attack(SPECS[name])
     extra = {"true_trigger": (atk.apply, int(atk.target))} if atk is not None else None
+    from trojanscan.mitigation import UnlearnConfig
+
+    cfg = UnlearnConfig(**_STATE.get("unlearn", {}))
     mit = mitigate(model, finetune, test, triggers_from_result(res), seed=seed, device=device,
-                   extra=extra)
+                   extra=extra, config=cfg)
     out.update({"mitigated": True, **mit.to_dict()})
     out.pop("params", None)
     return out
@@ -370,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --from-log: unlearn the backdoored models, using the logged "
                         "fast-mode norms of the clean models as references")
     p.add_argument("--train-threads", type=int, default=None)
+    p.add_argument("--stamp-fraction", type=float, default=None,
+                   help="unlearning: share of stamped samples (default: UnlearnConfig's)")
+    p.add_argument("--dilate", type=float, default=None,
+                   help="unlearning: probability of a one-pixel dilated mask")
     p.add_argument("--no-mitigation", action="store_true")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--max-steps", type=int, default=None,
@@ -378,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="rebuild the table and summary from JSON-lines logs (no runs)")
     p.add_argument("--log", type=Path, default=None, help="append each run as JSON lines")
     a = p.parse_args(argv)
+    _STATE["unlearn"] = {k: v for k, v in (("stamp_fraction", a.stamp_fraction),
+                                           ("dilate", a.dilate)) if v is not None}
+    if _STATE["unlearn"] and a.jobs > 1:
+        p.error("--stamp-fraction/--dilate need --jobs 1 (settings live in this process)")
     if a.from_log:
         logged = [json.loads(line) for f in a.from_log for line in f.read_text().splitlines()
                   if line.strip()]

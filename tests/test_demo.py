@@ -56,7 +56,7 @@ def test_demo_reports_are_valid_and_agree_with_the_story(demo: tuple[Path, str])
         assert (out / name / "report.html").is_file()
     bd = json.loads((out / "scan-backdoored" / "report.json").read_text())
     assert bd["detectors"]["neural_cleanse"]["decision"] == "reference"
-    assert bd["detectors"]["neural_cleanse"]["num_reference_models"] == 2
+    assert bd["detectors"]["neural_cleanse"]["num_reference_models"] == 3
     flt = json.loads((out / "filter" / "report.json").read_text())
     flagged = flt["flagged"]
     half = len(flagged) // 2  # triggered inputs first, then as many clean ones
@@ -68,7 +68,7 @@ def test_demo_reuses_its_models(demo: tuple[Path, str], monkeypatch: pytest.Monk
     from trojanscan.commands import demo as demo_cmd
 
     out, _ = demo
-    assert len(list((out / "models").glob("*.pt"))) == 4  # backdoored, twin, 2 references
+    assert len(list((out / "models").glob("*.pt"))) == 5  # backdoored, twin, 3 references
     monkeypatch.setenv("TROJANSCAN_FASHION_MNIST_DIR", str(out / "none"))
     plan = demo_cmd._plan(True, 0)
     key = {"dataset": plan.dataset, "quick": True, "seed": 0, "attack":

@@ -127,3 +127,16 @@ def test_mitigate_refuses_to_overwrite_the_input(files: dict[str, Path],
                   "--out", str(files["model"]), "--report", str(files["dir"] / "r2"))
     assert res.code == 2 and "out" in res.err and "Traceback" not in res.err
     assert sha256_file(files["model"]) == before
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), [
+    ("--stamp-fraction", "1.5", "stamp_fraction"), ("--dilate", "-0.1", "dilate"),
+    ("--nc-reference", "no-such-reports", "reference")])
+def test_mitigate_bad_settings_fail_before_any_work(
+        files: dict[str, Path], capsys: pytest.CaptureFixture[str], option: str, value: str,
+        needle: str) -> None:
+    out = files["dir"] / "never.pt"
+    res = run_cli(capsys, "mitigate", str(files["model"]), "--data", str(files["data"]),
+                  "--out", str(out), "--report", str(files["dir"] / "r3"), option, value)
+    assert res.code == 2 and needle in res.err and "Traceback" not in res.err
+    assert not out.exists()

@@ -124,9 +124,9 @@ def test_bad_data_exit_2(capsys: pytest.CaptureFixture[str], files: dict[str, Pa
 def test_clean_reference_reports_calibrate_neural_cleanse(
         capsys: pytest.CaptureFixture[str], files: dict[str, Path], tmp_path: Path,
         tiny: Any) -> None:
-    # two scans of the clean twin (different seeds) are the references
+    # three scans of the clean twin (different seeds) are the references
     refs = []
-    for seed in (1, 2):
+    for seed in (1, 2, 4):
         out = tmp_path / f"ref{seed}"
         assert _scan(capsys, files["clean"], files["data"], out, "--seed", str(seed)).code in (0, 1)
         refs += ["--nc-reference", str(out / "report.json")]
@@ -135,7 +135,7 @@ def test_clean_reference_reports_calibrate_neural_cleanse(
     doc = json.loads((tmp_path / "bd" / "report.json").read_text())
     jsonschema.Draft202012Validator(SCHEMA).validate(doc)
     nc = doc["detectors"]["neural_cleanse"]
-    assert nc["decision"] == "reference" and nc["num_reference_models"] == 2
+    assert nc["decision"] == "reference" and nc["num_reference_models"] == 3
     assert doc["suspected_targets"] == [tiny.target]
     r = _scan(capsys, files["clean"], files["data"], tmp_path / "cl", "--seed", "3", *refs)
     assert r.code == 0, r.err

@@ -240,6 +240,15 @@ def mitigate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the repaired model "
                                       "(TorchScript); never the input file.")],
     report: Annotated[Path, typer.Option("--report", help="Report folder.")] = DEFAULT_OUT,
+    nc_reference: Annotated[list[Path] | None, typer.Option(
+        "--nc-reference", help="Clean models' scan reports for Neural Cleanse's decision "
+                               "(as for scan; repeatable).")] = None,
+    stamp_fraction: Annotated[float, typer.Option(
+        "--stamp-fraction", help="Share of fine-tuning samples stamped with a reversed "
+                                 "trigger (the paper: 0.2).")] = 0.2,
+    dilate: Annotated[float, typer.Option(
+        "--dilate", help="Probability that a stamped sample's mask is grown by one pixel "
+                         "(0 = the paper).")] = 0.0,
     seed: Seed = 0,
     device: Device = "auto",
     arch: Arch = None,
@@ -249,7 +258,8 @@ def mitigate(
 ) -> None:
     """Remove a detected backdoor (Neural Cleanse unlearning)."""
     _run("mitigate", model=model, data=data, out=out, report=report, seed=seed, device=device,
-         arch=arch, trust_pickle=trust_pickle, quiet=quiet, json_out=json_out)
+         arch=arch, trust_pickle=trust_pickle, quiet=quiet, json_out=json_out,
+         nc_reference=nc_reference, stamp_fraction=stamp_fraction, dilate=dilate)
 
 
 @app.command("detectors")

@@ -1,10 +1,12 @@
 """``trojanscan demo``: the embedded default, offline, end to end.
 
 Trains (or loads cached) a BadNets-backdoored and a clean twin small CNN on
-Fashion-MNIST (scikit-learn's digits when the Debian package is absent, saying so),
-then runs ``scan`` on both, ``scan-data`` on the poisoned training set and ``filter``
-on a batch of triggered and clean inputs, and tells what was found against the
-ground truth. ``--quick`` trains on a subset for one or two epochs (about a minute).
+Fashion-MNIST (scikit-learn's digits when the Debian package is absent, saying so), and
+three clean reference models (other seeds) whose Neural Cleanse scans calibrate the
+decision, then runs ``scan`` on the backdoored model and its twin, ``scan-data`` on
+the poisoned training set and ``filter`` on a batch of triggered and clean inputs, and
+tells what was found against the ground truth. ``--quick`` trains on a subset for two
+epochs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..utils import seed_everything
 
 ATTACK = "badnets:size=4,location=bottom-right,target=0"
 #: clean models trained with other seeds, the references of Neural Cleanse's decision
-N_REFERENCES = 2
+N_REFERENCES = 3
 
 
 @dataclass(frozen=True)

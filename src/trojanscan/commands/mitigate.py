@@ -62,7 +62,9 @@ def save_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> None
 
 
 def run(*, model: Path, data: str, out: Path, report: Path, seed: int, device: str,
-        arch: str | None, trust_pickle: bool, quiet: bool, json_out: bool) -> int:
+        arch: str | None, trust_pickle: bool, quiet: bool, json_out: bool,
+        nc_reference: list[Path] | None = None, stamp_fraction: float = 0.2,
+        dilate: float = 0.0) -> int:
     from ..detectors.neural_cleanse import NeuralCleanse
     from ..mitigation import UnlearnConfig, mitigate, split_clean, triggers_from_result
     from ..report_sections import model_result_section
@@ -74,14 +76,20 @@ def run(*, model: Path, data: str, out: Path, report: Path, seed: int, device: s
                         str(out))
     if out.exists() and out.is_dir():
         raise bad_param("out", "a file path (not a folder)", str(out))
+    cfg = UnlearnConfig(stamp_fraction=stamp_fraction, dilate=dilate)
+    cfg.validate()  # bad settings fail before any work
+    refs = [str(p) for p in nc_reference or []] or None
+    if refs:
+        from ..detectors.neural_cleanse import load_reference
+
+        load_reference(refs)
     seed_everything(seed)
     loaded, ds = load_inputs(model, data, arch=arch, trust_pickle=trust_pickle, device=device,
                              min_classes=2)
     assert ds is not None
     finetune, holdout = split_clean(ds, HOLDOUT, seed)
-    detector = NeuralCleanse(seed=seed, device=str(loaded.device))
+    detector = NeuralCleanse(seed=seed, device=str(loaded.device), reference=refs)
     result = detector.fit(loaded.module, finetune)
-    cfg = UnlearnConfig()
     rep = Report(command="mitigate", out_dir=report, seed=seed,
                  params={"device": str(loaded.device), "arch": arch, "holdout": HOLDOUT,
                          "detector": detector.get_params(), "unlearning": cfg.__dict__})

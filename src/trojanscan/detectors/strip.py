@@ -25,7 +25,9 @@ the four on the Fashion-MNIST BadNets model); ``"average"`` takes their mean, st
 Summary over the overlays (``statistic``): ``"mean"`` entropy as in the paper, or the
 ``"median"`` (our addition): a triggered input whose trigger is covered and erased by a
 few bright overlays (a white corner patch under a bag or a boot) gets a few high-entropy
-overlays that pull its mean up, but not its median.
+overlays that pull its mean up, but not its median. Measured *worse* than the mean on our
+Fashion-MNIST BadNets model (FAR 4.6% vs 1.9% at FRR ≤ 1%, docs/benchmarks/runtime.md):
+clean inputs have many confident overlays too, and the mean's tail separates them.
 
 Calibration (``fit``): the clean data are split with ``seed`` into an overlay pool
 (``pool_fraction``), a fit part and a holdout part (``holdout_fraction``). The threshold
