@@ -175,21 +175,39 @@ def detect(task: tuple[str, str, int, str]) -> dict[str, Any]:
     }
 
 
+def _finetune(seed: int) -> Any:
+    """The defender's clean data for unlearning: 6,000 training images (10%, the paper's)."""
+    from trojanscan.io.data import load_dataset
+
+    train = load_dataset("fashion-mnist:train")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 99))
+    return train.subset(perm[:6000].sort().values)
+
+
+def finetune_norms(task: tuple[str, int, str]) -> dict[str, Any]:
+    """Fast-mode norms of a clean model on the unlearning data: the references of
+    :func:`mitigate_one` (references must come from the same data as the scan)."""
+    from trojanscan.detectors.neural_cleanse import NeuralCleanse
+
+    name, seed, device = task
+    model, _ = load(name)
+    res = NeuralCleanse(seed=seed, device=device, images=False,
+                        max_steps=_STATE.get("max_steps")).fit(model.to(device), _finetune(seed))
+    return {"reference_model": name, "seed": seed, "l1_norms": res.evidence["l1_norms"]}
+
+
 def mitigate_one(task: tuple[str, int, str, list[list[float]] | None]) -> dict[str, Any]:
     """Fast-mode detection (reference decision when clean models' norms are given) and
     unlearning of the flagged labels of one backdoored model."""
     from trojanscan.attacks import parse_attack
     from trojanscan.detectors.neural_cleanse import NeuralCleanse
-    from trojanscan.io.data import load_dataset
     from trojanscan.mitigation import mitigate, triggers_from_result
 
     name, seed, device, refs = task
     model, meta = load(name)
     model = model.to(device)
     test = _clean()
-    train = load_dataset("fashion-mnist:train")
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 99))
-    finetune = train.subset(perm[:6000].sort().values)  # 10% of the training set
+    finetune = _finetune(seed)
     t0 = time.perf_counter()
     res = NeuralCleanse(seed=seed, device=device, reference=refs,
                         max_steps=_STATE.get("max_steps")).fit(model, finetune)
@@ -396,12 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         mit_rows = [r for r in logged if "mitigated" in r and "mode" not in r]
         if not a.mitigate_only:
             return report(rows, mit_rows, a, wall=None)
-        refs = [r["l1_norms"] for r in rows if r["mode"] == "fast" and r["seed"] == 0
-                and not r["backdoored"]]
         names = [n for n in a.models.split(",") if n and SPECS.get(n, "none") != "none"]
         done = {r["model"] for r in mit_rows}
-        tasks = [(n, 0, a.device, refs if len(refs) >= 2 else None) for n in names
-                 if n not in done]
+        refs = _reference_norms(0, a)
+        tasks = [(n, 0, a.device, refs) for n in names if n not in done]
         _run_pool(mitigate_one, tasks, a.jobs, a.threads, not a.no_pin, a.log, a.max_steps)
         return 0
     names = [n for n in a.models.split(",") if n]
@@ -425,12 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     mit_rows: list[dict[str, Any]] = []
     if not a.no_mitigation:
         bd = [n for n in names if SPECS[n] != "none"]
-        refs = [r["l1_norms"] for r in rows if r["mode"] == "fast" and r["seed"] == seeds[0]
-                and not r["backdoored"]]
-        ref = refs if len(refs) >= 2 else None
+        ref = _reference_norms(seeds[0], a)
         mit_rows = _run_pool(mitigate_one, [(n, seeds[0], a.device, ref) for n in bd], a.jobs,
                              a.threads, not a.no_pin, a.log, a.max_steps)
     return report(rows, mit_rows, a, wall=time.perf_counter() - t0)
+
+
+def _reference_norms(seed: int, a: argparse.Namespace) -> list[list[float]] | None:
+    """Fast-mode norms of the clean models on the unlearning data (None if < 2 models)."""
+    clean = [n for n, spec, _ in MODELS if spec == "none"]
+    rows = _run_pool(finetune_norms, [(n, seed, a.device) for n in clean], a.jobs, a.threads,
+                     not a.no_pin, a.log, a.max_steps)
+    refs = [r["l1_norms"] for r in rows]
+    return refs if len(refs) >= 2 else None
 
 
 def report(rows: list[dict[str, Any]], mit_rows: list[dict[str, Any]], a: argparse.Namespace,
