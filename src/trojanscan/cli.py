@@ -160,8 +160,8 @@ def filter_(
     frr: Annotated[float, typer.Option("--frr", help="Target false-rejection rate.")] = 0.01,
     detector: Annotated[str, typer.Option("--detector", help="strip or scale_up.")] = "strip",
     param: Annotated[list[str] | None, typer.Option(
-        "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. statistic=median, "
-                        "blend=max, n_overlays=50).")] = None,
+        "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. blend=max, "
+                        "threshold_method=empirical, n_overlays=50).")] = None,
     out: Out = DEFAULT_OUT,
     seed: Seed = 0,
     device: Device = "auto",
@@ -184,8 +184,8 @@ def guard(
     frr: Annotated[float, typer.Option("--frr")] = 0.01,
     detector: Annotated[str, typer.Option("--detector", help="strip or scale_up.")] = "strip",
     param: Annotated[list[str] | None, typer.Option(
-        "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. statistic=median, "
-                        "blend=max, n_overlays=50).")] = None,
+        "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. blend=max, "
+                        "threshold_method=empirical, n_overlays=50).")] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8080,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch per "
@@ -268,16 +268,13 @@ def list_detectors(
                                           "parameters and defaults.")] = False,
 ) -> None:
     """List the detectors available in this installation (and their parameters)."""
-    import inspect
-
-    from .detectors import available, get
+    from .detectors import available, parameters
 
     for name, level in available().items():
         typer.echo(f"{name}\t{level}")
         if verbose:
-            for pname, prm in inspect.signature(get(name).__init__).parameters.items():
-                if prm.kind is inspect.Parameter.KEYWORD_ONLY:
-                    typer.echo(f"    {pname}={prm.default!r}")
+            for pname, default in parameters(name).items():
+                typer.echo(f"    {pname}={default!r}")
 
 
 def _add_subapps() -> None:

@@ -50,9 +50,9 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``KEY=VALUE`` strings (``--param``) as detector keyword arguments.
 
     Values are read as JSON where they parse (``100``, ``0.5``, ``true``, ``null``,
-    ``[3, 5]``) and kept as strings otherwise (``median``). Keys are the detector's
-    parameter names (``trojanscan detectors`` lists them); unknown ones are rejected by
-    the detector, not ignored.
+    ``[3, 5]``) and kept as strings otherwise (``max``). Keys are the detector's
+    parameter names (``trojanscan detectors --params`` lists them); unknown ones are
+    rejected by :func:`trojanscan.detectors.create`, not ignored.
     """
     out: dict[str, Any] = {}
     for item in items or []:
@@ -60,10 +60,22 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not sep or not key.isidentifier():
             raise ParameterError(f"invalid --param {item!r}: expected KEY=VALUE, e.g. "
-                                 "statistic=median")
+                                 "blend=max")
         try:
             value: Any = json.loads(raw)
         except ValueError:
             value = raw
         out[key] = value
     return out
+
+
+def nc_references(paths: list[Path] | None) -> list[str] | None:
+    """``--nc-reference`` paths, checked now (bad references fail before any model is
+    loaded); None when there are none."""
+    refs = [str(p) for p in paths or []]
+    if not refs:
+        return None
+    from ..detectors.neural_cleanse import load_reference
+
+    load_reference(refs)
+    return refs

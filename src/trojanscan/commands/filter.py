@@ -93,7 +93,7 @@ def run(*, model: Path, inputs: str, calibrate: str, frr: float, detector: str, 
     if detector not in RUNTIME_DETECTORS:
         raise bad_param("detector", RUNTIME_DETECTORS, detector)
     extra = parse_params(param)
-    create(detector, frr=frr, seed=seed, **extra)  # bad parameters fail before any loading
+    create(detector, frr=frr, seed=seed, **extra)  # unknown names fail before any loading
     loaded, clean = load_inputs(model, calibrate, arch=arch, trust_pickle=trust_pickle,
                                 device=device, need_labels=False)
     assert clean is not None

@@ -43,7 +43,7 @@ def run(*, model: Path, calibrate: str, frr: float, detector: str, host: str, po
     if max_batch < 1:
         raise bad_param("max_batch", "an integer >= 1", max_batch)
     extra = parse_params(param)
-    create(detector, frr=frr, seed=seed, **extra)  # bad parameters fail before any loading
+    create(detector, frr=frr, seed=seed, **extra)  # unknown names fail before any loading
     seed_everything(seed)
     loaded, clean = load_inputs(model, calibrate, arch=arch, trust_pickle=trust_pickle,
                                 device=device, need_labels=False)

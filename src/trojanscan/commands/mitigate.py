@@ -25,7 +25,7 @@ from torch import nn
 from ..exceptions import ModelError, bad_param
 from ..report import Report
 from ..utils import atomic_path, seed_everything
-from ._common import emit_json, load_inputs
+from ._common import emit_json, load_inputs, nc_references
 
 #: share of DATA held out to measure the mitigation
 HOLDOUT = 0.2
@@ -78,11 +78,7 @@ def run(*, model: Path, data: str, out: Path, report: Path, seed: int, device: s
         raise bad_param("out", "a file path (not a folder)", str(out))
     cfg = UnlearnConfig(stamp_fraction=stamp_fraction, dilate=dilate)
     cfg.validate()  # bad settings fail before any work
-    refs = [str(p) for p in nc_reference or []] or None
-    if refs:
-        from ..detectors.neural_cleanse import load_reference
-
-        load_reference(refs)
+    refs = nc_references(nc_reference)
     seed_everything(seed)
     loaded, ds = load_inputs(model, data, arch=arch, trust_pickle=trust_pickle, device=device,
                              min_classes=2)

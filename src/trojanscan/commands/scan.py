@@ -10,7 +10,7 @@ from ..report import Report
 from ..report_sections import model_result_section
 from ..scan import ScanResult, scan_model
 from ..utils import seed_everything
-from ._common import emit_json, load_inputs, subsample
+from ._common import emit_json, load_inputs, nc_references, subsample
 
 
 def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded: object,
@@ -63,13 +63,9 @@ def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, 
         json_out: bool, nc_reference: list[Path] | None = None) -> int:
     t0 = time.perf_counter()
     seed_everything(seed)
-    refs = [str(p) for p in nc_reference or []]
-    det_params: dict[str, dict[str, object]] = {}
-    if refs:
-        from ..detectors.neural_cleanse import load_reference
-
-        load_reference(refs)  # bad references fail here, before any model is loaded
-        det_params["neural_cleanse"] = {"reference": refs}
+    refs = nc_references(nc_reference)
+    det_params: dict[str, dict[str, object]] = (
+        {"neural_cleanse": {"reference": refs}} if refs else {})
     loaded, clean = load_inputs(model, data, arch=arch, trust_pickle=trust_pickle,
                                 device=device, min_classes=2)
     assert clean is not None
@@ -77,7 +73,7 @@ def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, 
     result = scan_model(loaded.module, clean, detectors=detectors, seed=seed,
                         device=loaded.device, detector_params=det_params)
     params = {"detectors": detectors, "max_samples": max_samples, "device": str(loaded.device),
-              "arch": arch, "nc_reference": refs or None}
+              "arch": arch, "nc_reference": refs}
     path = write_scan_report(result, out=out, model_path=model, loaded=loaded, data=data,
                              clean_sha=clean.sha256, clean_format=clean.format, seed=seed,
                              params=params, seconds=time.perf_counter() - t0)

@@ -60,20 +60,24 @@ def get(name: str) -> Any:
     return getattr(module, cls_name)
 
 
-def create(name: str, **params: Any) -> Any:
-    """Instantiate the detector ``name`` with ``params`` (unknown names: ParameterError)."""
+def parameters(name: str) -> dict[str, Any]:
+    """The settings the detector ``name`` takes (its keyword-only arguments) and defaults."""
     import inspect
 
-    cls = get(name)
-    accepted = [n for n, prm in inspect.signature(cls.__init__).parameters.items()
-                if n != "self" and prm.kind is inspect.Parameter.KEYWORD_ONLY]
+    return {n: prm.default for n, prm in inspect.signature(get(name).__init__).parameters.items()
+            if prm.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def create(name: str, **params: Any) -> Any:
+    """Instantiate the detector ``name`` with ``params`` (unknown names: ParameterError)."""
+    accepted = parameters(name)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         from ..exceptions import ParameterError
 
         raise ParameterError(f"{name}: unknown parameter(s) {', '.join(unknown)}; "
                              f"accepted: {', '.join(accepted)}")
-    return cls(**params)
+    return get(name)(**params)
 
 
 __all__ = [
@@ -87,4 +91,5 @@ __all__ = [
     "borrow_model",
     "create",
     "get",
+    "parameters",
 ]
