@@ -45,7 +45,17 @@ def test_demo_tells_its_story_and_falls_back_to_digits(demo: tuple[Path, str]) -
     assert m, story
     assert m.group(1) == "BACKDOORED" and m.group(4) == "CLEAN"
     assert m.group(3) in m.group(2).split(", ")
-    assert "3. scan-data: POISONED" in story and "4. filter (STRIP" in story
+    # the data scan's line agrees with its report (on the 8×8 digits Spectral Signatures
+    # and SPECTRE do not find the 2×2 patch's poison; on Fashion-MNIST they do — see
+    # docs/benchmarks/data_poisoning.md)
+    m = re.search(r"3\. scan-data: (\w+) — flagged (\d+) of (\d+) training samples; (\d+) of "
+                  r"the (\d+) poisoned", story)
+    assert m, story
+    out, _ = demo
+    rep = json.loads((out / "scan-data" / "report.json").read_text())
+    assert m.group(1) == rep["verdict"].upper() and int(m.group(2)) == rep["num_flagged"]
+    assert int(m.group(3)) == rep["num_samples"] and int(m.group(5)) > 0
+    assert "4. filter (STRIP" in story
 
 
 def test_demo_reports_are_valid_and_agree_with_the_story(demo: tuple[Path, str]) -> None:
@@ -73,15 +83,21 @@ def test_demo_reuses_its_models(demo: tuple[Path, str], monkeypatch: pytest.Monk
     plan = demo_cmd._plan(True, 0)
     key = {"dataset": plan.dataset, "quick": True, "seed": 0, "attack":
            demo_cmd._attack_spec(plan.dataset), "n_train": len(plan.train),
-           "epochs": plan.config.epochs, "kind": "clean"}
+           "epochs": plan.config.epochs, "poison_rate": demo_cmd.POISON_RATE, "kind": "clean"}
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached model should have been reused")
 
     monkeypatch.setattr("trojanscan.zoo.make_model", no_training)
-    meta, trained = demo_cmd._cached_or_train(out / "models" / "clean.pt", plan, None, 0,
-                                              "cpu", key)
-    assert trained is None and meta["demo_key"] == key
+    meta = demo_cmd._cached_or_train(out / "models" / "clean.pt", True, 0, None, 0, "cpu", key)
+    assert meta["demo_key"] == key
     with pytest.raises(AssertionError, match="reused"):  # other settings: retrained
-        demo_cmd._cached_or_train(out / "models" / "clean.pt", plan, None, 0, "cpu",
+        demo_cmd._cached_or_train(out / "models" / "clean.pt", True, 0, None, 0, "cpu",
                                   {**key, "epochs": 99})
+
+
+def test_demo_rejects_bad_jobs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from tests._cli import run_cli
+
+    r = run_cli(capsys, "demo", "--quick", "--jobs", "0", "--out", str(tmp_path / "d"))
+    assert r.code == 2 and "jobs" in r.err and "Traceback" not in r.err

@@ -56,6 +56,22 @@ def test_unlearning_removes_the_backdoor_and_keeps_accuracy(tiny: Any) -> None:
                                                      - res.clean_accuracy_after)
 
 
+def test_distillation_unlearns_and_stays_closer_to_the_original(tiny: Any) -> None:
+    """With ``distill`` the trigger is still unlearned, and the repaired model agrees with
+    the original on clean inputs at least as often as plain unlearning's does."""
+    x = tiny.test.x
+    with torch.no_grad():
+        orig = tiny.backdoored.eval()(x).argmax(1)
+    agree = {}
+    for d in (0.0, 0.8):
+        res = mitigate(tiny.backdoored, tiny.train_clean, tiny.test, [_true_trigger()],
+                       config=UnlearnConfig(epochs=4, distill=d, lr=2e-2), seed=0)
+        assert res.asr_after["reversed_0"] < 0.2, d
+        with torch.no_grad():
+            agree[d] = float((res.model(x).argmax(1) == orig).float().mean())
+    assert agree[0.8] >= agree[0.0] and agree[0.8] > 0.9, agree
+
+
 def test_unlearning_is_deterministic(tiny: Any) -> None:
     cfg = UnlearnConfig(epochs=1)
     a = unlearn(tiny.backdoored, tiny.train_clean, [_true_trigger()], config=cfg, seed=3)
@@ -66,7 +82,8 @@ def test_unlearning_is_deterministic(tiny: Any) -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("stamp_fraction", 0.0), ("stamp_fraction", 1.0),
                                               ("epochs", 0), ("lr", -1.0), ("batch_size", 1),
-                                              ("optimizer", "rmsprop"), ("dilate", 1.5)])
+                                              ("optimizer", "rmsprop"), ("dilate", 1.5),
+                                              ("distill", -0.1), ("distill", True)])
 def test_bad_unlearning_settings(field: str, value: Any, tiny: Any) -> None:
     with pytest.raises(ParameterError, match=field):
         unlearn(tiny.backdoored, tiny.train_clean, [_true_trigger()],
@@ -131,7 +148,7 @@ def test_mitigate_refuses_to_overwrite_the_input(files: dict[str, Path],
 
 @pytest.mark.parametrize(("option", "value", "needle"), [
     ("--stamp-fraction", "1.5", "stamp_fraction"), ("--dilate", "-0.1", "dilate"),
-    ("--nc-reference", "no-such-reports", "reference")])
+    ("--distill", "1.5", "distill"), ("--nc-reference", "no-such-reports", "reference")])
 def test_mitigate_bad_settings_fail_before_any_work(
         files: dict[str, Path], capsys: pytest.CaptureFixture[str], option: str, value: str,
         needle: str) -> None:

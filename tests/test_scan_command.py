@@ -146,3 +146,27 @@ def test_clean_reference_reports_calibrate_neural_cleanse(
     r = _scan(capsys, files["clean"], files["data"], tmp_path / "x", "--nc-reference",
               str(tmp_path / "missing.json"))
     assert r.code == 2 and "reference" in r.err and "Traceback" not in r.err
+
+
+def test_param_sets_a_detector_setting_and_bad_ones_exit_2(
+        capsys: pytest.CaptureFixture[str], files: dict[str, Path], tmp_path: Path) -> None:
+    r = run_cli(capsys, "scan", str(files["clean"]), "--data", str(files["data"]), "--out",
+                str(tmp_path / "p"), "--detectors", "neural_cleanse", "--quiet",
+                "--param", "neural_cleanse.max_steps=7", "--param", "neural_cleanse.images=false")
+    assert r.code in (0, 1), r.err
+    doc = json.loads((tmp_path / "p" / "report.json").read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+    assert doc["params"]["detector_params"] == {"neural_cleanse": {"max_steps": 7,
+                                                                   "images": False}}
+    nc = doc["detectors"]["neural_cleanse"]
+    assert max(nc["steps"]) <= 7  # the setting reached the detector
+    for bad, words in (("neural_cleanse.no_such=1", "no parameter 'no_such'"),
+                       ("strip.n_overlays=5", "not a model-level detector"),
+                       ("max_steps=5", "DETECTOR.KEY=VALUE"),
+                       ("neural_cleanse.seed=3", "--seed"),
+                       ("neural_cleanse.max_steps=-1", "max_steps")):
+        r = run_cli(capsys, "scan", str(files["clean"]), "--data", str(files["data"]),
+                    "--out", str(tmp_path / "bad"), "--detectors", "neural_cleanse",
+                    "--param", bad)
+        assert r.code == 2 and words in r.err and "Traceback" not in r.err, (bad, r.err)
+    assert not (tmp_path / "bad" / "report.json").exists()

@@ -89,10 +89,15 @@ def demo(
     device: Device = "auto",
     cache: Annotated[Path | None, typer.Option("--cache", help="Where trained demo models "
                                                "are cached (default: OUT/models).")] = None,
+    jobs: Annotated[int | None, typer.Option(
+        "--jobs", help="Worker processes for the demo's independent steps (default: 2 "
+                       "where there are 2 CPUs or more; 1 runs everything in order "
+                       "in this process).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Build a backdoored and a clean model on offline data, scan both, write reports."""
-    _run("demo", out=out, quick=quick, seed=seed, device=device, cache=cache, quiet=quiet)
+    _run("demo", out=out, quick=quick, seed=seed, device=device, cache=cache, jobs=jobs,
+         quiet=quiet)
 
 
 @app.command()
@@ -115,14 +120,17 @@ def scan(
                                "clean models of the same task (or folders of them; >= 2 "
                                "models). Switches Neural Cleanse to the reference-calibrated "
                                "decision. Repeatable.")] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="A detector setting, DETECTOR.KEY=VALUE (JSON values), e.g. "
+                        "neural_cleanse.mode=faithful; `trojanscan detectors --params` lists "
+                        "them. Repeatable.")] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
     """Is this model backdoored? Runs model-level detectors and fuses their verdicts."""
     _run("scan", model=model, data=data, detectors=detectors, out=out, seed=seed,
          device=device, arch=arch, trust_pickle=trust_pickle, max_samples=max_samples,
-         nc_reference=nc_reference,
-         quiet=quiet, json_out=json_out)
+         nc_reference=nc_reference, param=param, quiet=quiet, json_out=json_out)
 
 
 @app.command("scan-data")
@@ -249,6 +257,9 @@ def mitigate(
     dilate: Annotated[float, typer.Option(
         "--dilate", help="Probability that a stamped sample's mask is grown by one pixel "
                          "(0 = the paper).")] = 0.0,
+    distill: Annotated[float, typer.Option(
+        "--distill", help="Weight in [0, 1] of self-distillation from the original model "
+                          "(keeps clean behaviour; 0 = the paper).")] = 0.0,
     seed: Seed = 0,
     device: Device = "auto",
     arch: Arch = None,
@@ -259,7 +270,8 @@ def mitigate(
     """Remove a detected backdoor (Neural Cleanse unlearning)."""
     _run("mitigate", model=model, data=data, out=out, report=report, seed=seed, device=device,
          arch=arch, trust_pickle=trust_pickle, quiet=quiet, json_out=json_out,
-         nc_reference=nc_reference, stamp_fraction=stamp_fraction, dilate=dilate)
+         nc_reference=nc_reference, stamp_fraction=stamp_fraction, dilate=dilate,
+         distill=distill)
 
 
 @app.command("detectors")

@@ -86,7 +86,7 @@ def scan_model(
     skipped: dict[str, str] = {}
     for name in names:
         try:
-            cls = registry.get(name)
+            registry.get(name)
         except ParameterError as exc:  # registered but not importable (yet)
             if explicit:
                 raise
@@ -94,7 +94,7 @@ def scan_model(
             continue
         params = {"seed": seed, "device": None if device is None else str(device)}
         params.update((detector_params or {}).get(name, {}))
-        det = cls(**params)
+        det = registry.create(name, **params)
         try:
             results[name] = det.fit(model, clean)
         except DetectorNotApplicable as exc:

@@ -69,6 +69,34 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_detector_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``DETECTOR.KEY=VALUE`` strings (``scan --param``) as per-detector keyword
+    arguments, e.g. ``neural_cleanse.mode=faithful``. Values as in :func:`parse_params`;
+    the detector must be a model-level one and the key one of its parameters."""
+    from .. import detectors as registry
+
+    out: dict[str, dict[str, Any]] = {}
+    model_level = {n for n, level in registry.available().items() if level == "model"}
+    for item in items or []:
+        name, dot, rest = item.partition(".")
+        name = name.strip()
+        if not dot or "=" in name:
+            raise ParameterError(f"invalid --param {item!r}: expected DETECTOR.KEY=VALUE, "
+                                 "e.g. neural_cleanse.mode=faithful")
+        if name not in model_level:
+            raise ParameterError(f"invalid --param {item!r}: {name!r} is not a model-level "
+                                 f"detector (one of {', '.join(sorted(model_level))})")
+        for key, value in parse_params([rest]).items():
+            if key in ("seed", "device"):
+                raise ParameterError(f"invalid --param {item!r}: set {key} with --{key}")
+            accepted = registry.parameters(name)
+            if key not in accepted:
+                raise ParameterError(f"invalid --param {item!r}: {name} has no parameter "
+                                     f"{key!r}; accepted: {', '.join(accepted)}")
+            out.setdefault(name, {})[key] = value
+    return out
+
+
 def nc_references(paths: list[Path] | None) -> list[str] | None:
     """``--nc-reference`` paths, checked now (bad references fail before any model is
     loaded); None when there are none."""

@@ -6,11 +6,12 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..exceptions import ParameterError
 from ..report import Report
 from ..report_sections import model_result_section
 from ..scan import ScanResult, scan_model
 from ..utils import seed_everything
-from ._common import emit_json, load_inputs, nc_references, subsample
+from ._common import emit_json, load_inputs, nc_references, parse_detector_params, subsample
 
 
 def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded: object,
@@ -60,12 +61,17 @@ def print_summary(result: ScanResult, json_path: Path) -> None:
 
 def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, device: str,
         arch: str | None, trust_pickle: bool, max_samples: int | None, quiet: bool,
-        json_out: bool, nc_reference: list[Path] | None = None) -> int:
+        json_out: bool, nc_reference: list[Path] | None = None,
+        param: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     seed_everything(seed)
     refs = nc_references(nc_reference)
-    det_params: dict[str, dict[str, object]] = (
-        {"neural_cleanse": {"reference": refs}} if refs else {})
+    det_params = parse_detector_params(param)
+    if refs:
+        if "reference" in det_params.get("neural_cleanse", {}):
+            raise ParameterError("give Neural Cleanse's references with --nc-reference or "
+                                 "--param neural_cleanse.reference=..., not both")
+        det_params.setdefault("neural_cleanse", {})["reference"] = refs
     loaded, clean = load_inputs(model, data, arch=arch, trust_pickle=trust_pickle,
                                 device=device, min_classes=2)
     assert clean is not None
@@ -73,7 +79,9 @@ def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, 
     result = scan_model(loaded.module, clean, detectors=detectors, seed=seed,
                         device=loaded.device, detector_params=det_params)
     params = {"detectors": detectors, "max_samples": max_samples, "device": str(loaded.device),
-              "arch": arch, "nc_reference": refs}
+              "arch": arch, "nc_reference": refs,
+              "detector_params": {n: {k: v for k, v in p.items() if k != "reference"}
+                                  for n, p in det_params.items()}}
     path = write_scan_report(result, out=out, model_path=model, loaded=loaded, data=data,
                              clean_sha=clean.sha256, clean_format=clean.format, seed=seed,
                              params=params, seconds=time.perf_counter() - t0)
