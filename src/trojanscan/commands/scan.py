@@ -80,8 +80,8 @@ def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, 
                         device=loaded.device, detector_params=det_params)
     params = {"detectors": detectors, "max_samples": max_samples, "device": str(loaded.device),
               "arch": arch, "nc_reference": refs,
-              "detector_params": {n: {k: v for k, v in p.items() if k != "reference"}
-                                  for n, p in det_params.items()}}
+              "detector_params": {n: q for n, p in det_params.items()
+                                  if (q := {k: v for k, v in p.items() if k != "reference"})}}
     path = write_scan_report(result, out=out, model_path=model, loaded=loaded, data=data,
                              clean_sha=clean.sha256, clean_format=clean.format, seed=seed,
                              params=params, seconds=time.perf_counter() - t0)
