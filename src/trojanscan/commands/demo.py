@@ -23,6 +23,7 @@ Clustering, and a 2,000-image STRIP calibration.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import multiprocessing as mp
@@ -40,6 +41,7 @@ import torch
 
 from ..dataset import ImageDataset
 from ..exceptions import DataError, TrojanscanWarning
+from ..progress import progress
 from ..training import TrainConfig
 from ..utils import seed_everything
 
@@ -246,37 +248,49 @@ def run(*, out: Path, quick: bool, seed: int, device: str, cache: Path | None,
     ref_dir = out / "references"
     poisoned = models / "poisoned_train.npz"
 
-    pool = _executor(jobs)
+    executor = _executor(jobs)
+    # one bar over the steps when workers run them (their own bars are off); in process
+    # (jobs=1) each step shows its own bar, and rich allows one live display at a time
+    stack = contextlib.ExitStack()
+    bar = (stack.enter_context(progress("demo: trainings, scans, data scan, filter",
+                                        2 * N_REFERENCES + 6)) if jobs > 1 else None)
+
+    def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut = executor.submit(_timed, fn, *args, **kwargs)
+        if bar is not None:
+            fut.add_done_callback(lambda _: bar.advance())
+        return fut
+
     try:
         # every training first (the backdoored model's first: the data scan and the
         # filter need it), then each follow-up as soon as its model exists
         trainings = {
-            "backdoored": pool.submit(_timed, _cached_or_train, bd_path, quick, seed, spec,
+            "backdoored": submit(_cached_or_train, bd_path, quick, seed, spec,
                                       seed, device, {**key, "kind": "bd"}),
-            **{f"reference-{i}": pool.submit(_timed, _cached_or_train, path, quick, seed,
+            **{f"reference-{i}": submit(_cached_or_train, path, quick, seed,
                                              None, seed + 1000 + i, device,
                                              {**key, "kind": "reference", "index": i})
                for i, path in enumerate(ref_paths)},
-            "clean": pool.submit(_timed, _cached_or_train, clean_path, quick, seed, None,
+            "clean": submit(_cached_or_train, clean_path, quick, seed, None,
                                  seed, device, {**key, "kind": "clean"}),
         }
         ref_scans = []
         for i, path in enumerate(ref_paths):
             trainings[f"reference-{i}"].result()
-            ref_scans.append(pool.submit(
-                _timed, _scan_reference, model=path, detectors="neural_cleanse",
+            ref_scans.append(submit(
+                _scan_reference, model=path, detectors="neural_cleanse",
                 out=ref_dir / f"reference-{i}", nc_reference=None, **scan_args))
         bd_meta, _ = trainings["backdoored"].result()
-        data_scan = pool.submit(
-            _timed, scan_data.run, train=str(poisoned), model=bd_path,
+        data_scan = submit(
+            scan_data.run, train=str(poisoned), model=bd_path,
             # --quick leaves out Activation Clustering, whose exclusionary
             # reclassification retrains a network
             detectors="spectral_signatures,spectre" if quick else None,
             poison_rate_bound=None, out=out / "scan-data", export_clean=None, verify=False,
             seed=seed, device=device, arch=None, trust_pickle=False, quiet=True,
             json_out=False)
-        filtering = pool.submit(
-            _timed, filter_cmd.run, model=bd_path, inputs=str(data_dir / "inputs.npz"),
+        filtering = submit(
+            filter_cmd.run, model=bd_path, inputs=str(data_dir / "inputs.npz"),
             calibrate=clean_npz, frr=0.01, detector="strip", out=out / "filter", seed=seed,
             device=device, arch=None, trust_pickle=False, quiet=True, json_out=False)
         cl_meta, _ = trainings["clean"].result()
@@ -292,7 +306,7 @@ def run(*, out: Path, quick: bool, seed: int, device: str, cache: Path | None,
         # (Fashion-MNIST's "Bag"); its reference decision compares each label with the
         # same label in clean models of the same task, scanned once
         ref_s = sum(f.result()[1] for f in ref_scans)
-        scans = {label: pool.submit(_timed, scan.run, model=path, detectors=None,
+        scans = {label: submit(scan.run, model=path, detectors=None,
                                     out=out / f"scan-{label}", nc_reference=[ref_dir],
                                     **scan_args)
                  for label, path in (("backdoored", bd_path), ("clean", clean_path))}
@@ -324,7 +338,8 @@ def run(*, out: Path, quick: bool, seed: int, device: str, cache: Path | None,
                     f"{int(fl[~is_triggered].sum())}/{int((~is_triggered).sum())} clean "
                     f"ones. [{filter_s:.0f} s of work]")
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=True, cancel_futures=True)
+        stack.close()
 
     reports = [str(out / d / "report.html") for d in ("scan-backdoored", "scan-clean",
                                                        "scan-data", "filter")]
