@@ -83,6 +83,13 @@ CONFIGS: dict[str, Any] = {
     "SCALE-UP (default: soft, per-class)": lambda d: ScaleUp(device=d),
     "SCALE-UP, label SPC (paper)": lambda d: ScaleUp(consistency="labels", normalize="none",
                                                      device=d),
+    "STRIP, consistency": lambda d: Strip(statistic="consistency", device=d),
+    "STRIP, consistency, empirical threshold": lambda d: Strip(
+        statistic="consistency", threshold_method="empirical", device=d),
+    "STRIP, max blend, consistency": lambda d: Strip(blend="max", statistic="consistency",
+                                                     device=d),
+    "STRIP, max blend, consistency, empirical threshold": lambda d: Strip(
+        blend="max", statistic="consistency", threshold_method="empirical", device=d),
 }
 
 

@@ -215,6 +215,16 @@ def test_flags_triggered_inputs_and_few_clean_ones(tiny: Any, strip_bd: Strip) -
     assert np.median(strip_bd.entropy(tiny.triggered_test())) < np.median(clean_entropy)
 
 
+def test_consistency_statistic_flags_triggered_inputs(tiny: Any) -> None:
+    det = Strip(**FAST, statistic="consistency", threshold_method="empirical",
+                seed=0).fit(tiny.backdoored, tiny.test)
+    assert det.filter(tiny.triggered_test()).flagged.mean() >= 0.9
+    assert det.filter(tiny.test.x).flagged.mean() <= 0.05
+    assert "log-probability" in det.calibration_info()["score"]
+    with pytest.raises(ParameterError, match="entropy"):
+        det.entropy(tiny.test.x[:2])
+
+
 def test_stamped_inputs_pass_on_the_clean_twin(tiny: Any) -> None:
     det = Strip(**FAST, seed=0).fit(tiny.clean, tiny.test)
     assert det.filter(tiny.triggered_test()).flagged.mean() <= 0.1
@@ -369,3 +379,25 @@ def test_runs_on_cuda_with_a_cpu_model(tiny: Any) -> None:  # pragma: no cover -
     cpu = Strip(**FAST, device="cpu").fit(tiny.backdoored, tiny.test)
     np.testing.assert_allclose(det.score(tiny.test.x[:20]), cpu.score(tiny.test.x[:20]),
                                atol=1e-4)
+
+
+def test_consistency_is_the_probability_kept_on_the_own_prediction() -> None:
+    # input 0 keeps class 2 under every overlay; input 1 is confident but on *other*
+    # classes (the overlays'): low entropy, yet no consistency
+    big = 30.0
+    keep = torch.full((4, 3), -big)
+    keep[:, 2] = big
+    swap = torch.full((4, 3), -big)
+    swap[:2, 0] = big
+    swap[2:, 1] = big
+    logits = torch.stack([keep, swap])
+    pred = torch.tensor([2, 2])
+    c = rt.consistency(logits, pred)  # mean log-probability of the own class
+    assert c.tolist() == pytest.approx([0.0, -2 * big], abs=1e-4)
+    assert torch.equal(rt.strip_scores(logits, "consistency", pred), c)
+    # entropy cannot tell them apart: both are confident everywhere
+    assert rt.strip_entropy(logits).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    with pytest.raises(ParameterError, match="predicted"):
+        rt.strip_scores(logits, "consistency")
+    with pytest.raises(ParameterError, match="predicted"):
+        rt.consistency(logits, torch.tensor([1, 2, 0]))

@@ -28,6 +28,10 @@ few bright overlays (a white corner patch under a bag or a boot) gets a few high
 overlays that pull its mean up, but not its median. Measured *worse* than the mean on our
 Fashion-MNIST BadNets model (FAR 4.6% vs 1.9% at FRR ≤ 1%, docs/benchmarks/runtime.md):
 clean inputs have many confident overlays too, and the mean's tail separates them.
+``"consistency"`` (our addition, :func:`~trojanscan.maths.runtime.consistency`): the mean
+log-probability the overlays leave on the input's *own* predicted class — entropy rewards any
+confident prediction, including the overlay's class, while a trigger keeps the prediction
+on its target. :meth:`Strip.entropy` is for the two entropy statistics only.
 
 Calibration (``fit``): the clean data are split with ``seed`` into an overlay pool
 (``pool_fraction``), a fit part and a holdout part (``holdout_fraction``). The threshold
@@ -400,17 +404,23 @@ class Strip(CalibratedInputDetector):
         idx = torch.from_numpy(np.ascontiguousarray(self.overlay_indices(x))).to(x.device)
         perturbed = rt.superimpose(x, self.pool_[idx], self.blend)  # B×N×C×H×W
         logits = logits_of(self._runner, perturbed.reshape(b * self.n_overlays, *x.shape[1:]))
-        scores = rt.strip_scores(logits.view(b, self.n_overlays, -1), self.statistic).double()
         preds = logits_of(self._runner, x).argmax(1)
+        scores = rt.strip_scores(logits.view(b, self.n_overlays, -1), self.statistic,
+                                 preds).double()
         return scores, preds
 
     def entropy(self, x: torch.Tensor) -> np.ndarray:
         """The paper's quantity: mean (or median) entropy (bits) per input (``= -score``)."""
+        if self.statistic not in rt.ENTROPY_STATISTICS:
+            raise bad_param("statistic", f"one of {rt.ENTROPY_STATISTICS} for entropy()",
+                            self.statistic)
         return -self.score(x)
 
     def calibration_info(self) -> dict[str, Any]:
         return super().calibration_info() | {
             "n_overlays": self.n_overlays, "blend": self.blend,
             "overlay_draw": self.overlay_draw, "statistic": self.statistic,
-            "score": f"negative {self.statistic} entropy (bits) over the overlays",
+            "score": ("mean log-probability of the input's own prediction over the overlays"
+                      if self.statistic == "consistency" else
+                      f"negative {self.statistic} entropy (bits) over the overlays"),
         }

@@ -78,8 +78,11 @@ def entropy_from_logits(logits: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
     return h.clamp_min(0.0)
 
 
-#: how the N overlays' entropies are summarised: the paper's mean, or their median
-STATISTICS = ("mean", "median")
+#: how the N overlays' predictions are summarised: the paper's mean entropy, the median
+#: entropy, or (beyond the paper) their consistency with the input's own prediction
+STATISTICS = ("mean", "median", "consistency")
+#: the statistics that summarise entropies (:func:`strip_entropy`)
+ENTROPY_STATISTICS = ("mean", "median")
 
 
 def strip_entropy(logits: torch.Tensor, statistic: str = "mean") -> torch.Tensor:
@@ -93,8 +96,8 @@ def strip_entropy(logits: torch.Tensor, statistic: str = "mean") -> torch.Tensor
     if logits.dim() != 3:
         raise bad_param("logits", "a tensor B×N×K (inputs × overlays × classes)",
                         tuple(logits.shape))
-    if statistic not in STATISTICS:
-        raise bad_param("statistic", STATISTICS, statistic)
+    if statistic not in ENTROPY_STATISTICS:
+        raise bad_param("statistic", ENTROPY_STATISTICS, statistic)
     h = entropy_from_logits(logits.float(), dim=-1)
     if statistic == "median":
         # the mean of the two middle values for even N (torch.median takes the lower one)
@@ -102,8 +105,39 @@ def strip_entropy(logits: torch.Tensor, statistic: str = "mean") -> torch.Tensor
     return h.mean(dim=1)
 
 
-def strip_scores(logits: torch.Tensor, statistic: str = "mean") -> torch.Tensor:
-    """Suspicion scores (higher = more suspicious): the negative STRIP entropy."""
+def consistency(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability (nats, ≤ 0) the ``N`` perturbed predictions (logits ``B×N×K``)
+    give to each input's own predicted class (``predicted``, ``B``). Returns ``B``.
+
+    The log keeps confident inputs apart (mean probabilities pile up at 1.0, and a
+    threshold inside a pile of ties cannot hit the requested FRR) and weighs the overlays
+    that move the prediction away most.
+
+    STRIP's premise is that a trigger keeps the prediction on its target whatever is
+    superimposed. Entropy measures confidence, not *which* class: a clean input
+    superimposed with a clean image often gets a confident prediction of the *overlay's*
+    class (low entropy, so it looks triggered). Consistency asks whether the prediction
+    stayed where it was (beyond the paper).
+    """
+    if logits.dim() != 3:
+        raise bad_param("logits", "a tensor B×N×K (inputs × overlays × classes)",
+                        tuple(logits.shape))
+    if predicted.shape != logits.shape[:1]:
+        raise bad_param("predicted", f"one class per input ({logits.shape[0]})",
+                        tuple(predicted.shape))
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    idx = predicted.long().view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+    return logp.gather(-1, idx).squeeze(-1).mean(dim=1)
+
+
+def strip_scores(logits: torch.Tensor, statistic: str = "mean",
+                 predicted: torch.Tensor | None = None) -> torch.Tensor:
+    """Suspicion scores (higher = more suspicious): the negative STRIP entropy, or the
+    :func:`consistency` (``statistic="consistency"``, which needs ``predicted``)."""
+    if statistic == "consistency":
+        if predicted is None:
+            raise bad_param("predicted", "the inputs' own predicted classes", None)
+        return consistency(logits, predicted)
     return -strip_entropy(logits, statistic)
 
 
