@@ -90,6 +90,11 @@ CONFIGS: dict[str, Any] = {
                                                      device=d),
     "STRIP, max blend, consistency, empirical threshold": lambda d: Strip(
         blend="max", statistic="consistency", threshold_method="empirical", device=d),
+    "STRIP, max blend, consistency, empirical threshold, FRR target 0.7%": lambda d: Strip(
+        blend="max", statistic="consistency", threshold_method="empirical", frr=0.007,
+        device=d),
+    "STRIP, max blend, empirical threshold, FRR target 0.7%": lambda d: Strip(
+        blend="max", threshold_method="empirical", frr=0.007, device=d),
 }
 
 
