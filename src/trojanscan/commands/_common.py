@@ -86,10 +86,10 @@ def parse_detector_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
         if name not in model_level:
             raise ParameterError(f"invalid --param {item!r}: {name!r} is not a model-level "
                                  f"detector (one of {', '.join(sorted(model_level))})")
+        accepted = registry.parameters(name)
         for key, value in parse_params([rest]).items():
             if key in ("seed", "device"):
                 raise ParameterError(f"invalid --param {item!r}: set {key} with --{key}")
-            accepted = registry.parameters(name)
             if key not in accepted:
                 raise ParameterError(f"invalid --param {item!r}: {name} has no parameter "
                                      f"{key!r}; accepted: {', '.join(accepted)}")

@@ -85,6 +85,12 @@ STATISTICS = ("mean", "median", "consistency")
 ENTROPY_STATISTICS = ("mean", "median")
 
 
+def _check_overlay_logits(logits: torch.Tensor) -> None:
+    if logits.dim() != 3:
+        raise bad_param("logits", "a tensor B×N×K (inputs × overlays × classes)",
+                        tuple(logits.shape))
+
+
 def strip_entropy(logits: torch.Tensor, statistic: str = "mean") -> torch.Tensor:
     """STRIP's normalised entropy per input from logits shaped ``B×N×K``.
 
@@ -93,9 +99,7 @@ def strip_entropy(logits: torch.Tensor, statistic: str = "mean") -> torch.Tensor
     their median (``statistic="median"``: a few overlays that cover and erase a trigger
     patch no longer pull a triggered input's score up). Returns ``B``.
     """
-    if logits.dim() != 3:
-        raise bad_param("logits", "a tensor B×N×K (inputs × overlays × classes)",
-                        tuple(logits.shape))
+    _check_overlay_logits(logits)
     if statistic not in ENTROPY_STATISTICS:
         raise bad_param("statistic", ENTROPY_STATISTICS, statistic)
     h = entropy_from_logits(logits.float(), dim=-1)
@@ -119,9 +123,7 @@ def consistency(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     class (low entropy, so it looks triggered). Consistency asks whether the prediction
     stayed where it was (beyond the paper).
     """
-    if logits.dim() != 3:
-        raise bad_param("logits", "a tensor B×N×K (inputs × overlays × classes)",
-                        tuple(logits.shape))
+    _check_overlay_logits(logits)
     if predicted.shape != logits.shape[:1]:
         raise bad_param("predicted", f"one class per input ({logits.shape[0]})",
                         tuple(predicted.shape))
