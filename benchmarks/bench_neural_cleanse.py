@@ -1,9 +1,10 @@
 """Benchmark: Neural Cleanse faithful vs fast mode, and unlearning, on Fashion-MNIST.
 
-Models (trained once, cached in ``benchmarks/.cache/neural_cleanse/``): eight backdoored
+Models (trained once, cached in ``benchmarks/.cache/neural_cleanse/``): ten backdoored
 ``small_cnn`` (BadNets 3–5 px patches at different places and targets, one checkerboard
-patch, two Blend; the last two were added to check unlearning settings chosen on the
-first six) and five clean ones, 10% poison, 5 epochs on the 60,000 training images.
+patch, three Blend; two were added in session 3 to check unlearning settings chosen on
+the first six, two more in session 4 after the refresh setting was chosen) and five
+clean ones, 10% poison, 5 epochs on the 60,000 training images.
 For each model and mode, Neural Cleanse runs on 1,000 clean test images (CPU, the
 thread count given). Mitigation: for each backdoored model the fast mode's flagged
 labels are unlearned on 6,000 clean training images (10%, the paper's share) and clean
@@ -15,7 +16,8 @@ Usage::
     python benchmarks/bench_neural_cleanse.py --train-only    # just train/cache models
     python benchmarks/bench_neural_cleanse.py --modes fast --seeds 0,1,2
     python benchmarks/bench_neural_cleanse.py --from-log /dev/null --mitigate-only \
-        --stamp-fraction 0.5 --dilate 0.5 --distill 0.25 --log out.jsonl  # unlearning only
+        --stamp-fraction 0.5 --dilate 0.5 --distill 0.5 --unlearn-epochs 3 --refresh 2 \
+        --log out.jsonl                                       # unlearning only
     python benchmarks/bench_neural_cleanse.py --jobs 8 --threads 2   # 8 parallel jobs pinned
                                                                      # to 2 cores each
 
@@ -53,6 +55,9 @@ MODELS: list[tuple[str, str, int]] = [
     # added after the unlearning settings were chosen on the six above, to check them
     ("badnets4-center-t1", "badnets:size=4,location=center,target=1", 6),
     ("blend-t4", "blend:alpha=0.2,target=4", 7),
+    # added in session 4, after the refresh setting was chosen, to check it
+    ("blend-t6-noise5", "blend:alpha=0.2,target=6,trigger_seed=5", 8),
+    ("badnets5-bl-t8", "badnets:size=5,location=bottom-left,target=8", 9),
     ("clean-s0", "none", 10),
     ("clean-s1", "none", 11),
     ("clean-s2", "none", 12),
@@ -419,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="unlearning: fine-tuning epochs (default: UnlearnConfig's)")
     p.add_argument("--distill", type=float, default=None,
                    help="unlearning: weight of self-distillation from the original model")
+    p.add_argument("--refresh", type=int, default=None,
+                   help="unlearning: times each reversed trigger is re-optimised mid-run")
+    p.add_argument("--refresh-steps", type=int, default=None,
+                   help="unlearning: Adam steps per refresh")
     p.add_argument("--no-mitigation", action="store_true")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--max-steps", type=int, default=None,
@@ -430,10 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     _STATE["unlearn"] = {k: v for k, v in (("stamp_fraction", a.stamp_fraction),
                                            ("dilate", a.dilate),
                                            ("distill", a.distill),
-                                           ("epochs", a.unlearn_epochs)) if v is not None}
+                                           ("epochs", a.unlearn_epochs),
+                                           ("refresh", a.refresh),
+                                           ("refresh_steps", a.refresh_steps))
+                         if v is not None}
     if _STATE["unlearn"] and a.jobs > 1:
-        p.error("--stamp-fraction/--dilate/--distill need --jobs 1 (settings live in this "
-                "process)")
+        p.error("--stamp-fraction/--dilate/--distill/--refresh need --jobs 1 (settings live "
+                "in this process)")
     if a.from_log:
         logged = [json.loads(line) for f in a.from_log for line in f.read_text().splitlines()
                   if line.strip()]

@@ -18,6 +18,8 @@ from trojanscan.mitigation import (
     Trigger,
     UnlearnConfig,
     mitigate,
+    project_mask,
+    refine_trigger,
     split_clean,
     unlearn,
 )
@@ -72,18 +74,72 @@ def test_distillation_unlearns_and_stays_closer_to_the_original(tiny: Any) -> No
     assert agree[0.8] >= agree[0.0] and agree[0.8] > 0.9, agree
 
 
-def test_unlearning_is_deterministic(tiny: Any) -> None:
-    cfg = UnlearnConfig(epochs=1)
+@pytest.mark.parametrize("refresh", [0, 2])
+def test_unlearning_is_deterministic(tiny: Any, refresh: int) -> None:
+    cfg = UnlearnConfig(epochs=1, refresh=refresh)
     a = unlearn(tiny.backdoored, tiny.train_clean, [_true_trigger()], config=cfg, seed=3)
     b = unlearn(tiny.backdoored, tiny.train_clean, [_true_trigger()], config=cfg, seed=3)
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     assert not any(p.requires_grad for p in a.parameters()) and not a.training
 
 
+def test_project_mask_meets_the_budget_and_keeps_the_core() -> None:
+    m = torch.tensor([[1.0, 0.9, 0.2], [0.1, 0.0, 1.4]])
+    out = project_mask(m, 2.0)
+    assert float(out.sum()) == pytest.approx(2.0, abs=1e-4)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    # a constant is subtracted: the order is kept and the small entries vanish first
+    assert out[1, 0] == 0 and out[0, 2] == 0 and out[0, 0] > out[0, 1] > 0.4
+    inside = torch.tensor([[0.5, 0.2], [0.0, 1.0]])
+    assert torch.equal(project_mask(inside, 2.0), inside)  # feasible: unchanged
+    assert torch.equal(project_mask(torch.tensor([[-1.0, 2.0]]), 5.0),
+                       torch.tensor([[0.0, 1.0]]))  # only clipped
+
+
+def _shifted_trigger() -> Trigger:
+    """A reversed trigger that missed by a pixel: 2×2 white one row and column up-left
+    of the real one (overlapping it in one pixel)."""
+    mask = torch.zeros(8, 8)
+    mask[5:7, 5:7] = 1.0
+    return Trigger(0, mask, torch.full((1, 8, 8), 0.5))
+
+
+def test_refine_trigger_moves_towards_the_backdoor_within_budget(tiny: Any) -> None:
+    start = _shifted_trigger()
+    model = tiny.backdoored.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = refine_trigger(model, tiny.train_clean.x, start, steps=50, budget=4.0,
+                         gen=torch.Generator().manual_seed(0))
+    assert float(out.mask.sum()) <= 4.0 + 1e-4 and out.label == 0
+    assert float(out.pattern.min()) >= 0 and float(out.pattern.max()) <= 1
+    keep = tiny.test.labels() != 0
+    x = tiny.test.x[keep]
+    with torch.no_grad():
+        asr = [float((model(t.apply(x)).argmax(1) == 0).float().mean()) for t in (start, out)]
+    assert asr[0] < 0.3 and asr[1] > asr[0] + 0.3, asr
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert not model.training
+
+
+def test_refresh_unlearns_more_of_the_real_trigger(tiny: Any) -> None:
+    """Unlearning a trigger that missed by a pixel leaves much of the backdoor; refreshing
+    it against the model being fine-tuned removes more of the real trigger's success."""
+    extra = {"true_trigger": (tiny.stamp, 0)}
+    asr = {}
+    for refresh in (0, 2):
+        res = mitigate(tiny.backdoored, tiny.train_clean, tiny.test, [_shifted_trigger()],
+                       config=UnlearnConfig(epochs=2, refresh=refresh), seed=0, extra=extra)
+        asr[refresh] = res.asr_after["true_trigger"]
+        assert res.clean_accuracy_after >= res.clean_accuracy_before - 0.03
+    assert asr[2] < asr[0] - 0.2, asr
+
+
 @pytest.mark.parametrize(("field", "value"), [("stamp_fraction", 0.0), ("stamp_fraction", 1.0),
                                               ("epochs", 0), ("lr", -1.0), ("batch_size", 1),
                                               ("optimizer", "rmsprop"), ("dilate", 1.5),
-                                              ("distill", -0.1), ("distill", True)])
+                                              ("distill", -0.1), ("distill", True),
+                                              ("refresh", -1), ("refresh", 1.5),
+                                              ("refresh_steps", 0)])
 def test_bad_unlearning_settings(field: str, value: Any, tiny: Any) -> None:
     with pytest.raises(ParameterError, match=field):
         unlearn(tiny.backdoored, tiny.train_clean, [_true_trigger()],
@@ -148,7 +204,9 @@ def test_mitigate_refuses_to_overwrite_the_input(files: dict[str, Path],
 
 @pytest.mark.parametrize(("option", "value", "needle"), [
     ("--stamp-fraction", "1.5", "stamp_fraction"), ("--dilate", "-0.1", "dilate"),
-    ("--distill", "1.5", "distill"), ("--nc-reference", "no-such-reports", "reference")])
+    ("--distill", "1.5", "distill"), ("--refresh", "-1", "refresh"),
+    ("--unlearn-epochs", "0", "epochs"),
+    ("--nc-reference", "no-such-reports", "reference")])
 def test_mitigate_bad_settings_fail_before_any_work(
         files: dict[str, Path], capsys: pytest.CaptureFixture[str], option: str, value: str,
         needle: str) -> None:

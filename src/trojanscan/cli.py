@@ -260,6 +260,12 @@ def mitigate(
     distill: Annotated[float, typer.Option(
         "--distill", help="Weight in [0, 1] of self-distillation from the original model "
                           "(keeps clean behaviour; 0 = the paper).")] = 0.0,
+    refresh: Annotated[int, typer.Option(
+        "--refresh", help="Times each reversed trigger is re-optimised against the model "
+                          "during fine-tuning, within its mask's L1 budget (0 = the "
+                          "paper).")] = 0,
+    unlearn_epochs: Annotated[int, typer.Option(
+        "--unlearn-epochs", help="Fine-tuning epochs over the fine-tuning part.")] = 2,
     seed: Seed = 0,
     device: Device = "auto",
     arch: Arch = None,
@@ -271,7 +277,7 @@ def mitigate(
     _run("mitigate", model=model, data=data, out=out, report=report, seed=seed, device=device,
          arch=arch, trust_pickle=trust_pickle, quiet=quiet, json_out=json_out,
          nc_reference=nc_reference, stamp_fraction=stamp_fraction, dilate=dilate,
-         distill=distill)
+         distill=distill, refresh=refresh, unlearn_epochs=unlearn_epochs)
 
 
 @app.command("detectors")

@@ -72,6 +72,15 @@ class UnlearnConfig:
     the accuracy unlearning costs comes from fine-tuning a few thousand samples); on
     stamped ones it asks that the trigger change nothing the original model said about
     the clean sample.
+    ``refresh``: number of times, spread evenly over the run, that each reversed trigger
+    is re-optimised against the model being fine-tuned (beyond the paper; 0 is the
+    paper). The reversed trigger is only an approximation of the real one: once the
+    model has unlearned it, what is left of the backdoor answers to a nearby trigger.
+    A refresh runs ``refresh_steps`` projected gradient steps (:func:`refine_trigger`) of
+    cross-entropy towards the label on mini-batches of the fine-tuning data, from the
+    current trigger, with the mask's L1 norm kept at most the original reversed mask's
+    (an adversarial search within the same budget); from then on stamped samples carry
+    the original or the latest refreshed trigger, equally often.
     """
 
     stamp_fraction: float = 0.2
@@ -81,6 +90,8 @@ class UnlearnConfig:
     optimizer: str = "sgd"
     dilate: float = 0.0
     distill: float = 0.0
+    refresh: int = 0
+    refresh_steps: int = 50
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -90,6 +101,12 @@ class UnlearnConfig:
         if (isinstance(self.distill, bool) or not isinstance(self.distill, (int, float))
                 or not 0.0 <= self.distill <= 1.0):
             raise bad_param("distill", "a float in [0, 1]", self.distill)
+        for name in ("refresh", "refresh_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "refresh"
+                                                                      else 1):
+                raise bad_param(name, "an integer >= 0" if name == "refresh"
+                                else "an integer >= 1", v)
         if not 0.0 < self.stamp_fraction < 1.0:
             raise bad_param("stamp_fraction", "a float in (0, 1)", self.stamp_fraction)
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -99,6 +116,58 @@ class UnlearnConfig:
         if (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
                 or self.batch_size < 2):
             raise bad_param("batch_size", "an integer >= 2", self.batch_size)
+
+
+def project_mask(m: torch.Tensor, budget: float, iters: int = 50) -> torch.Tensor:
+    """Euclidean projection of ``m`` onto ``{0 ≤ m ≤ 1, Σm ≤ budget}``: ``clip(m − τ, 0, 1)``
+    with the smallest ``τ ≥ 0`` that meets the budget (bisection). Small entries go to 0
+    first and large ones keep their lead (a uniform rescale would shrink the trigger's
+    core as much as its fringe)."""
+    out = m.clamp(0.0, 1.0)
+    if float(out.sum()) <= budget:
+        return out
+    lo, hi = 0.0, float(m.max())
+    for _ in range(iters):
+        tau = 0.5 * (lo + hi)
+        if float((m - tau).clamp(0.0, 1.0).sum()) > budget:
+            lo = tau
+        else:
+            hi = tau
+    return (m - hi).clamp(0.0, 1.0)
+
+
+def refine_trigger(net: nn.Module, x: torch.Tensor, trigger: Trigger, *, steps: int,
+                   budget: float, gen: torch.Generator, batch_size: int = 64,
+                   lr: float = 0.1) -> Trigger:
+    """``trigger`` re-optimised against ``net`` (see :class:`UnlearnConfig`'s ``refresh``).
+
+    Projected gradient descent on the mask and pattern themselves, loss cross-entropy to
+    ``trigger.label`` on random mini-batches of ``x`` (a CPU tensor). Each step moves a
+    tensor by ``lr`` times its gradient divided by the gradient's largest entry (relative
+    sizes kept: Adam's per-pixel normalisation would push every pixel up alike and the
+    budget would cancel it), then clips the pattern to [0, 1] and projects the mask onto
+    ``{0 ≤ m ≤ 1, Σm ≤ budget}`` (:func:`project_mask`). ``net`` is left in the mode it
+    was in, its parameters untouched.
+    """
+    dev = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    m = trigger.mask.detach().clone().to(dev).requires_grad_(True)
+    p = trigger.pattern.detach().clone().to(dev).requires_grad_(True)
+    target = torch.full((min(batch_size, len(x)),), trigger.label, dtype=torch.int64,
+                        device=dev)
+    for _ in range(steps):
+        idx = torch.randperm(len(x), generator=gen)[:batch_size]
+        logits = checked_logits(net, stamp(x[idx].to(dev), m, p))
+        loss = F.cross_entropy(logits, target[:len(idx)])
+        grad_m, grad_p = torch.autograd.grad(loss, [m, p])
+        with torch.no_grad():
+            m -= lr * grad_m / (grad_m.abs().max() + 1e-12)
+            p -= lr * grad_p / (grad_p.abs().max() + 1e-12)
+            p.clamp_(0.0, 1.0)
+            m.copy_(project_mask(m, budget))
+    net.train(was_training)
+    return Trigger(trigger.label, m.detach().cpu(), p.detach().cpu())
 
 
 def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], *,
@@ -139,30 +208,48 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
     opt: torch.optim.Optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
                                   if cfg.optimizer == "sgd" else
                                   torch.optim.Adam(params, lr=cfg.lr))
-    variants = [(t, t.dilated()) for t in triggers]
-    n_steps = cfg.epochs * ((len(clean) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)
+    originals = list(triggers)
+    current = list(originals)
+    budgets = [float(t.mask.sum()) for t in originals]
+    variants = [(t, t.dilated()) for t in [*originals, *current]]
     n = len(clean)
+    per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+    steps = cfg.epochs * per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     n_stamp = max(1, round(cfg.stamp_fraction * n))
+    # refreshes at evenly spaced steps strictly inside the run (none at step 0)
+    refresh_at = {round(steps * (i + 1) / (cfg.refresh + 1)) for i in range(cfg.refresh)}
     net.train()
-    steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+    step = 0
     with progress("unlearning", steps) as bar:
         for _ in range(cfg.epochs):
             stamped = torch.zeros(n, dtype=torch.bool)
             stamped[torch.randperm(n, generator=gen)[:n_stamp]] = True
-            which = torch.randint(len(triggers), (n,), generator=gen)
+            which = torch.randint(len(originals), (n,), generator=gen)
             grow = torch.rand(n, generator=gen) < cfg.dilate
+            # drawn only when refreshing, so that refresh=0 keeps the paper's draws
+            fresh = (torch.rand(n, generator=gen) < 0.5 if cfg.refresh
+                     else torch.zeros(n, dtype=torch.bool))
             perm = torch.randperm(n, generator=gen)
             for sl in batches(n, cfg.batch_size):
+                if step in refresh_at:
+                    current = [refine_trigger(net, clean.x, t, steps=cfg.refresh_steps,
+                                              budget=b, gen=gen)
+                               for t, b in zip(current, budgets)]
+                    variants = [(t, t.dilated()) for t in [*originals, *current]]
+                step += 1
                 idx = perm[sl]
                 xb = clean.x[idx].to(dev)
                 soft = None
                 if teacher is not None:
                     with torch.no_grad():
                         soft = F.log_softmax(checked_logits(teacher, xb), dim=1)
+                k = len(originals)
                 for j, (plain, grown) in enumerate(variants):
+                    # variants j < k: the originals; j >= k: their refreshed versions
+                    use = (which[idx] == j % k) & (fresh[idx] == (j >= k))
                     for trig, g in ((plain, False), (grown, True)):
-                        sel = (stamped[idx] & (which[idx] == j) & (grow[idx] == g)).to(dev)
+                        sel = (stamped[idx] & use & (grow[idx] == g)).to(dev)
                         if bool(sel.any()):
                             xb[sel] = trig.apply(xb[sel])
                 logits = checked_logits(net, xb)

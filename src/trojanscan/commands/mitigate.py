@@ -64,7 +64,8 @@ def save_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> None
 def run(*, model: Path, data: str, out: Path, report: Path, seed: int, device: str,
         arch: str | None, trust_pickle: bool, quiet: bool, json_out: bool,
         nc_reference: list[Path] | None = None, stamp_fraction: float = 0.2,
-        dilate: float = 0.0, distill: float = 0.0) -> int:
+        dilate: float = 0.0, distill: float = 0.0, refresh: int = 0,
+        unlearn_epochs: int = 2) -> int:
     from ..detectors.neural_cleanse import NeuralCleanse
     from ..mitigation import UnlearnConfig, mitigate, split_clean, triggers_from_result
     from ..report_sections import model_result_section
@@ -76,7 +77,8 @@ def run(*, model: Path, data: str, out: Path, report: Path, seed: int, device: s
                         str(out))
     if out.exists() and out.is_dir():
         raise bad_param("out", "a file path (not a folder)", str(out))
-    cfg = UnlearnConfig(stamp_fraction=stamp_fraction, dilate=dilate, distill=distill)
+    cfg = UnlearnConfig(stamp_fraction=stamp_fraction, dilate=dilate, distill=distill,
+                        refresh=refresh, epochs=unlearn_epochs)
     cfg.validate()  # bad settings fail before any work
     refs = nc_references(nc_reference)
     seed_everything(seed)
