@@ -13,6 +13,8 @@ Stages (run ``all`` or one at a time; trained targets are cached and reused):
 ``score``    score every target with the shipped meta-classifier (all variants): AUROC
              overall, per attack type and per architecture, the verdicts' TPR/FPR at the
              shipped threshold, and the time to score one model.
+``combine``  (offline) the bundle's variants combined per model, each standardised
+             against the held-out benign shadows, from the ``score`` stage's raw scores.
 ``ray``      shadow-training throughput: the same small shadow tasks run by Ray with one
              worker and with two workers (and sequentially), in one run.
 
@@ -394,6 +396,39 @@ def stage_ray(args: argparse.Namespace) -> dict[str, Any]:
     return {"ray": res}
 
 
+def stage_combine(args: argparse.Namespace) -> dict[str, Any]:
+    """Combine one bundle's variants per model, without retraining or rescoring: each raw
+    score is standardised against the bundle's held-out *benign shadows* (nothing is
+    fitted on the held-out targets), then summed (``sum_z``) or the smaller conformal
+    p-value taken (``min_p``). Reads the ``score`` stage's per-model raw scores."""
+    from trojanscan.mntd.calibration import auroc, p_value
+    from trojanscan.mntd.pretrained import resolve
+
+    results = json.loads(Path(args.results).read_text())
+    rows = results["score"]["models"]
+    y = np.array([0 if r["kind"] == "clean" else 1 for r in rows])
+    kinds = np.array([r["kind"] for r in rows])
+    meta = args.meta.split(",")[0]
+    bundle = resolve(meta)
+    assert bundle is not None
+    out: dict[str, Any] = {"meta": meta, "pairs": {}}
+    for a, b in (("qt", "one_class"), ("qt", "no_qt"), ("no_qt", "one_class")):
+        z, p = [], []
+        for v in (a, b):
+            raw = np.array([r[f"{meta}:{v}"] for r in rows], dtype=np.float64)
+            benign = np.asarray(bundle.calibration[v]["benign_raw"], dtype=np.float64)
+            z.append((raw - benign.mean()) / benign.std())
+            p.append(np.array([p_value(x, benign) for x in raw]))
+        combos = {"sum_z": z[0] + z[1], "min_p": -np.minimum(p[0], p[1])}
+        for name, score in combos.items():
+            per = {k: auroc(y[(kinds == k) | (y == 0)], score[(kinds == k) | (y == 0)])
+                   for k in ATTACKS}
+            out["pairs"][f"{a}+{b}:{name}"] = {"auroc": auroc(y, score), "per_attack": per}
+            print(f"{a}+{b} {name:6s} AUROC {auroc(y, score):.3f}  " + "  ".join(
+                f"{k} {v:.3f}" for k, v in per.items()))
+    return {"combine": out}
+
+
 def machine() -> dict[str, Any]:
     import os
 
@@ -405,7 +440,7 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["targets", "score", "ray", "all"])
+    ap.add_argument("stage", choices=["targets", "score", "ray", "combine", "all"])
     ap.add_argument("--per-attack", type=int, default=4,
                     help="backdoored models per attack type (as many clean ones in total)")
     ap.add_argument("--seed", type=int, default=0)
@@ -432,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = ["targets", "score", "ray"] if args.stage == "all" else [args.stage]
     for stage in stages:
         results.update({"targets": stage_targets, "score": stage_score,
-                        "ray": stage_ray}[stage](args))
+                        "ray": stage_ray, "combine": stage_combine}[stage](args))
     from trojanscan.utils import atomic_write_text
 
     atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
