@@ -95,6 +95,26 @@ CONFIGS: dict[str, Any] = {
         device=d),
     "STRIP, max blend, empirical threshold, FRR target 0.7%": lambda d: Strip(
         blend="max", threshold_method="empirical", frr=0.007, device=d),
+    # every calibration image used (no 2,000 cap), 10% overlay pool, 10% holdout: with
+    # --calib-size 4000 the threshold is fitted on 3,200 images instead of 1,200
+    "STRIP, max blend, empirical threshold, all calibration images": lambda d: Strip(
+        blend="max", threshold_method="empirical", max_samples=None, pool_fraction=0.1,
+        holdout_fraction=0.1, device=d),
+    "STRIP, max blend, consistency, empirical threshold, all calibration images":
+        lambda d: Strip(blend="max", statistic="consistency", threshold_method="empirical",
+                        max_samples=None, pool_fraction=0.1, holdout_fraction=0.1,
+                        device=d),
+    # session 4: the mean of the 10% highest overlay entropies, and the conservative rule
+    "STRIP, max blend, tail, empirical threshold": lambda d: Strip(
+        blend="max", statistic="tail", threshold_method="empirical", device=d),
+    "STRIP, max blend, tail, conservative threshold": lambda d: Strip(
+        blend="max", statistic="tail", threshold_method="conservative", device=d),
+    "STRIP, max blend, tail, conservative threshold, all calibration images": lambda d: Strip(
+        blend="max", statistic="tail", threshold_method="conservative", max_samples=None,
+        pool_fraction=0.1, holdout_fraction=0.1, device=d),
+    "STRIP, tail, conservative threshold, all calibration images": lambda d: Strip(
+        statistic="tail", threshold_method="conservative", max_samples=None,
+        pool_fraction=0.1, holdout_fraction=0.1, device=d),
 }
 
 
@@ -141,10 +161,12 @@ def triggered_inputs(name: str, ds: Any, n: int) -> tuple[torch.Tensor, torch.Te
     return atk.apply(ds.x[keep][:n]), atk.target_labels(y)
 
 
-def detection(models: list[str], configs: list[str], device: str, n_eval: int
-              ) -> list[dict[str, Any]]:
+def detection(models: list[str], configs: list[str], device: str, n_eval: int,
+              calib_size: int = 2000, seeds: tuple[int, ...] = (0,)) -> list[dict[str, Any]]:
     test = load_dataset("fashion-mnist:test")
-    calib = test.subset(np.arange(0, 2000))
+    if not 0 < calib_size <= 4000:
+        raise SystemExit("--calib-size must be in 1..4000 (evaluation starts at image 4,000)")
+    calib = test.subset(np.arange(0, calib_size))
     ev = test.subset(np.arange(4000, len(test)))
     clean_x = ev.x[:n_eval]
     rows = []
@@ -155,15 +177,17 @@ def detection(models: list[str], configs: list[str], device: str, n_eval: int
             dev = pick_device(device)
             flips = (model.to(dev)(trig.to(dev)).argmax(1).cpu() == want).numpy()
             model.cpu()
-        for label in configs:
+        for label, seed in [(c, sd) for c in configs for sd in seeds]:
             det = CONFIGS[label](device)
+            det.seed = seed  # the calibration split, the overlay pool and the draws
             t0 = time.perf_counter()
             det.fit(model, calib)
             fit_s = time.perf_counter() - t0
             sc = det.score(clean_x)
             st = det.score(trig)
             row = {
-                "model": name, "detector": label, "clean_accuracy": meta["clean_accuracy"],
+                "model": name, "detector": label, "seed": seed,
+                "clean_accuracy": meta["clean_accuracy"],
                 "asr": meta["asr"], "threshold": det.threshold_,
                 "frr_holdout": det.frr_measured_, "n_holdout": det.n_holdout_,
                 "frr_eval": float(np.mean(rt.flag(sc, det.threshold_))),
@@ -172,11 +196,12 @@ def detection(models: list[str], configs: list[str], device: str, n_eval: int
                 "far_effective": float(np.mean(~rt.flag(st[flips], det.threshold_)))
                 if flips.any() else None,
                 "n_triggered": len(st), "n_effective": int(flips.sum()),
+                "n_calibration": len(calib), "n_fit": det.n_fit_,
                 "fit_seconds": round(fit_s, 2),
             }
             rows.append(row)
             eff = row["far_effective"]
-            log(f"{name:8s} {label:45s} FRR hold {row['frr_holdout']:.4f} eval "
+            log(f"{name:8s} {label:45s} seed {seed} FRR hold {row['frr_holdout']:.4f} eval "
                 f"{row['frr_eval']:.4f}  FAR {row['far']:.4f} (eff "
                 f"{float('nan') if eff is None else eff:.4f})")
     return rows
@@ -229,11 +254,12 @@ def throughput(device: str, n_strip: int, n_plain: int, batch: int, repeats: int
 
 
 def print_detection(rows: list[dict[str, Any]]) -> None:
-    print("| model | detector | FRR holdout | FRR eval | FAR | FAR (effective) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | detector | seed | FRR holdout | FRR eval | FAR | FAR (effective) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         eff = "n/a" if r["far_effective"] is None else f"{r['far_effective']:.4f}"
-        print(f"| {r['model']} | {r['detector']} | {r['frr_holdout']:.4f} ({r['n_holdout']}) "
+        print(f"| {r['model']} | {r['detector']} | {r.get('seed', 0)} "
+              f"| {r['frr_holdout']:.4f} ({r['n_holdout']}) "
               f"| {r['frr_eval']:.4f} ({r['n_clean_eval']}) | {r['far']:.4f} "
               f"({r['n_triggered']}) | {eff} ({r['n_effective']}) |")
 
@@ -247,6 +273,10 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--configs", default="all", help="comma-separated indices into CONFIGS")
     ap.add_argument("--n-eval", type=int, default=2000)
+    ap.add_argument("--seeds", default="0", help="detector seeds (calibration split, "
+                    "overlay pool, overlay draws), comma-separated")
+    ap.add_argument("--calib-size", type=int, default=2000,
+                    help="clean test images 0..N-1 given to fit (at most 4000)")
     ap.add_argument("--n-strip", type=int, default=200, help="inputs per STRIP timing")
     ap.add_argument("--n-plain", type=int, default=10000, help="inputs per plain timing")
     ap.add_argument("--batch", type=int, default=4096)
@@ -271,9 +301,11 @@ def main() -> None:
                              "machine": platform.machine(), "processor": platform.processor(),
                              "cpu_threads": torch.get_num_threads()}
     if not args.skip_detection:
-        rows = detection(models, configs, device, args.n_eval)
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+        rows = detection(models, configs, device, args.n_eval, args.calib_size, seeds)
         print_detection(rows)
-        result["detection"] = {"device": device, "rows": rows, "n_eval": args.n_eval}
+        result["detection"] = {"device": device, "rows": rows, "n_eval": args.n_eval,
+                               "calib_size": args.calib_size, "command": " ".join(sys.argv)}
     if not args.skip_throughput:
         tp = throughput(device, args.n_strip, args.n_plain, args.batch, args.repeats)
         print(f"\nthroughput on {tp['device']} ({tp['torch_threads']} threads): plain "

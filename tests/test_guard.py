@@ -393,6 +393,24 @@ def test_filter_detector_parameters_from_the_cli(files: dict[str, Path],
          "--param", "statistic=median", "--param", "n_overlays=20", "--param", "blend=max")
     params = json.loads((out / "report.json").read_text())["params"]["detector_params"]
     assert (params["statistic"], params["n_overlays"], params["blend"]) == ("median", 20, "max")
+    out2 = files["dir"] / "rep_tail"
+    _cli("filter", str(files["model"]), str(files["trig"]), "--calibrate",
+         str(files["clean"]), "--out", str(out2), "--device", "cpu", "--quiet",
+         "--param", "statistic=tail", "--param", "threshold_method=conservative",
+         "--frr", "0.05")
+    rep = json.loads((out2 / "report.json").read_text())
+    assert rep["params"]["detector_params"]["statistic"] == "tail"
+    assert rep["params"]["detector_params"]["threshold_method"] == "conservative"
+    assert rep["detectors"]["strip"]["calibration_warning"] is None
+    # too few fit scores for a 90%-sure 1% FRR: said on stderr and in the report
+    out3 = files["dir"] / "rep_small"
+    capsys.readouterr()
+    _cli("filter", str(files["model"]), str(files["trig"]), "--calibrate",
+         str(files["clean"]), "--out", str(out3), "--device", "cpu", "--quiet",
+         "--param", "threshold_method=conservative", "--param", "holdout_fraction=0.6")
+    assert "too few" in capsys.readouterr().err
+    warn = json.loads((out3 / "report.json").read_text())["detectors"]["strip"]
+    assert "too few" in warn["calibration_warning"]
     args = ["filter", str(files["model"]), str(files["trig"]), "--calibrate",
             str(files["clean"]), "--out", str(files["dir"] / "y"), "--device", "cpu", "-q"]
     capsys.readouterr()

@@ -80,6 +80,22 @@ def test_median_statistic_ignores_a_few_erased_triggers() -> None:
         rt.strip_entropy(logits, "mode")
 
 
+def test_tail_statistic_is_the_mean_of_the_highest_tenth() -> None:
+    # 20 overlays: 17 confident (0 bits), 3 uniform over 4 classes (2 bits): the top 10%
+    # (2 overlays) are both uniform, so the tail is 2 bits while the mean is 0.3
+    confident = torch.tensor([50.0, -50.0, -50.0, -50.0])
+    logits = torch.stack([confident] * 17 + [torch.zeros(4)] * 3).unsqueeze(0)
+    assert float(rt.strip_entropy(logits)[0]) == pytest.approx(0.3, abs=1e-5)
+    assert float(rt.strip_entropy(logits, "tail")[0]) == pytest.approx(2.0, abs=1e-5)
+    assert float(rt.strip_scores(logits, "tail")[0]) == pytest.approx(-2.0, abs=1e-5)
+    # one uniform overlay among 20: half the tail
+    one = torch.stack([confident] * 19 + [torch.zeros(4)]).unsqueeze(0)
+    assert float(rt.strip_entropy(one, "tail")[0]) == pytest.approx(1.0, abs=1e-5)
+    # fewer than 10 overlays: the tail is the single highest entropy
+    few = torch.stack([confident] * 3 + [torch.zeros(4)]).unsqueeze(0)
+    assert float(rt.strip_entropy(few, "tail")[0]) == pytest.approx(2.0, abs=1e-5)
+
+
 def test_strip_entropy_needs_three_dimensions() -> None:
     with pytest.raises(ParameterError, match="logits"):
         rt.strip_entropy(torch.zeros(3, 4))
@@ -164,6 +180,42 @@ def test_empirical_threshold_respects_frr_on_its_own_data(scores: list[float],
     assert flagged <= math.floor(frr * len(s) + 1e-9)
 
 
+@settings(max_examples=100, deadline=None)
+@given(scores=scores_st, frr=frr_st)
+def test_conservative_threshold_keeps_fewer_above_than_the_empirical_one(
+        scores: list[float], frr: float) -> None:
+    s = np.asarray(scores)
+    t_c = rt.conservative_threshold(s, frr)
+    assert t_c >= rt.empirical_threshold(s, frr) - 1e-12
+    j = rt.conservative_rank(len(s), frr)
+    assert rt.flag(s, t_c).sum() <= (j or 0)
+
+
+def test_conservative_rank_values() -> None:
+    # 1 − (1 − 1%)^n ≥ 90% needs n ≥ 230 even for the maximum
+    assert rt.conservative_rank(229, 0.01) is None and rt.conservative_rank(230, 0.01) == 0
+    assert rt.conservative_rank(3200, 0.01) == 24  # 0.78% of the scores above, not 1%
+    ranks = [rt.conservative_rank(n, 0.01) or 0 for n in range(230, 5000, 97)]
+    assert ranks == sorted(ranks)
+
+
+def test_conservative_threshold_keeps_its_promise_on_fresh_data() -> None:
+    """Over many calibrations on fresh normal samples the true FRR (known exactly from the
+    normal's tail) is at most the target in about 90% of them; the empirical quantile
+    only in about half."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    ok = {"conservative": 0, "empirical": 0}
+    trials = 400
+    for _ in range(trials):
+        s = rng.standard_normal(1000)
+        for method in ok:
+            ok[method] += norm.sf(rt.fit_threshold(s, 0.02, method)) <= 0.02
+    assert 0.85 <= ok["conservative"] / trials <= 0.95, ok
+    assert ok["empirical"] / trials < 0.75, ok
+
+
 def test_clopper_pearson_upper_bound() -> None:
     assert rt.clopper_pearson_upper(0, 300) == pytest.approx(1 - 0.05 ** (1 / 300))
     assert 0.01 < rt.clopper_pearson_upper(3, 300) < 0.03
@@ -223,6 +275,15 @@ def test_consistency_statistic_flags_triggered_inputs(tiny: Any) -> None:
     assert "log-probability" in det.calibration_info()["score"]
     with pytest.raises(ParameterError, match="entropy"):
         det.entropy(tiny.test.x[:2])
+
+
+def test_tail_statistic_with_conservative_threshold_flags_triggered_inputs(tiny: Any) -> None:
+    # 238 fit scores are too few for a 90%-sure 1% FRR (230 give only the maximum): 5%
+    det = Strip(**FAST, statistic="tail", threshold_method="conservative", frr=0.05,
+                seed=0).fit(tiny.backdoored, tiny.test)
+    assert det.filter(tiny.triggered_test()).flagged.mean() >= 0.9
+    assert det.filter(tiny.test.x).flagged.mean() <= 0.05
+    assert det.entropy(tiny.test.x[:2]).shape == (2,)  # an entropy statistic
 
 
 def test_stamped_inputs_pass_on_the_clean_twin(tiny: Any) -> None:

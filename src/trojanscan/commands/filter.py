@@ -10,6 +10,7 @@ suspicious). Exit code 1 when any input is flagged.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ def _sections(rep: Report, det: Any, x: Any, scores: np.ndarray, flagged: np.nda
         "flagged": f"{int(flagged.sum())} of {len(flagged)}",
         "score": info.get("score", ""),
     }
+    if info.get("calibration_warning"):
+        rows["calibration warning"] = info["calibration_warning"]
     table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows.items())
     html = f"<table>{table}</table>"
     fig = _histogram(rep, det, scores)
@@ -131,7 +134,9 @@ def run(*, model: Path, inputs: str, calibrate: str, frr: float, detector: str, 
     path = rep.write(time.perf_counter() - t0)
     if json_out:
         emit_json(path)
-    elif not quiet:
+    if info.get("calibration_warning"):
+        print(f"warning: {info['calibration_warning']}", file=sys.stderr)
+    if not json_out and not quiet:
         meas = info["frr_measured"]
         meas_s = "n/a" if meas is None else f"{meas:.4f}"
         verdict = "TRIGGERED" if result.verdict == "triggered" else "CLEAN"

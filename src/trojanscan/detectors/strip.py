@@ -31,7 +31,13 @@ clean inputs have many confident overlays too, and the mean's tail separates the
 ``"consistency"`` (our addition, :func:`~trojanscan.maths.runtime.consistency`): the mean
 log-probability the overlays leave on the input's *own* predicted class — entropy rewards any
 confident prediction, including the overlay's class, while a trigger keeps the prediction
-on its target. :meth:`Strip.entropy` is for the two entropy statistics only.
+on its target. ``"tail"`` (our addition): the mean of the highest 10% of the overlays'
+entropies — a clean input is confident on most overlays as well, and what sets it apart
+is the few overlays that leave the model unsure, which the mean dilutes among the
+confident ones; on the Fashion-MNIST BadNets and Blend models it cut the best achievable
+FAR at a 1% FRR from 0.65–0.90% (mean) to 0.05–0.25%, but on the tiny digits model of the tests (32
+overlays, so a tail of 3) it was worse than the mean (docs/benchmarks/runtime.md).
+:meth:`Strip.entropy` is for the entropy statistics (mean, median, tail) only.
 
 Calibration (``fit``): the clean data are split with ``seed`` into an overlay pool
 (``pool_fraction``), a fit part and a holdout part (``holdout_fraction``). The threshold
@@ -40,7 +46,11 @@ rule (``threshold_method="normal"``: fit a normal distribution to the clean entr
 take its FRR quantile) or empirically (``"empirical"``: the clean scores' quantile) —
 and the FRR actually obtained is measured on the holdout part (``frr_measured_``, with a
 one-sided 95% Clopper–Pearson upper bound ``frr_upper_``). Overlays are never drawn from
-the inputs they perturb during calibration.
+the inputs they perturb during calibration. ``"conservative"`` (beyond the paper,
+:func:`~trojanscan.maths.runtime.conservative_threshold`) picks the order statistic whose
+true FRR is at most ``frr`` with 90% confidence: the empirical quantile meets the target
+only on average, so the FRR measured on new clean inputs exceeds it about half of the
+time (by up to 0.55 points at 1% with 1,200 fit scores in our benchmarks).
 
 Vectorised: the ``n_overlays`` perturbed copies of a chunk of inputs go through the model
 as one batch of about ``batch_size`` images. Per-input scores do not depend on which
@@ -202,6 +212,13 @@ class CalibratedInputDetector(InputDetector):
         self.fit_scores_ = fit_scores
         self.threshold_ = rt.fit_threshold(fit_scores, self.frr, self.threshold_method)
         self.frr_fit_ = rt.rejection_rate(fit_scores, self.threshold_)
+        self.calibration_warning_: str | None = None
+        if (self.threshold_method == "conservative"
+                and rt.conservative_rank(len(fit_scores), self.frr) is None):
+            self.calibration_warning_ = (
+                f"{len(fit_scores)} clean scores are too few for a threshold whose FRR is at "
+                f"most {self.frr:g} with {rt.CONSERVATIVE_CONFIDENCE:.0%} confidence: the "
+                "threshold is their maximum; calibrate on more clean inputs")
         if len(hold):
             hold_scores, hold_preds = self._score_and_predict(x[torch.from_numpy(hold)],
                                                               "measuring FRR")
@@ -329,6 +346,7 @@ class CalibratedInputDetector(InputDetector):
             "frr_fit": self.frr_fit_,
             "threshold": float(self.threshold_),
             "threshold_method": self.threshold_method,
+            "calibration_warning": self.calibration_warning_,
             "num_clean": self.n_clean_,
             "num_overlay_pool": self.n_pool_,
             "num_fit": self.n_fit_,
