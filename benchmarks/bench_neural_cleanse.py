@@ -455,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
             return report(rows, mit_rows, a, wall=None)
         names = [n for n in a.models.split(",") if n and SPECS.get(n, "none") != "none"]
         done = {r["model"] for r in mit_rows}
-        refs = _reference_norms(0, a)
-        tasks = [(n, 0, a.device, refs) for n in names if n not in done]
+        seed = int(a.seeds.split(",")[0])  # detection and unlearning seed
+        refs = _reference_norms(seed, a)
+        tasks = [(n, seed, a.device, refs) for n in names if n not in done]
         _run_pool(mitigate_one, tasks, a.jobs, a.threads, not a.no_pin, a.log, a.max_steps)
         return 0
     names = [n for n in a.models.split(",") if n]
