@@ -230,7 +230,10 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
                            "query_range": settings.get("query_range", "free"),
                            "num_shadows_per_kind": settings.get("num_shadows"),
                            "variants": {}}
-    for variant in bundle.variants:
+    variants = list(bundle.variants)
+    if {"qt", "one_class"} <= set(variants):
+        variants.append("combined")  # the detector's qt + one_class (beyond the paper)
+    for variant in variants:
         det = MNTD(meta_classifier=meta, variant=variant)
         raws, verdicts, secs = [], [], []
         for (_p, model), row in zip(targets, rows):
@@ -257,7 +260,7 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
             [verdicts[i] for i in main if not y[i]])), 4)
         res["seconds_per_model"] = {"median": round(float(np.median(secs)), 4),
                                     "max": round(float(np.max(secs)), 4)}
-        res["val_auroc_shadows"] = bundle.calibration[variant].get("val_auroc")
+        res["val_auroc_shadows"] = bundle.calibration.get(variant, {}).get("val_auroc")
         out["variants"][variant] = res
     return out
 
@@ -320,7 +323,8 @@ def print_score_table(out: dict[str, Any], res: dict[str, Any]) -> None:
              lambda r: r["unseen_arch_auroc"])
     line("TPR at shipped threshold", "", lambda r: r["tpr_at_shipped_threshold"])
     line("FPR at shipped threshold", "", lambda r: r["fpr_at_shipped_threshold"])
-    line("AUROC on held-out shadows", "", lambda r: r["val_auroc_shadows"])
+    line("AUROC on held-out shadows", "", lambda r: float("nan") if r["val_auroc_shadows"]
+         is None else r["val_auroc_shadows"])
     line("scoring time (median)", "", lambda r: r["seconds_per_model"]["median"] * 1000,
          "{:.1f} ms")
 

@@ -138,6 +138,21 @@ def test_threshold_flags_at_most_the_asked_share(benign: list[float], fpr: float
     assert np.mean(np.asarray(benign) > thr) <= fpr + 1e-12
 
 
+def test_combine_standardised_sums_z_scores_against_the_benign_shadows() -> None:
+    # variant a: benign mean 1, std 1; variant b: benign mean 10, std 2
+    raw, shadows = calibration.combine_standardised([3.0, 14.0],
+                                                    [[0.0, 2.0], [8.0, 12.0]])
+    assert raw == pytest.approx(2.0 + 2.0)
+    assert shadows == pytest.approx([-2.0, 2.0])  # each benign shadow's own sum
+    # a variant whose benign outputs do not vary is centred only
+    raw, _ = calibration.combine_standardised([5.0], [[4.0, 4.0]])
+    assert raw == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same benign shadows"):
+        calibration.combine_standardised([1.0, 2.0], [[0.0, 1.0], [0.0]])
+    with pytest.raises(ValueError, match="one list"):
+        calibration.combine_standardised([1.0], [[0.0], [1.0]])
+
+
 def test_auroc_matches_sklearn() -> None:
     from sklearn.metrics import roc_auc_score
 
@@ -346,6 +361,21 @@ def test_detector_with_user_bundle_is_deterministic_and_borrows(tiny_meta: dict,
     assert r1.images["mntd_queries"].shape == (8, 10 * 9)
     with pytest.raises(ParameterError, match="variant"):
         MNTD(meta_classifier=str(sidecar), variant="no_qt").fit(model, digits)
+    with pytest.raises(ParameterError, match="variant"):
+        MNTD(meta_classifier=str(sidecar), variant="ensemble").fit(model, digits)
+    # combined: qt + one_class standardised against the same benign shadows
+    c1 = MNTD(meta_classifier=str(sidecar), variant="combined").fit(model, digits)
+    c2 = MNTD(meta_classifier=str(sidecar), variant="combined").fit(model, digits)
+    assert c1.score == c2.score and 0 <= c1.score <= 1 and 0 < c1.p_value <= 1
+    parts = c1.evidence["component_raw_scores"]
+    assert set(parts) == {"qt", "one_class"}
+    cal = tiny_meta["bundle"].calibration
+    want, _ = calibration.combine_standardised(
+        [parts["qt"], parts["one_class"]],
+        [cal["qt"]["benign_raw"], cal["one_class"]["benign_raw"]])
+    assert c1.evidence["raw_score"] == pytest.approx(want)
+    single = MNTD(meta_classifier=str(sidecar), variant="qt").fit(model, digits)
+    assert parts["qt"] == pytest.approx(single.evidence["raw_score"])
     model.eval()
 
 
@@ -401,7 +431,7 @@ def test_shipped_bundles_load_are_small_and_documented() -> None:
     assert not list(DATA_DIR.glob("mntd_*.pt")) and not list(DATA_DIR.glob("mntd_*.pkl"))
 
 
-@pytest.mark.parametrize("variant", ["qt", "no_qt", "one_class"])
+@pytest.mark.parametrize("variant", ["qt", "no_qt", "one_class", "combined"])
 def test_shipped_digits_meta_classifier_scores_the_tiny_fixtures(tiny, variant: str) -> None:
     det = MNTD(variant=variant)
     bad, good = det.fit(tiny.backdoored, tiny.test), det.fit(tiny.clean, tiny.test)

@@ -10,7 +10,11 @@ against the raw outputs of *held-out benign shadow models* (never seen in traini
 * ``sigmoid`` — the binary meta-classifier is trained with BCE on balanced classes, so
   its sigmoid is a probability on the shadow distribution;
 * ``ecdf_score`` — the one-class variant has no probabilistic output: its score is the
-  share of held-out benign shadows it exceeds (mid-rank for ties), in [0, 1].
+  share of held-out benign shadows it exceeds (mid-rank for ties), in [0, 1];
+* ``combine_standardised`` — several variants' raw outputs, each standardised by the mean
+  and standard deviation of its own held-out benign shadows' outputs, summed (beyond the
+  paper: the ``combined`` variant of the detector); the same sum over the benign shadows
+  (the same shadows score every variant, in the same order) calibrates it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,24 @@ def ecdf_score(raw: float, benign: Sequence[float] | np.ndarray) -> float:
     if b.size == 0:
         return 0.5
     return float((np.sum(b < raw) + 0.5 * np.sum(b == raw)) / b.size)
+
+
+def combine_standardised(raws: Sequence[float],
+                         benign: Sequence[Sequence[float]]) -> tuple[float, np.ndarray]:
+    """Sum of ``(raw_i − mean(benign_i)) / std(benign_i)`` over the variants ``i``, and the
+    same sum for each benign shadow (``benign[i][j]``: variant ``i``'s output on benign
+    shadow ``j``). A variant whose benign outputs do not vary is centred only."""
+    if len(raws) != len(benign) or not raws:
+        raise ValueError("one list of benign outputs per raw output is needed")
+    lists = [np.asarray(b, dtype=np.float64) for b in benign]
+    if any(b.size == 0 for b in lists) or len({b.size for b in lists}) != 1:
+        raise ValueError("every variant needs outputs on the same benign shadows")
+    total, shadows = 0.0, np.zeros(lists[0].size)
+    for raw, b in zip(raws, lists):
+        sd = float(b.std()) or 1.0
+        total += (float(raw) - float(b.mean())) / sd
+        shadows += (b - b.mean()) / sd
+    return total, shadows
 
 
 def threshold_at_fpr(benign: Sequence[float] | np.ndarray, fpr: float) -> float:
