@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refresh", type=int, default=None,
                    help="unlearning: times each reversed trigger is re-optimised mid-run")
     p.add_argument("--refresh-steps", type=int, default=None,
-                   help="unlearning: Adam steps per refresh")
+                   help="unlearning: projected-gradient steps per refresh")
     p.add_argument("--no-mitigation", action="store_true")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--max-steps", type=int, default=None,

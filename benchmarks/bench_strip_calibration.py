@@ -97,7 +97,7 @@ def main() -> None:
     overlay_rows: list[dict[str, Any]] = []
     for name in args.models.split(","):
         model, _meta = cached_model(name, None, test, device="cpu")
-        cache = CACHE / f"calibration-logits-{name}-{args.blend}.npz"
+        cache = CACHE / f"calibration-logits-{name}-{args.blend}-n{args.n_eval}.npz"
         det = Strip(blend=args.blend, device="cpu")
         det._validate()
         first = test.x[:2000]

@@ -97,8 +97,8 @@ def test_project_mask_meets_the_budget_and_keeps_the_core() -> None:
 
 
 def _shifted_trigger() -> Trigger:
-    """A reversed trigger that missed by a pixel: 2×2 white one row and column up-left
-    of the real one (overlapping it in one pixel)."""
+    """A reversed trigger that missed by a pixel: a 2×2 mask one row and column up-left
+    of the real one (overlapping it in one pixel), with a grey (0.5) pattern."""
     mask = torch.zeros(8, 8)
     mask[5:7, 5:7] = 1.0
     return Trigger(0, mask, torch.full((1, 8, 8), 0.5))

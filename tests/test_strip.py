@@ -194,7 +194,7 @@ def test_conservative_threshold_keeps_fewer_above_than_the_empirical_one(
 def test_conservative_rank_values() -> None:
     # 1 − (1 − 1%)^n ≥ 90% needs n ≥ 230 even for the maximum
     assert rt.conservative_rank(229, 0.01) is None and rt.conservative_rank(230, 0.01) == 0
-    assert rt.conservative_rank(3200, 0.01) == 24  # 0.78% of the scores above, not 1%
+    assert rt.conservative_rank(3200, 0.01) == 24  # 0.75% of the scores above, not 1%
     ranks = [rt.conservative_rank(n, 0.01) or 0 for n in range(230, 5000, 97)]
     assert ranks == sorted(ranks)
 
@@ -278,7 +278,7 @@ def test_consistency_statistic_flags_triggered_inputs(tiny: Any) -> None:
 
 
 def test_tail_statistic_with_conservative_threshold_flags_triggered_inputs(tiny: Any) -> None:
-    # 238 fit scores are too few for a 90%-sure 1% FRR (230 give only the maximum): 5%
+    # 238 fit scores give only their maximum as a 90%-sure 1% threshold: ask for 5%
     det = Strip(**FAST, statistic="tail", threshold_method="conservative", frr=0.05,
                 seed=0).fit(tiny.backdoored, tiny.test)
     assert det.filter(tiny.triggered_test()).flagged.mean() >= 0.9

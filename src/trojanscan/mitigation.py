@@ -152,6 +152,16 @@ def refine_trigger(net: nn.Module, x: torch.Tensor, trigger: Trigger, *, steps: 
     dev = next(net.parameters()).device
     was_training = net.training
     net.eval()
+    with torch.enable_grad():  # callers may be under no_grad
+        out = _refine(net, x, trigger, steps=steps, budget=budget, gen=gen,
+                      batch_size=batch_size, lr=lr, dev=dev)
+    net.train(was_training)
+    return out
+
+
+def _refine(net: nn.Module, x: torch.Tensor, trigger: Trigger, *, steps: int, budget: float,
+            gen: torch.Generator, batch_size: int, lr: float, dev: torch.device) -> Trigger:
+    """The loop of :func:`refine_trigger` (gradients enabled, ``net`` in eval mode)."""
     m = trigger.mask.detach().clone().to(dev).requires_grad_(True)
     p = trigger.pattern.detach().clone().to(dev).requires_grad_(True)
     target = torch.full((min(batch_size, len(x)),), trigger.label, dtype=torch.int64,
@@ -166,7 +176,6 @@ def refine_trigger(net: nn.Module, x: torch.Tensor, trigger: Trigger, *, steps: 
             p -= lr * grad_p / (grad_p.abs().max() + 1e-12)
             p.clamp_(0.0, 1.0)
             m.copy_(project_mask(m, budget))
-    net.train(was_training)
     return Trigger(trigger.label, m.detach().cpu(), p.detach().cpu())
 
 
@@ -176,8 +185,9 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
     """A fine-tuned *copy* of ``model`` that has unlearned ``triggers`` (module docstring).
 
     Each epoch, a seeded ``stamp_fraction`` of the samples carries one of the triggers
-    (chosen uniformly) and keeps its true label. Returns the copy in eval mode on the
-    CPU; ``model`` itself is unchanged.
+    (chosen uniformly) and keeps its true label; with ``config.refresh``, after each
+    refresh half of those samples carry the trigger's latest refreshed version instead.
+    Returns the copy in eval mode on the CPU; ``model`` itself is unchanged.
     """
     cfg = config or UnlearnConfig()
     cfg.validate()
@@ -217,8 +227,10 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
     steps = cfg.epochs * per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     n_stamp = max(1, round(cfg.stamp_fraction * n))
-    # refreshes at evenly spaced steps strictly inside the run (none at step 0)
-    refresh_at = {round(steps * (i + 1) / (cfg.refresh + 1)) for i in range(cfg.refresh)}
+    # refreshes at evenly spaced steps strictly inside the run (none at step 0); a run of
+    # fewer steps than refreshes gets fewer (distinct) refreshes
+    refresh_at = {min(steps - 1, max(1, round(steps * (i + 1) / (cfg.refresh + 1))))
+                  for i in range(cfg.refresh)} if steps > 1 else set()
     net.train()
     step = 0
     with progress("unlearning", steps) as bar:

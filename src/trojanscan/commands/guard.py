@@ -53,6 +53,8 @@ def run(*, model: Path, calibrate: str, frr: float, detector: str, host: str, po
     set_quiet(True)  # no progress bar per request
     app = create_app(guard, max_batch=max_batch)
     info = guard.info()
+    if info.get("calibration_warning"):
+        print(f"guard: warning: {info['calibration_warning']}", file=sys.stderr, flush=True)
     if not quiet:
         meas = info.get("frr_measured")
         meas_s = "n/a" if meas is None else f"{meas:.4f}"

@@ -83,7 +83,8 @@ class MNTD(ModelDetector):
     name (``fashion-mnist``, ``digits``) or a path to a bundle (``.json``/``.safetensors``).
     ``variant``: ``qt`` (query tuning, default), ``no_qt``, ``one_class`` or ``combined``
     (``qt`` + ``one_class``, standardised against the benign shadows).
-    ``threshold``: raw-output threshold overriding the bundle's.
+    ``threshold``: raw-output threshold overriding the bundle's (for ``combined``: in
+    units of the summed z-scores).
     """
 
     name: ClassVar[str] = "mntd"
@@ -118,6 +119,11 @@ class MNTD(ModelDetector):
                         f"no MNTD meta-classifier for {'×'.join(map(str, shape))} → {k} "
                         f"models (shipped: {have}); train one with 'trojanscan mntd train'")
             check_fits(bundle, shape, k)
+            missing = [v for v in parts if v not in bundle.variants]
+            if self.variant == COMBINED and missing:
+                raise ModelError(f"MNTD: the combined variant needs the bundle's "
+                                 f"{' and '.join(COMBINED_PARTS)} meta-classifiers; "
+                                 f"{bundle.name} has {', '.join(sorted(bundle.variants))}")
             raws: dict[str, float] = {}
             cals = {}
             for v in parts:

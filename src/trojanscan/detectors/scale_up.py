@@ -22,7 +22,7 @@ setting, as we read it: benign samples of each class summarise the SPC they norm
 reach; classes with fewer than 5 clean samples use the global statistics); BackdoorBox
 standardises with one global mean/std, which leaves the ranking unchanged (``"none"``).
 The threshold at ``frr`` is then set and its FRR measured exactly as for STRIP (fit and
-holdout parts of the clean data, ``threshold_method`` normal or empirical).
+holdout parts of the clean data, ``threshold_method`` normal, empirical or conservative).
 
 Known to fail: on images that saturate when amplified (dark backgrounds with bright
 objects, e.g. Fashion-MNIST silhouettes stay recognisable at any scale) many clean

@@ -428,7 +428,8 @@ class Strip(CalibratedInputDetector):
         return scores, preds
 
     def entropy(self, x: torch.Tensor) -> np.ndarray:
-        """The paper's quantity: mean (or median) entropy (bits) per input (``= -score``)."""
+        """The paper's quantity: mean (or median, or tail) entropy (bits) per input
+        (``= -score``)."""
         if self.statistic not in rt.ENTROPY_STATISTICS:
             raise bad_param("statistic", f"one of {rt.ENTROPY_STATISTICS} for entropy()",
                             self.statistic)

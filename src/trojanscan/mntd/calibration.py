@@ -58,7 +58,8 @@ def combine_standardised(raws: Sequence[float],
         raise ValueError("every variant needs outputs on the same benign shadows")
     total, shadows = 0.0, np.zeros(lists[0].size)
     for raw, b in zip(raws, lists):
-        sd = float(b.std()) or 1.0
+        sd = float(b.std())
+        sd = sd if sd > 1e-12 * max(1.0, float(np.abs(b).max())) else 1.0
         total += (float(raw) - float(b.mean())) / sd
         shadows += (b - b.mean()) / sd
     return total, shadows
