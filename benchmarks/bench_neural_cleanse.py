@@ -222,7 +222,7 @@ def mitigate_one(task: tuple[str, int, str, list[list[float]] | None]) -> dict[s
     # the detection does not depend on the unlearning settings: cached per model, seed,
     # step budget and references, so that several settings cost one detection
     key = json.dumps([model_path(name).stat().st_mtime, seed, _STATE.get("max_steps"), refs])
-    cached = CACHE / f"unlearning-detection-{name}.pt"
+    cached = CACHE / f"unlearning-detection-{name}-seed{seed}.pt"  # seeds do not evict
     hit = torch.load(cached, weights_only=True) if cached.exists() else None
     if hit is not None and hit["key"] == key:
         flagged, decision, det_s = hit["flagged"], hit["decision"], hit["seconds"]

@@ -101,16 +101,12 @@ class UnlearnConfig:
         if (isinstance(self.distill, bool) or not isinstance(self.distill, (int, float))
                 or not 0.0 <= self.distill <= 1.0):
             raise bad_param("distill", "a float in [0, 1]", self.distill)
-        for name in ("refresh", "refresh_steps"):
+        for name, low in (("epochs", 1), ("refresh", 0), ("refresh_steps", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "refresh"
-                                                                      else 1):
-                raise bad_param(name, "an integer >= 0" if name == "refresh"
-                                else "an integer >= 1", v)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise bad_param(name, f"an integer >= {low}", v)
         if not 0.0 < self.stamp_fraction < 1.0:
             raise bad_param("stamp_fraction", "a float in (0, 1)", self.stamp_fraction)
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise bad_param("epochs", "an integer >= 1", self.epochs)
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise bad_param("lr", "a float > 0", self.lr)
         if (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
@@ -219,12 +215,14 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
                                   if cfg.optimizer == "sgd" else
                                   torch.optim.Adam(params, lr=cfg.lr))
     originals = list(triggers)
+    k = len(originals)
     current = list(originals)
     budgets = [float(t.mask.sum()) for t in originals]
-    variants = [(t, t.dilated()) for t in [*originals, *current]]
+    base = [(t, t.dilated()) for t in originals]
+    # variants j < k: the originals; j >= k (only when refreshing): their refreshed versions
+    variants = base + (base if cfg.refresh else [])
     n = len(clean)
-    per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
-    steps = cfg.epochs * per_epoch
+    steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     n_stamp = max(1, round(cfg.stamp_fraction * n))
     # refreshes at evenly spaced steps strictly inside the run (none at step 0); a run of
@@ -248,7 +246,7 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
                     current = [refine_trigger(net, clean.x, t, steps=cfg.refresh_steps,
                                               budget=b, gen=gen)
                                for t, b in zip(current, budgets)]
-                    variants = [(t, t.dilated()) for t in [*originals, *current]]
+                    variants = base + [(t, t.dilated()) for t in current]
                 step += 1
                 idx = perm[sl]
                 xb = clean.x[idx].to(dev)
@@ -256,9 +254,7 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
                 if teacher is not None:
                     with torch.no_grad():
                         soft = F.log_softmax(checked_logits(teacher, xb), dim=1)
-                k = len(originals)
                 for j, (plain, grown) in enumerate(variants):
-                    # variants j < k: the originals; j >= k: their refreshed versions
                     use = (which[idx] == j % k) & (fresh[idx] == (j >= k))
                     for trig, g in ((plain, False), (grown, True)):
                         sel = (stamped[idx] & use & (grow[idx] == g)).to(dev)

@@ -119,8 +119,7 @@ class MNTD(ModelDetector):
                         f"no MNTD meta-classifier for {'×'.join(map(str, shape))} → {k} "
                         f"models (shipped: {have}); train one with 'trojanscan mntd train'")
             check_fits(bundle, shape, k)
-            missing = [v for v in parts if v not in bundle.variants]
-            if self.variant == COMBINED and missing:
+            if self.variant == COMBINED and not set(parts) <= set(bundle.variants):
                 raise ModelError(f"MNTD: the combined variant needs the bundle's "
                                  f"{' and '.join(COMBINED_PARTS)} meta-classifiers; "
                                  f"{bundle.name} has {', '.join(sorted(bundle.variants))}")
