@@ -54,6 +54,9 @@ ATTACKS: dict[str, tuple[str, bool]] = {
     "all2all": ("all-to-all", False),
     "source": ("source-specific", False),
 }
+#: a backdoor counts as *effective* at an attack success rate of at least this (the
+#: attacks do not always take: SIG on lenet often stays at the clean models' rate)
+EFFECTIVE_ASR = (0.5, 0.8)
 TARGET_SAMPLES = 5000
 TARGET_EPOCHS = 12
 DEFENDER_SHARE = 0.02  # as in scripts/make_mntd_pretrained.py (seed 0): excluded here
@@ -84,23 +87,31 @@ def attack_spec(kind: str, rng: np.random.Generator) -> tuple[str, float]:
     raise ValueError(kind)
 
 
+def model_seed_base(seed: int) -> int:
+    """First training seed of set ``seed``: training seeds also pick each model's data, so
+    every set needs its own (seed 0 keeps the 1000 + i of the first runs; until session 5
+    every set used them, so ``--seed 1`` re-trained seed 0's clean models)."""
+    return 1000 + 100_000 * int(seed)
+
+
 def plan_targets(per_attack: int, seed: int = 0, archs: tuple[str, ...] = ARCHS,
                  prefix: str = "t") -> list[dict[str, Any]]:
     """``per_attack`` backdoored models per attack type and as many clean ones in total."""
     plan = []
     i = 0
     offset = 0 if prefix == "t" else 5000
+    base = model_seed_base(seed)
     for kind in ATTACKS:
         for _ in range(per_attack):
             rng = np.random.default_rng([seed, offset + i])
             spec, rate = attack_spec(kind, rng)
             plan.append({"key": f"{prefix}{i:03d}-{kind}", "kind": kind, "spec": spec,
                          "rate": rate, "arch": archs[i % len(archs)],
-                         "seed": 1000 + offset + i})
+                         "seed": base + offset + i})
             i += 1
     for j in range(per_attack * len(ATTACKS)):
         plan.append({"key": f"{prefix}{i:03d}-clean", "kind": "clean", "spec": "none",
-                     "rate": 0.0, "arch": archs[j % len(archs)], "seed": 1000 + offset + i})
+                     "rate": 0.0, "arch": archs[j % len(archs)], "seed": base + offset + i})
         i += 1
     return plan
 
@@ -108,9 +119,10 @@ def plan_targets(per_attack: int, seed: int = 0, archs: tuple[str, ...] = ARCHS,
 def full_plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The main held-out set plus, with ``--unseen-arch``, models of an architecture no
     shadow model has (reported separately)."""
-    plan = plan_targets(args.per_attack, args.seed, tuple(args.archs.split(",")))
+    seed = int(args.seed)
+    plan = plan_targets(args.per_attack, seed, tuple(args.archs.split(",")))
     if args.unseen_arch:
-        plan += plan_targets(args.unseen_per_attack, args.seed, (args.unseen_arch,), "u")
+        plan += plan_targets(args.unseen_per_attack, seed, (args.unseen_arch,), "u")
     return plan
 
 
@@ -230,9 +242,12 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
                            "query_range": settings.get("query_range", "free"),
                            "num_shadows_per_kind": settings.get("num_shadows"),
                            "variants": {}}
-    variants = list(bundle.variants)
+    from trojanscan.mntd.meta import VARIANTS
+
+    variants = [v for v in bundle.variants if v in VARIANTS]
     if {"qt", "one_class"} <= set(variants):
         variants.append("combined")  # the detector's qt + one_class (beyond the paper)
+    variants += list(bundle.ensembles)  # qt_data (beyond the paper)
     for variant in variants:
         det = MNTD(meta_classifier=meta, variant=variant)
         raws, verdicts, secs = [], [], []
@@ -244,8 +259,14 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
             row[f"{meta}:{variant}"] = round(r.evidence["raw_score"], 4)
         res: dict[str, Any] = {"auroc": _auroc([y[i] for i in main], [raws[i] for i in main]),
                                "per_attack": {}, "per_arch": {}}
-        strong = [i for i in main if y[i] == 0 or (targets[i][0]["asr"] or 0) >= 0.8]
-        res["auroc_asr_at_least_0.8"] = _auroc([y[i] for i in strong], [raws[i] for i in strong])
+        for floor in EFFECTIVE_ASR:
+            strong = [i for i in main if y[i] == 0 or (targets[i][0]["asr"] or 0) >= floor]
+            res[f"auroc_asr_at_least_{floor}"] = _auroc([y[i] for i in strong],
+                                                        [raws[i] for i in strong])
+            res[f"per_attack_asr_at_least_{floor}"] = {
+                kind: _auroc([y[i] for i in strong if targets[i][0]["kind"] in (kind, "clean")],
+                             [raws[i] for i in strong if targets[i][0]["kind"] in (kind, "clean")])
+                for kind in ATTACKS}
         if unseen:
             res["unseen_arch_auroc"] = _auroc([y[i] for i in unseen], [raws[i] for i in unseen])
         for kind in ATTACKS:
@@ -267,13 +288,20 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
 
 def stage_score(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
-    targets = load_targets(Path(args.cache), full_plan(args))
-    rows = [{"key": p["key"], "kind": p["kind"], "arch": p["arch"], "spec": p["spec"],
+    seeds, caches = str(args.seed).split(","), args.cache.split(",")
+    if len(seeds) != len(caches):
+        sys.exit("score: give one --cache per --seed (comma-separated, in the same order)")
+    targets = []
+    for s, cache in zip(seeds, caches):
+        plan = full_plan(argparse.Namespace(**{**vars(args), "seed": int(s)}))
+        targets += [({**p, "set": int(s)}, m) for p, m in load_targets(Path(cache), plan)]
+    rows = [{"set": p["set"], "key": p["key"], "kind": p["kind"], "arch": p["arch"],
+             "spec": p["spec"],
              "rate": p["rate"], "accuracy": round(p["accuracy"], 4),
              "asr": None if p["asr"] is None else round(p["asr"], 4)} for p, _ in targets]
     main = [p for p, _ in targets if p["key"].startswith("t")]
     out: dict[str, Any] = {
-        "num_models": len(main),
+        "sets": [int(s) for s in seeds], "num_models": len(main),
         "num_backdoored": sum(p["kind"] != "clean" for p in main),
         "unseen_arch": args.unseen_arch if len(main) < len(targets) else None,
         "bundles": {}, "models": rows, "machine": machine()}
@@ -287,6 +315,7 @@ def stage_score(args: argparse.Namespace) -> dict[str, Any]:
     out["backdoored_asr"] = {"median": round(float(np.median(asr)), 4),
                              "min": round(float(np.min(asr)), 4),
                              "below_0.8": int(sum(a < 0.8 for a in asr)),
+                             "below_0.5": int(sum(a < 0.5 for a in asr)),
                              "per_attack_median": {
                                  k: round(float(np.median([p["asr"] for p in main
                                                            if p["kind"] == k])), 3)
@@ -315,7 +344,9 @@ def print_score_table(out: dict[str, Any], res: dict[str, Any]) -> None:
     for kind, (label, inside) in ATTACKS.items():
         line(label, "yes" if inside else "no", lambda r, k=kind: r["per_attack"][k])
     line("**all**", "", lambda r: r["auroc"], "**{:.3f}**")
-    line("all, backdoors with ASR ≥ 0.8 only", "", lambda r: r["auroc_asr_at_least_0.8"])
+    for floor in EFFECTIVE_ASR:
+        line(f"all, backdoors with ASR ≥ {floor} only", "",
+             lambda r, f=floor: r[f"auroc_asr_at_least_{f}"])
     for arch in v0["per_arch"]:
         line(f"arch {arch}", "", lambda r, a=arch: r["per_arch"][a])
     if "unseen_arch_auroc" in v0:
@@ -447,7 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("stage", choices=["targets", "score", "ray", "combine", "all"])
     ap.add_argument("--per-attack", type=int, default=4,
                     help="backdoored models per attack type (as many clean ones in total)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", default="0",
+                    help="target set; score: several, comma-separated, with one --cache each")
     ap.add_argument("--archs", default=",".join(ARCHS), help="target architectures")
     ap.add_argument("--unseen-arch", default=None,
                     help="also models of this architecture (not among the shadows')")

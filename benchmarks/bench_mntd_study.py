@@ -1,0 +1,271 @@
+"""Study MNTD meta-classifier settings on one shadow set, scored on held-out target sets.
+
+MNTD — Xu et al., "Detecting AI Trojans Using Meta Neural Analysis", IEEE S&P 2021.
+``bench_mntd.py`` scores finished bundles; this script answers "which meta-classifier
+settings, on which shadows?" without writing bundles: for every setting and seed in the
+grid it trains one meta-classifier on the shadow set's training shadows and records its
+raw outputs on the held-out shadows and on every target model of the given caches
+(``bench_mntd.py targets``). ``analyse`` then reads those raw outputs and reports AUROC of
+single meta-classifiers, of seed ensembles and of variant combinations, each member
+standardised against the held-out *benign shadows* (nothing is fitted on the targets).
+
+    python benchmarks/bench_mntd_study.py fit --bundle-json B.json --shadows DIR --tag paper \\
+        --grid qt:logits,one_class:logits --seeds 0,1,2,3,4 --workers 2
+    python benchmarks/bench_mntd_study.py analyse --sets 0          # development set only
+    python benchmarks/bench_mntd_study.py analyse --sets 1,2        # the fresh sets
+
+Results: one JSON file per trained meta-classifier in ``benchmarks/results/mntd_study/``
+(resumable: a rerun trains only what is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "mntd_study"
+#: target set (bench_mntd.py --seed) -> its cache
+CACHES = {0: HERE / ".cache" / "mntd",
+          **{s: HERE / ".cache" / f"mntd_seed{s}" for s in (1, 2, 3, 4)}}
+
+_STATE: dict[str, Any] = {}
+#: grid settings beyond variant and response (``variant:response:key=value``)
+EXTRAS = ("queries", "hidden", "query_range", "query_init", "stratify", "eps")
+
+
+def _targets(sets: tuple[int, ...]) -> list[tuple[str, int, dict[str, Any], torch.nn.Module]]:
+    """(key, set, sidecar, model) of every finished target in the sets' caches."""
+    from safetensors.torch import load_file
+
+    from trojanscan import archs
+
+    out = []
+    for s in sets:
+        for side in sorted((CACHES[s] / "targets").glob("*.json")):
+            meta = json.loads(side.read_text())
+            model = archs.build(meta["arch"], (1, 28, 28), 10)
+            model.load_state_dict(load_file(str(side.with_suffix(".safetensors"))))
+            for p in model.parameters():
+                p.requires_grad_(False)
+            out.append((side.stem, s, meta, model.eval()))
+    return out
+
+
+def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
+    from trojanscan.mntd.meta import MetaConfig, fit_meta, raw_scores
+    from trojanscan.mntd.pipeline import TrainSettings, load_shadow_split
+
+    bundle_json, folder, sets = shared
+    job = task.args[0]
+    if "shadows" not in _STATE:
+        doc = json.loads(Path(bundle_json).read_text())
+        raw = dict(doc["training"]["settings"])
+        raw["archs"], raw["variants"] = tuple(raw["archs"]), tuple(raw["variants"])
+        settings = TrainSettings(**raw)
+        _STATE["shadows"] = load_shadow_split(folder, settings, int(doc["training"]["seed"]))
+        _STATE["data"] = doc["training"]["data"]
+        _STATE["targets"] = _targets(sets)
+    train, val = _STATE["shadows"]
+    data = _STATE["data"]
+    cfg = MetaConfig(variant=job["variant"], num_queries=job.get("queries", 10),
+                     hidden=job.get("hidden", 20), epochs=job.get("epochs", 40),
+                     response=job["response"], query_range=job.get("query_range", "free"),
+                     query_init=job.get("query_init", "noise"),
+                     query_eps=None if "eps" not in job else float(job["eps"]))
+    images = labels = None
+    if cfg.query_init == "data":
+        if "share" not in _STATE:
+            from trojanscan.io.data import load_dataset
+            from trojanscan.mntd.pipeline import defender_share
+
+            _STATE["share"] = defender_share(load_dataset("fashion-mnist:train"), 0.02,
+                                             seed=0)
+        images = _STATE["share"].x
+        labels = _STATE["share"].labels() if job.get("stratify") else None
+    t0 = time.perf_counter()
+    fit = fit_meta(train.models, train.labels, config=cfg, input_shape=(1, 28, 28),
+                   num_classes=10, val_models=val.models, val_labels=val.labels,
+                   query_mean=data["pixel_mean"], query_std=data["pixel_std"],
+                   seed=job["seed"], device="cpu", description=task.key,
+                   query_images=images, query_labels=labels)
+    seconds = time.perf_counter() - t0
+    yv = np.asarray(val.labels)
+    vr = raw_scores(fit.meta, val.models)
+    targets = _STATE["targets"]
+    tr = raw_scores(fit.meta, [m for *_, m in targets])
+    rec = {**job, "best_epoch": fit.best_epoch, "fit_seconds": round(seconds, 1),
+           "val_benign": [round(float(v), 5) for v in vr[yv == 0]],
+           "val_trojan": [round(float(v), 5) for v in vr[yv == 1]],
+           "targets": {f"{s}:{k}": round(float(r), 5)
+                       for (k, s, _, _), r in zip(targets, tr)}}
+    from trojanscan.utils import atomic_write_text
+
+    atomic_write_text(task.output, json.dumps(rec) + "\n")
+    return None
+
+
+def stage_fit(args: argparse.Namespace) -> None:
+    from trojanscan.mntd.executor import Task, run_tasks
+
+    jobs = []
+    for item in args.grid.split(","):
+        variant, response, *rest = item.split(":")
+        extra = dict(kv.split("=") for kv in rest)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            job: dict[str, Any] = {"tag": args.tag, "variant": variant, "response": response,
+                                   "seed": seed, "epochs": args.epochs}
+            job.update({k: (int(v) if v.isdigit() else v) for k, v in extra.items()})
+            jobs.append(job)
+    folder = Path(args.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = [Task(_job_key(j), folder / f"{_job_file(j)}.json", (j,)) for j in jobs]
+    todo = [t for t in tasks if not t.done()]
+    print(f"{len(todo)} meta-classifiers to train ({len(tasks) - len(todo)} done)",
+          file=sys.stderr)
+    sets = tuple(int(s) for s in args.sets.split(","))
+    run_tasks(_fit_task, tasks, shared=(args.bundle_json, args.shadows, sets),
+              backend=args.backend, workers=args.workers, description="meta")
+
+
+def _job_file(j: dict[str, Any]) -> str:
+    import hashlib
+
+    return f"{j['tag']}-{j['variant']}-{hashlib.sha256(_job_key(j).encode()).hexdigest()[:12]}"
+
+
+def _job_key(j: dict[str, Any]) -> str:
+    extra = {k: v for k, v in j.items() if k in EXTRAS}
+    return f"{j['tag']}|{j['variant']}|{j['response']}|{j['epochs']}|{j['seed']}|{extra}"
+
+
+# -- analysis -------------------------------------------------------------------------
+
+def _z(rec: dict[str, Any], keys: list[str]) -> np.ndarray:
+    b = np.asarray(rec["val_benign"], dtype=np.float64)
+    sd = b.std() if b.std() > 0 else 1.0
+    return (np.array([rec["targets"][k] for k in keys]) - b.mean()) / sd
+
+
+def _z_val(rec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    b = np.asarray(rec["val_benign"], dtype=np.float64)
+    t = np.asarray(rec["val_trojan"], dtype=np.float64)
+    sd = b.std() if b.std() > 0 else 1.0
+    return (b - b.mean()) / sd, (t - b.mean()) / sd
+
+
+def target_info(sets: tuple[int, ...], recs: list[dict[str, Any]] | None = None,
+                ) -> dict[str, dict[str, Any]]:
+    """Kind, arch, ASR and accuracy of every target; from the records' keys alone (kind
+    only, ASR unknown) for a set whose cache is gone."""
+    info: dict[str, dict[str, Any]] = {}
+    for s in sets:
+        if not (CACHES[s] / "targets").is_dir():
+            for r in recs or []:
+                for key in r["targets"]:
+                    if key.startswith(f"{s}:"):
+                        info[key] = {"kind": key.split("-", 1)[1], "arch": None,
+                                     "asr": None, "accuracy": None}
+            continue
+        for side in sorted((CACHES[s] / "targets").glob("*.json")):
+            meta = json.loads(side.read_text())
+            kind = side.stem.split("-", 1)[1]
+            info[f"{s}:{side.stem}"] = {"kind": kind, "arch": meta["arch"],
+                                        "asr": meta.get("asr"),
+                                        "accuracy": meta["clean_accuracy"]}
+    return info
+
+
+def stage_analyse(args: argparse.Namespace) -> None:
+    from trojanscan.mntd.calibration import auroc
+
+    sets = tuple(int(s) for s in args.sets.split(","))
+    recs = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("*.json"))]
+    info = target_info(sets, recs)
+    if args.min_asr > 0 and any(v["asr"] is None for v in info.values()):
+        sys.exit("--min-asr needs the target caches (bench_mntd.py targets) for the ASRs")
+    keys = sorted(k for k in info if all(k in r["targets"] for r in recs)
+                  and (info[k]["kind"] == "clean" or (info[k]["asr"] or 0) >= args.min_asr))
+    y = np.array([int(info[k]["kind"] != "clean") for k in keys])
+    kinds = np.array([info[k]["kind"] for k in keys])
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for r in recs:
+        extra = ",".join(f"{k}={r[k]}" for k in EXTRAS if k in r)
+        groups.setdefault((r["tag"], r["variant"], r["response"], extra), []).append(r)
+    attack_kinds = [k for k in dict.fromkeys(kinds) if k != "clean"]
+
+    def row(label: str, score: np.ndarray, val: tuple[np.ndarray, np.ndarray] | None,
+            ) -> dict[str, Any]:
+        per = {k: auroc(y[(kinds == k) | (y == 0)], score[(kinds == k) | (y == 0)])
+               for k in attack_kinds}
+        clean_z = score[y == 0]
+        out = {"label": label, "auroc": auroc(y, score), "per_attack": per,
+               "fpr_at_z2": float(np.mean(clean_z > 2.0))}
+        if val is not None:
+            out["val_auroc"] = auroc(np.r_[np.zeros(len(val[0])), np.ones(len(val[1]))],
+                                     np.r_[val[0], val[1]])
+        print(f"{label:58s} {out['auroc']:.3f}  " + " ".join(
+            f"{per[k]:.2f}" for k in attack_kinds) + f"  fpr@z2 {out['fpr_at_z2']:.2f}"
+            + (f"  val {out['val_auroc']:.3f}" if val is not None else ""))
+        return out
+
+    print(f"sets {sets}: {len(keys)} models, {int(y.sum())} backdoored (ASR >= "
+          f"{args.min_asr}); columns: AUROC, "
+          + " ".join(attack_kinds))
+    ens: dict[tuple[str, ...], np.ndarray] = {}
+    ens_val: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+    for g, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        if args.singles:
+            for r in rs:
+                row(f"{'/'.join(filter(None, g))} seed {r['seed']}", _z(r, keys), _z_val(r))
+        zs = np.mean([_z(r, keys) for r in rs], axis=0)
+        vb = np.mean([_z_val(r)[0] for r in rs], axis=0)
+        vt = np.mean([_z_val(r)[1] for r in rs], axis=0)
+        singles = [auroc(y, _z(r, keys)) for r in rs]
+        print(f"{'/'.join(filter(None, g)):40s} singles {np.min(singles):.3f}–"
+              f"{np.max(singles):.3f} (mean {np.mean(singles):.3f}, n={len(rs)})")
+        ens[g] = zs
+        ens_val[g] = (vb, vt)
+        row(f"  ensemble of {len(rs)}", zs, (vb, vt))
+    names = sorted(ens)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if a[0] == b[0]:
+                sb = (ens_val[a][0] + ens_val[b][0], ens_val[a][1] + ens_val[b][1])
+                row(f"{'/'.join(filter(None, a))} + {'/'.join(filter(None, b))}",
+                    ens[a] + ens[b], sb)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["fit", "analyse"])
+    ap.add_argument("--bundle-json", help="fit: a bundle made on the shadow set (its settings)")
+    ap.add_argument("--shadows", help="fit: the shadow folder the bundle was trained on")
+    ap.add_argument("--tag", default="paper")
+    ap.add_argument("--grid", default="qt:logits,one_class:logits",
+                    help="variant:response[:key=value...], comma-separated")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--sets", default="0,1,2", help="target sets (bench_mntd.py --seed)")
+    ap.add_argument("--backend", default="processes")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--min-asr", type=float, default=0.0,
+                    help="analyse: leave out backdoored models whose attack success rate is "
+                         "below this (attacks that did not take)")
+    ap.add_argument("--singles", action="store_true", help="analyse: every single model too")
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    {"fit": stage_fit, "analyse": stage_analyse}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
