@@ -58,7 +58,8 @@ PRESETS: dict[str, dict] = {
         "settings": TrainSettings(num_shadows=256, num_val=32,
                                   archs=("small_cnn", "lenet", "mlp"), shadow_epochs=20,
                                   shadow_batch_size=64, shadow_lr=1e-3, meta_epochs=40,
-                                  response="logits", shadow_poisoning="append"),
+                                  response="logits", shadow_poisoning="append",
+                                  data_members=5),
     },
     "digits": {
         "stem": "mntd_digits",
@@ -83,6 +84,9 @@ def make(name: str, args: argparse.Namespace) -> Path:
                                    ("response", args.response),
                                    ("query_range", args.query_range),
                                    ("shadow_poisoning", args.poisoning),
+                                   ("shadow_regime", args.regime),
+                                   ("jumbo_rates", args.rates),
+                                   ("data_members", args.data_members),
                                    ("archs", None if args.archs is None else
                                     tuple(args.archs.split(",")))) if v is not None}
     settings = dataclasses.replace(settings, **overrides)
@@ -102,10 +106,11 @@ def make(name: str, args: argparse.Namespace) -> Path:
         "script": "scripts/make_mntd_pretrained.py", "preset": name,
         "data": preset["data"], "share": preset["share"], "eval": preset["eval"],
         "shadow_backend": run.backend, "shadow_workers": run.workers,
-        "shadow_seconds": round(shadow_s, 1), "device": args.device}}
+        "shadow_seconds": round(shadow_s, 1), "device": args.device,
+        "shadow_folder": str(folder)}}
     bundle = fit_bundle(folder, settings, name=args.stem or name, data=share, seed=args.seed,
                         device=args.meta_device or args.device, extra_info=extra,
-                        backend=args.meta_backend, workers=len(settings.variants),
+                        backend=args.meta_backend, workers=args.meta_workers,
                         threads=args.meta_threads)
     weights, sidecar = save_bundle(Path(args.out) / (args.stem or preset["stem"]), bundle)
     summary = {v: {"val_auroc": round(c["val_auroc"], 4), "best_epoch": c["best_epoch"]}
@@ -128,11 +133,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="device training the shadows")
     ap.add_argument("--meta-device", default=None, help="device training the meta-classifiers")
     ap.add_argument("--meta-threads", type=int, default=1, help="torch threads per variant")
+    ap.add_argument("--meta-workers", type=int, default=None,
+                    help="with --meta-backend processes (default: all cores)")
+    ap.add_argument("--data-members", type=int, default=None,
+                    help="override: members of the qt_data ensemble")
     ap.add_argument("--meta-backend", default="sequential", choices=["sequential", "processes"],
                     help="processes: train the variants side by side")
     ap.add_argument("--response", default=None, help="override (logits, softmax, zscore)")
     ap.add_argument("--query-range", default=None, help="override (free, unit)")
     ap.add_argument("--poisoning", default=None, help="override (append, replace)")
+    ap.add_argument("--regime", default=None, help="override (fixed, random)")
+    ap.add_argument("--rates", default=None, help="override jumbo injection ratios (paper, low)")
     ap.add_argument("--archs", default=None, help="override, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stem", default=None, help="output file stem (default: the preset's)")

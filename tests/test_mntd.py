@@ -30,8 +30,16 @@ from trojanscan.exceptions import (
     ParameterError,
 )
 from trojanscan.io.data import load_dataset
-from trojanscan.mntd import calibration, executor, jumbo, shadows
-from trojanscan.mntd.meta import MetaConfig, fit_meta, normalise_responses, raw_scores
+from trojanscan.mntd import calibration, executor, jumbo, regime, shadows
+from trojanscan.mntd.meta import (
+    MetaClassifier,
+    MetaConfig,
+    _pick_queries,
+    fit_meta,
+    init_queries,
+    normalise_responses,
+    raw_scores,
+)
 from trojanscan.mntd.pipeline import TrainSettings, fit_bundle, train_shadow_set
 from trojanscan.mntd.pretrained import (
     BUILTINS,
@@ -117,6 +125,55 @@ def test_poisoning_by_appending_as_the_reference(digits: ImageDataset) -> None:
     assert bool((out.labels()[200:] == t.target).all())
     with pytest.raises(ParameterError, match="poisoning"):
         jumbo.poison_with(ds, t, np.random.default_rng(2), "mix")
+
+
+# -- shadow training recipes (pure) --------------------------------------------------------
+
+@given(seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_random_recipes_stay_inside_their_ranges(seed: int) -> None:
+    r = regime.sample_regime(np.random.default_rng(seed))
+    assert regime.EPOCHS[0] <= r.epochs <= regime.EPOCHS[1]
+    assert r.batch_size in regime.BATCH_SIZES and r.weight_decay in regime.WEIGHT_DECAYS
+    assert regime.LR[0] <= r.lr <= regime.LR[1] * (1 + 1e-6)
+    assert regime.SUBSAMPLE[0] <= r.subsample <= regime.SUBSAMPLE[1]
+    cfg = r.config()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.lr_decay) == (
+        r.epochs, r.batch_size, r.lr, r.weight_decay, r.lr_decay)
+
+
+def test_random_recipes_vary_per_shadow_and_repeat_per_seed() -> None:
+    specs = shadows.plan_shadows(40, ("mlp",), seed=2, regime="random")
+    recipes = [s.recipe() for s in specs]
+    assert recipes == [s.recipe() for s in shadows.plan_shadows(40, ("mlp",), seed=2,
+                                                               regime="random")]
+    assert len({(r.epochs, r.lr) for r in recipes}) > 70  # 80 shadows, (nearly) all differ
+    assert {r.batch_size for r in recipes} == set(regime.BATCH_SIZES)
+    assert {r.lr_decay for r in recipes} == {True, False}
+    short = [r.epochs for r in recipes if r.epochs <= 12]
+    assert 0.2 < len(short) / len(recipes) < 0.7  # log-uniform: ~57% at or below 12
+    # both kinds draw from the same distribution: the recipe is no cue for the label
+    benign = [r.epochs for s, r in zip(specs, recipes) if s.kind == "benign"]
+    jumbo_ = [r.epochs for s, r in zip(specs, recipes) if s.kind == "jumbo"]
+    assert abs(np.median(benign) - np.median(jumbo_)) < 8
+    fixed = shadows.plan_shadows(2, ("mlp",), seed=2, epochs=7, batch_size=32, lr=2e-3,
+                                 subsample=0.5)[0].recipe()
+    assert fixed == regime.Regime(7, 32, 2e-3, 0.0, True, 0.5)
+    with pytest.raises(ParameterError, match="regime"):
+        shadows.plan_shadows(2, ("mlp",), regime="wild")
+
+
+def test_random_recipe_shadow_records_it_and_refuses_a_fixed_rerun(
+        digits: ImageDataset, tmp_path: Path) -> None:
+    data = shadows.ShadowData(digits.subset(slice(0, 120)), 10)
+    s = dataclasses.replace(_tiny_settings(2), shadow_regime="random")
+    train_shadow_set(data, tmp_path, s, seed=4, backend="sequential")
+    meta = shadows.read_shadow_meta(tmp_path / "benign-0000.safetensors")
+    spec = s.specs(4)[0]
+    assert meta["regime"] == "random" and meta["recipe"] == spec.recipe().to_dict()
+    assert meta["train_samples"] == round(spec.recipe().subsample * 120)
+    with pytest.raises(DataError, match="regime='random'"):
+        train_shadow_set(data, tmp_path, _tiny_settings(2), seed=4, backend="sequential")
 
 
 # -- calibration (pure) --------------------------------------------------------------------
@@ -295,7 +352,8 @@ def _tiny_meta(digits: ImageDataset, tmp_path_factory: pytest.TempPathFactory) -
     share, attacker = digits.subset(slice(0, half)), digits.subset(slice(half, None))
     settings_ = TrainSettings(num_shadows=8, num_val=2, archs=("mlp",), shadow_epochs=15,
                               shadow_lr=3e-3, meta_epochs=30, variants=("qt", "one_class"),
-                              response="softmax", shadow_poisoning="replace")
+                              response="softmax", shadow_poisoning="replace",
+                              data_members=2)
     train_shadow_set(shadows.ShadowData(share, 10), folder, settings_, seed=0,
                      backend="sequential")
     bundle = fit_bundle(folder, settings_, name="tiny", data=share, seed=0, device="cpu")
@@ -379,6 +437,88 @@ def test_detector_with_user_bundle_is_deterministic_and_borrows(tiny_meta: dict,
     model.eval()
 
 
+# -- qt_data: queries started from the defender's images ------------------------------------
+
+@given(seed=st.integers(0, 2**31 - 1), q=st.integers(1, 25))
+@settings(max_examples=40, deadline=None)
+def test_stratified_query_pick_takes_the_classes_in_turn(seed: int, q: int) -> None:
+    labels = torch.tensor([0] * 2 + [1] * 5 + [2] * 9 + [3] * 9)  # 25 images, 4 classes
+    idx = _pick_queries(q, 25, labels, torch.Generator().manual_seed(seed))
+    assert len(set(idx.tolist())) == q  # distinct
+    counts = torch.bincount(labels[idx], minlength=4).tolist()
+    cap = [2, 5, 9, 9]
+    # round robin: a class lags another by two or more only once it has run out of images
+    for a in range(4):
+        for b in range(4):
+            assert counts[a] >= counts[b] - 1 or counts[a] == cap[a]
+    assert torch.equal(idx, _pick_queries(q, 25, labels, torch.Generator().manual_seed(seed)))
+
+
+def test_data_started_queries_stay_in_their_ball(digits: ImageDataset) -> None:
+    meta = MetaClassifier((1, 8, 8), 10, num_queries=10)
+    images, labels = digits.x[:200], digits.labels()[:200]
+    init_queries(meta, 0.5, 0.25, torch.Generator().manual_seed(0), True, images, labels)
+    start = meta.queries.detach().clone()
+    # every query is one of the images, one per class
+    match = [(images == q).flatten(1).all(1).nonzero().flatten() for q in start]
+    assert all(m.numel() >= 1 for m in match)
+    assert sorted(int(labels[m[0]]) for m in match) == list(range(10))
+    models = [archs.build("mlp", (1, 8, 8), 10) for _ in range(4)]
+    cfg = MetaConfig(epochs=3, query_init="data", query_range="unit", query_eps=0.05,
+                     num_queries=10)
+    fit = fit_meta(models, [0, 1, 0, 1], config=cfg, input_shape=(1, 8, 8), num_classes=10,
+                   seed=0, device="cpu", query_images=images, query_labels=labels)
+    q = fit.meta.queries.detach()
+    moved = q - start
+    assert float(moved.abs().max()) <= 0.05 + 1e-6 and float(moved.abs().max()) > 0
+    assert float(q.min()) >= 0 and float(q.max()) <= 1
+    with pytest.raises(ParameterError, match="query_images"):
+        fit_meta(models, [0, 1, 0, 1], config=cfg, input_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(ParameterError, match="query_eps"):
+        MetaConfig(query_eps=0.0).validate()
+
+
+def test_qt_data_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tmp_path: Path,
+                                                             digits: ImageDataset) -> None:
+    bundle: MetaBundle = tiny_meta["bundle"]
+    assert bundle.ensembles == {"qt_data": ("qt_data.0", "qt_data.1")}
+    cal = bundle.calibration
+    assert cal["qt_data.0"]["kind"] == "qt" and cal["qt_data.0"]["query_init"] == "data"
+    # the two members have different queries (different seeds), both near real images
+    q0, q1 = (bundle.variants[m].queries for m in ("qt_data.0", "qt_data.1"))
+    assert not torch.equal(q0, q1) and float(q0.min()) >= 0 and float(q0.max()) <= 1
+    _, sidecar = save_bundle(tmp_path / "m", bundle)
+    doc = json.loads(sidecar.read_text())
+    assert doc["format_version"] == 2 and doc["ensembles"]["qt_data"] == ["qt_data.0",
+                                                                          "qt_data.1"]
+    back = load_bundle(sidecar)
+    assert back.ensembles == bundle.ensembles
+    model = tiny_meta["models"][1]
+    r1 = MNTD(meta_classifier=str(sidecar), variant="qt_data").fit(model, digits)
+    r2 = MNTD(meta_classifier=str(sidecar), variant="qt_data").fit(model, digits)
+    assert r1.score == r2.score and r1.verdict == r2.verdict and 0 <= r1.score <= 1
+    auto = MNTD(meta_classifier=str(sidecar)).fit(model, digits)  # default: auto
+    assert auto.evidence["variant"] == "qt_data" and auto.score == r1.score
+    plain = MNTD(meta_classifier="digits").fit(model, digits)  # no ensemble: the paper's qt
+    assert plain.evidence["variant"] == "qt"
+    parts = r1.evidence["component_raw_scores"]
+    assert set(parts) == {"qt_data.0", "qt_data.1"}
+    want, _ = calibration.combine_standardised(
+        [parts[m] for m in ("qt_data.0", "qt_data.1")],
+        [cal[m]["benign_raw"] for m in ("qt_data.0", "qt_data.1")])
+    assert r1.evidence["raw_score"] == pytest.approx(want)
+    assert parts["qt_data.0"] == pytest.approx(float(raw_scores(back.variants["qt_data.0"],
+                                                                [model])[0]), abs=1e-5)
+    # a bundle without the ensemble says how to get one; a broken ensemble is refused
+    with pytest.raises(ModelError, match=r"no 'qt_data' ensemble.*--data-members"):
+        MNTD(meta_classifier="digits", variant="qt_data").fit(
+            archs.build("mlp", (1, 8, 8), 10), digits)
+    doc["ensembles"]["qt_data"] = ["qt_data.0", "qt_data.7"]
+    sidecar.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="ensemble 'qt_data'"):
+        load_bundle(sidecar)
+
+
 # -- shape checks ------------------------------------------------------------------------
 
 def test_explicit_meta_classifier_of_another_shape_is_a_clear_error(digits: ImageDataset,
@@ -425,7 +565,9 @@ def test_shipped_bundles_load_are_small_and_documented() -> None:
         info = bundle.info
         assert info["produced_by"]["script"] == "scripts/make_mntd_pretrained.py"
         assert info["training"]["settings"]["num_shadows"] <= 256
-        assert set(bundle.variants) == {"qt", "no_qt", "one_class"}
+        members = set(bundle.ensembles.get("qt_data", ()))
+        assert set(bundle.variants) == {"qt", "no_qt", "one_class"} | members
+        assert len(members) == info["training"]["settings"].get("data_members", 0)
         for cal in bundle.calibration.values():
             assert len(cal["benign_raw"]) == info["training"]["settings"]["num_val"]
     assert not list(DATA_DIR.glob("mntd_*.pt")) and not list(DATA_DIR.glob("mntd_*.pkl"))
@@ -450,7 +592,8 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
 
     args = ["mntd", "train", "--data", "digits:train", "--share", "0.1", "--out",
             str(tmp_path), "--num-shadows", "2", "--num-val", "1", "--archs", "mlp",
-            "--shadow-epochs", "1", "--meta-epochs", "1", "--no-ray", "--quiet"]
+            "--shadow-epochs", "1", "--meta-epochs", "1", "--data-members", "1", "--no-ray",
+            "--quiet"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0
@@ -459,7 +602,8 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "shadows").iterdir()}
     assert len(stamps) == 4
     r = MNTD(meta_classifier=str(sidecar)).fit(archs.build("mlp", (1, 8, 8), 10), digits)
-    assert r.detector == "mntd"
+    assert r.detector == "mntd" and r.evidence["variant"] == "qt_data"
+    assert load_bundle(sidecar).ensembles == {"qt_data": ("qt_data.0",)}
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0

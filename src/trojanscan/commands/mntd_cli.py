@@ -54,6 +54,13 @@ def train(
     variants: Annotated[str, typer.Option(
         "--variants", help="Comma-separated: qt (query tuning), no_qt, one_class.")
                         ] = "qt,no_qt,one_class",
+    data_members: Annotated[int, typer.Option(
+        "--data-members", help="Also train the qt_data ensemble (beyond the paper): this "
+                               "many query-tuned meta-classifiers whose queries start from "
+                               "your images; scan with --param variant=qt_data.")] = 0,
+    data_query_eps: Annotated[float, typer.Option(
+        "--data-query-eps", help="How far (L∞, pixels in [0, 1]) those queries may move "
+                                 "from their starting images.")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, ...")] = "auto",
     ray_address: Annotated[str | None, typer.Option(
@@ -91,7 +98,8 @@ def train(
         archs=tuple(a.strip() for a in archs.split(",") if a.strip()),
         shadow_epochs=shadow_epochs, meta_epochs=meta_epochs, num_queries=queries,
         response=response, shadow_poisoning=poisoning,
-        variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
+        variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+        data_members=data_members, data_query_eps=data_query_eps)
     settings.validate()
     ds = load_dataset(data)
     ds.require_classes(2)

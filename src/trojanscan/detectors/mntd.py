@@ -18,6 +18,10 @@ one-class meta-classifiers miss different models (held-out AUROC 0.910 and 0.939
 0.875 and 0.913 for the better single variant on two sets of 48 models,
 docs/benchmarks/mntd.md). Its shadow-calibrated threshold flags a third of real clean
 models there (qt: a sixth): read its score as a ranking, not its verdict as proof.
+``qt_data`` (beyond the paper, in bundles trained with ``--data-members N``): N
+query-tuned meta-classifiers whose queries start from the defender's images and stay
+within a small L∞ ball of them, summed the same way; on real models it ranks better and
+flags fewer clean ones than ``qt`` (docs/benchmarks/mntd.md).
 ``p_value``: the conformal p-value against the held-out benign shadows' raw outputs (so
 no smaller than 1/(n+1)). Verdict: raw output above the
 bundle's threshold (set at a 5% false-positive rate on held-out benign shadows) unless
@@ -49,15 +53,24 @@ from ..mntd.calibration import (
     sigmoid,
     threshold_at_fpr,
 )
-from ..mntd.meta import VARIANTS
-from ..mntd.pretrained import available_builtins, check_fits, find_builtin, resolve
+from ..mntd.meta import DATA_ENSEMBLE, VARIANTS
+from ..mntd.pretrained import (
+    MetaBundle,
+    available_builtins,
+    check_fits,
+    find_builtin,
+    resolve,
+)
 from ..utils import pick_device
 from .base import ModelDetector, ModelScanResult, borrow_model
 
 #: the detector's variants: the bundle's, and their combination (beyond the paper)
 COMBINED = "combined"
 COMBINED_PARTS = ("qt", "one_class")
-DETECTOR_VARIANTS = (*VARIANTS, COMBINED)
+AUTO = "auto"
+DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE)
+#: the variants that sum several standardised meta-classifier outputs
+SUMMED = (COMBINED, DATA_ENSEMBLE)
 
 
 def _device_of(model: nn.Module, fallback: str | None) -> torch.device:
@@ -81,15 +94,17 @@ class MNTD(ModelDetector):
 
     ``meta_classifier``: ``None`` (pick the shipped one by the model's shape), a built-in
     name (``fashion-mnist``, ``digits``) or a path to a bundle (``.json``/``.safetensors``).
-    ``variant``: ``qt`` (query tuning, default), ``no_qt``, ``one_class`` or ``combined``
-    (``qt`` + ``one_class``, standardised against the benign shadows).
-    ``threshold``: raw-output threshold overriding the bundle's (for ``combined``: in
-    units of the summed z-scores).
+    ``variant``: ``auto`` (default: ``qt_data`` when the bundle has it, else ``qt``),
+    ``qt`` (query tuning, the paper's), ``no_qt``, ``one_class``, ``combined`` (``qt`` +
+    ``one_class``, standardised against the benign shadows) or ``qt_data`` (the bundle's
+    ensemble of data-started query-tuned members, summed the same way).
+    ``threshold``: raw-output threshold overriding the bundle's (for ``combined`` and
+    ``qt_data``: in units of the summed z-scores).
     """
 
     name: ClassVar[str] = "mntd"
 
-    def __init__(self, *, meta_classifier: str | None = None, variant: str = "qt",
+    def __init__(self, *, meta_classifier: str | None = None, variant: str = AUTO,
                  threshold: float | None = None, seed: int = 0,
                  device: str | None = None) -> None:
         self.meta_classifier = meta_classifier
@@ -106,7 +121,6 @@ class MNTD(ModelDetector):
             raise bad_param("clean", "an ImageDataset", type(clean).__name__)
         shape = clean.input_shape
         bundle = resolve(self.meta_classifier)
-        parts = COMBINED_PARTS if self.variant == COMBINED else (self.variant,)
         with borrow_model(model):
             dev = _device_of(model, self.device)
             k = self._num_classes(model, shape, dev)
@@ -119,10 +133,10 @@ class MNTD(ModelDetector):
                         f"no MNTD meta-classifier for {'×'.join(map(str, shape))} → {k} "
                         f"models (shipped: {have}); train one with 'trojanscan mntd train'")
             check_fits(bundle, shape, k)
-            if self.variant == COMBINED and not set(parts) <= set(bundle.variants):
-                raise ModelError(f"MNTD: the combined variant needs the bundle's "
-                                 f"{' and '.join(COMBINED_PARTS)} meta-classifiers; "
-                                 f"{bundle.name} has {', '.join(sorted(bundle.variants))}")
+            variant = self.variant
+            if variant == AUTO:
+                variant = DATA_ENSEMBLE if DATA_ENSEMBLE in bundle.ensembles else "qt"
+            parts = self._parts(bundle, variant)
             raws: dict[str, float] = {}
             cals = {}
             for v in parts:
@@ -137,13 +151,14 @@ class MNTD(ModelDetector):
                     with torch.no_grad():
                         query_pred = model(meta.queries).argmax(1).cpu().tolist()
         cal = cals[parts[0]]
-        if self.variant == COMBINED:
+        summed = variant in SUMMED
+        if summed:
             try:
                 raw, benign_arr = combine_standardised(
                     [raws[v] for v in parts], [cals[v].get("benign_raw", []) for v in parts])
             except ValueError as exc:
-                raise ModelError(f"MNTD: the combined variant needs the bundle's qt and "
-                                 f"one_class calibration on the same benign shadows ({exc})"
+                raise ModelError(f"MNTD: the {variant} variant needs calibration of "
+                                 f"{', '.join(parts)} on the same benign shadows ({exc})"
                                  ) from exc
             benign: list[float] = benign_arr.tolist()
             default_threshold = threshold_at_fpr(benign, float(cal.get("fpr", 0.05)))
@@ -157,14 +172,13 @@ class MNTD(ModelDetector):
         p = p_value(raw, benign) if len(benign) else None
         verdict: Literal["backdoored", "clean"] = "backdoored" if raw > threshold else "clean"
         evidence = {
-            "raw_score": raw, "threshold": threshold, "variant": self.variant,
+            "raw_score": raw, "threshold": threshold, "variant": variant,
             "meta_classifier": bundle.name,
             "meta_classifier_path": None if bundle.path is None else str(bundle.path),
             "num_queries": shown.num_queries, "query_predictions": query_pred,
-            "component_raw_scores": raws if self.variant == COMBINED else None,
+            "component_raw_scores": raws if summed else None,
             "calibration": {"benign_shadows": len(benign),
-                            "validation_auroc": (None if self.variant == COMBINED
-                                                 else cal.get("val_auroc")),
+                            "validation_auroc": (None if summed else cal.get("val_auroc")),
                             "fpr": cal.get("fpr")},
         }
         return ModelScanResult(
@@ -172,6 +186,18 @@ class MNTD(ModelDetector):
             seconds=time.perf_counter() - t0, seed=self.seed, params=self.get_params(),
             p_value=p, evidence=evidence,
             images={"mntd_queries": query_grid(shown.queries)})
+
+    @staticmethod
+    def _parts(bundle: MetaBundle, variant: str) -> tuple[str, ...]:
+        """The bundle entries ``variant`` scores with."""
+        if variant == DATA_ENSEMBLE:
+            return bundle.members(DATA_ENSEMBLE)
+        parts = COMBINED_PARTS if variant == COMBINED else (variant,)
+        if variant == COMBINED and not set(parts) <= set(bundle.variants):
+            raise ModelError(f"MNTD: the combined variant needs the bundle's "
+                             f"{' and '.join(COMBINED_PARTS)} meta-classifiers; "
+                             f"{bundle.name} has {', '.join(sorted(bundle.variants))}")
+        return parts
 
     @staticmethod
     def _num_classes(model: nn.Module, shape: tuple[int, int, int], dev: torch.device) -> int:

@@ -13,7 +13,14 @@ looks like in general, not one attack:
 * transparency — patches: ``alpha ~ U(0.2, 0.6)``, where ``alpha > 0.5`` becomes 1
   (an opaque patch a quarter of the time); whole-image blends: ``alpha ~ U(0.05, 0.2)``;
 * stamping — ``x' = (1 - alpha) x + alpha * mask`` under the patch, every channel;
-* target class uniform; injection ratio ``rate ~ U(0.05, 0.5)``.
+* target class uniform; injection ratio ``rate ~ U(0.05, 0.5)`` (``rates="paper"``).
+
+Beyond the paper, ``rates="low"`` draws the injection ratio log-uniformly from
+``[0.02, 0.2]``: the paper's rates damage a shadow's clean accuracy (by 3 points on
+average on Fashion-MNIST shadows, measured), a cue that stealthy real backdoors, trained
+at a few percent poison, do not give; lower rates make the meta-classifier learn the
+backdoor itself. The other properties of a trigger do not depend on ``rates`` (same seed,
+same trigger, only the ratio differs).
 
 These are the reference implementation's settings for MNIST-sized inputs. Poisoning
 (``mode``): ``"append"`` (the reference) adds ``round(rate × N)`` stamped, relabelled
@@ -40,6 +47,8 @@ PATCH_ALPHA = (0.2, 0.6)
 OPAQUE_ABOVE = 0.5
 BLEND_ALPHA = (0.05, 0.2)
 RATE = (0.05, 0.5)
+LOW_RATE = (0.02, 0.2)  # rates="low": log-uniform
+RATES = ("paper", "low")
 POISONINGS = ("append", "replace")
 
 
@@ -91,11 +100,13 @@ def patch_sides(h: int, w: int) -> tuple[int, ...]:
 
 
 def sample_trigger(rng: np.random.Generator, input_shape: tuple[int, int, int],
-                   num_classes: int) -> JumboTrigger:
+                   num_classes: int, rates: str = "paper") -> JumboTrigger:
     """Draw one trigger from the jumbo distribution (see the module docstring)."""
     _, h, w = input_shape
     if num_classes < 2:
         raise bad_param("num_classes", "an integer >= 2", num_classes)
+    if rates not in RATES:
+        raise bad_param("rates", RATES, rates)
     sides = patch_sides(h, w)
     choice = int(rng.integers(len(sides) + 1))
     if choice < len(sides):
@@ -115,7 +126,10 @@ def sample_trigger(rng: np.random.Generator, input_shape: tuple[int, int, int],
     flat = np.zeros(cells, dtype=np.float32)
     flat[rng.choice(cells, ones, replace=False)] = 1.0
     target = int(rng.integers(num_classes))
-    rate = float(rng.uniform(*RATE))
+    if rates == "low":
+        rate = float(np.exp(rng.uniform(np.log(LOW_RATE[0]), np.log(LOW_RATE[1]))))
+    else:
+        rate = float(rng.uniform(*RATE))
     return JumboTrigger(kind, row, col, flat.reshape(mh, mw), alpha, target, rate)
 
 

@@ -49,6 +49,9 @@ from .calibration import auroc
 VARIANTS = ("qt", "no_qt", "one_class")
 RESPONSES = ("logits", "softmax", "zscore", "sorted")
 QUERY_RANGES = ("free", "unit")
+QUERY_INITS = ("noise", "data")
+#: the ensemble of query-tuned members started from the defender's images (pipeline.py)
+DATA_ENSEMBLE = "qt_data"
 Variant = Literal["qt", "no_qt", "one_class"]
 
 
@@ -65,6 +68,8 @@ class MetaConfig:
     nu: float = 0.1  # one-class: share of benign shadows allowed outside
     response: Literal["logits", "softmax", "zscore", "sorted"] = "logits"
     query_range: Literal["free", "unit"] = "free"  # "unit": queries kept in [0, 1]
+    query_init: Literal["noise", "data"] = "noise"  # "data": start from defender images
+    query_eps: float | None = None  # queries kept within this L∞ distance of their start
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -73,6 +78,10 @@ class MetaConfig:
             raise bad_param("response", RESPONSES, self.response)
         if self.query_range not in QUERY_RANGES:
             raise bad_param("query_range", QUERY_RANGES, self.query_range)
+        if self.query_init not in QUERY_INITS:
+            raise bad_param("query_init", QUERY_INITS, self.query_init)
+        if self.query_eps is not None and not self.query_eps > 0:
+            raise bad_param("query_eps", "a float > 0 or None", self.query_eps)
         for name in ("num_queries", "hidden", "epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise bad_param(name, "an integer >= 1", getattr(self, name))
@@ -157,14 +166,45 @@ def normalise_responses(out: torch.Tensor, response: str) -> torch.Tensor:
 
 
 def init_queries(meta: MetaClassifier, mean: float, std: float, gen: torch.Generator,
-                 unit: bool = False) -> None:
-    """Gaussian queries with the data's pixel mean and std (reference code); clipped to
-    [0, 1] when ``unit``."""
+                 unit: bool = False, images: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> None:
+    """Gaussian queries with the data's pixel mean and std (reference code), or (with
+    ``images``, N×C×H×W) ``num_queries`` of those images drawn without replacement —
+    with ``labels``, the classes taken in turn so that every class is among the first
+    ``K`` queries; clipped to [0, 1] when ``unit``."""
     with torch.no_grad():
         noise = torch.randn(meta.queries.shape, generator=gen)
-        meta.queries.copy_(noise * std + mean)
+        if images is None:
+            meta.queries.copy_(noise * std + mean)
+        else:
+            q = meta.num_queries
+            if images.shape[0] < q or tuple(images.shape[1:]) != tuple(meta.queries.shape[1:]):
+                raise bad_param("query images", f"at least {q} images of shape "
+                                f"{tuple(meta.queries.shape[1:])}", tuple(images.shape))
+            meta.queries.copy_(images[_pick_queries(q, images.shape[0], labels, gen)].float())
         if unit:
             meta.queries.clamp_(0.0, 1.0)
+
+
+def _pick_queries(q: int, n: int, labels: torch.Tensor | None,
+                  gen: torch.Generator) -> torch.Tensor:
+    """``q`` distinct indices into ``n`` images: a random draw, or with ``labels`` one per
+    class in turn (classes in random order, images in random order within each)."""
+    perm = torch.randperm(n, generator=gen)
+    if labels is None:
+        return perm[:q]
+    y = labels[perm]
+    pools = [perm[y == c].tolist() for c in torch.unique(y).tolist()]
+    order = torch.randperm(len(pools), generator=gen).tolist()
+    pools = [pools[i] for i in order]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < q:
+        for pool in pools:
+            if depth < len(pool) and len(picked) < q:
+                picked.append(pool[depth])
+        depth += 1
+    return torch.tensor(picked)
 
 
 @torch.no_grad()
@@ -207,12 +247,15 @@ def fit_meta(models: Sequence[nn.Module], labels: Sequence[int], *, config: Meta
              val_models: Sequence[nn.Module] = (), val_labels: Sequence[int] = (),
              query_mean: float = 0.5, query_std: float = 0.25, seed: int = 0,
              device: str | torch.device | None = None, description: str = "meta-classifier",
-             ) -> FitResult:
+             query_images: torch.Tensor | None = None,
+             query_labels: torch.Tensor | None = None) -> FitResult:
     """Train the meta-classifier of ``config.variant`` on shadow models.
 
     ``labels``: 1 = trojaned (jumbo), 0 = benign; the one-class variant uses only the
     benign ones. With validation models of both labels, the epoch with the best AUROC
-    is kept (reference code); otherwise the last epoch.
+    is kept (reference code); otherwise the last epoch. ``query_images`` (and, to take
+    the classes in turn, ``query_labels``): the defender's images the queries start from
+    when ``config.query_init == "data"``.
     """
     config.validate()
     one_class = config.variant == "one_class"
@@ -231,8 +274,13 @@ def fit_meta(models: Sequence[nn.Module], labels: Sequence[int], *, config: Meta
     meta = MetaClassifier(input_shape, num_classes, num_queries=config.num_queries,
                           hidden=config.hidden, one_class=one_class, response=config.response)
     unit = config.query_range == "unit"
-    init_queries(meta, query_mean, query_std, gen, unit)
+    if config.query_init == "data" and query_images is None:
+        raise bad_param("query_images", "the defender's images (query_init='data')", None)
+    data_init = config.query_init == "data"
+    init_queries(meta, query_mean, query_std, gen, unit, query_images if data_init else None,
+                 query_labels if data_init else None)
     meta.to(dev)
+    query_start = meta.queries.detach().clone()
     models = [_frozen(m, dev) for m in models]
     val_models = [_frozen(m, dev) for m in val_models]
     yv = np.asarray(val_labels, dtype=np.int64)
@@ -262,6 +310,11 @@ def fit_meta(models: Sequence[nn.Module], labels: Sequence[int], *, config: Meta
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if config.query_eps is not None:
+                    with torch.no_grad():
+                        meta.queries.copy_(torch.minimum(torch.maximum(
+                            meta.queries, query_start - config.query_eps),
+                            query_start + config.query_eps))
                 if unit:
                     with torch.no_grad():
                         meta.queries.clamp_(0.0, 1.0)

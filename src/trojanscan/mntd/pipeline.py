@@ -10,6 +10,13 @@ IEEE S&P 2021. Used by ``trojanscan mntd train`` and ``scripts/make_mntd_pretrai
    variant is trained on the rest, the held-out ones select the epoch (binary variants)
    and calibrate the scores (raw outputs of held-out benign shadows → p-values, the
    threshold at the chosen false-positive rate).
+
+Beyond the paper, ``data_members`` > 0 also trains the ``qt_data`` ensemble
+(:data:`DATA_ENSEMBLE`): that many query-tuned meta-classifiers (seeds apart) whose
+queries *start* from the defender's images, one class after another, and stay in
+[0, 1] within ``data_query_eps`` (L∞) of their start. The detector sums their outputs,
+each standardised against its held-out benign shadows (docs/benchmarks/mntd.md measures
+it against the paper's variants on the same models).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +36,10 @@ from ..dataset import ImageDataset
 from ..exceptions import DataError, bad_param
 from .calibration import auroc, threshold_at_fpr
 from .executor import RunSummary, Task, run_tasks
-from .jumbo import POISONINGS
-from .meta import VARIANTS, MetaClassifier, MetaConfig, fit_meta, raw_scores
+from .jumbo import POISONINGS, RATES
+from .meta import DATA_ENSEMBLE, VARIANTS, MetaClassifier, MetaConfig, fit_meta, raw_scores
 from .pretrained import MetaBundle
+from .regime import check_regime
 from .shadows import (
     ShadowData,
     ShadowSpec,
@@ -56,6 +64,8 @@ class TrainSettings:
     shadow_lr: float = 1e-3
     shadow_subsample: float = 1.0  # each shadow trains on this random share of the data
     shadow_poisoning: str = "append"  # "append" (reference) or "replace" (see jumbo.py)
+    shadow_regime: str = "fixed"  # "fixed" (reference) or "random" recipes (see regime.py)
+    jumbo_rates: str = "paper"  # "paper" U(0.05, 0.5) or "low" (see jumbo.py)
     variants: tuple[str, ...] = VARIANTS
     num_queries: int = 10
     hidden: int = 20
@@ -64,6 +74,8 @@ class TrainSettings:
     meta_batch_size: int = 1
     response: str = "logits"  # as the reference; "softmax" is measured in docs/mntd.md
     query_range: str = "free"
+    data_members: int = 0  # members of the qt_data ensemble (0: the paper's variants only)
+    data_query_eps: float = 0.1  # their queries' L∞ distance from the starting images
     fpr: float = 0.05  # threshold: at most this share of held-out benign shadows flagged
 
     def validate(self) -> None:
@@ -77,23 +89,43 @@ class TrainSettings:
                 raise bad_param("variants", VARIANTS, v)
         if not self.variants:
             raise bad_param("variants", VARIANTS, "nothing")
+        if not 0 <= int(self.data_members) <= 64:
+            raise bad_param("data_members", "an integer in [0, 64]", self.data_members)
+        if not 0 < float(self.data_query_eps) <= 1:
+            raise bad_param("data_query_eps", "a float in (0, 1]", self.data_query_eps)
         if not 0 < self.fpr < 1:
             raise bad_param("fpr", "a float in (0, 1)", self.fpr)
         self.meta_config(self.variants[0]).validate()
         if self.shadow_poisoning not in POISONINGS:
             raise bad_param("poisoning", POISONINGS, self.shadow_poisoning)
+        check_regime(self.shadow_regime)
+        if self.jumbo_rates not in RATES:
+            raise bad_param("rates", RATES, self.jumbo_rates)
 
     def specs(self, seed: int) -> list[ShadowSpec]:
         return plan_shadows(self.num_shadows, self.archs, seed=seed, epochs=self.shadow_epochs,
                             batch_size=self.shadow_batch_size, lr=self.shadow_lr,
                             subsample=self.shadow_subsample,
-                            poisoning=self.shadow_poisoning)
+                            poisoning=self.shadow_poisoning, regime=self.shadow_regime,
+                            rates=self.jumbo_rates)
 
     def meta_config(self, variant: str) -> MetaConfig:
         return MetaConfig(variant=variant, num_queries=self.num_queries,  # type: ignore[arg-type]
                           hidden=self.hidden, epochs=self.meta_epochs, lr=self.meta_lr,
                           batch_size=self.meta_batch_size, response=self.response,  # type: ignore[arg-type]
                           query_range=self.query_range)  # type: ignore[arg-type]
+
+    def member_config(self) -> MetaConfig:
+        """The configuration of every ``qt_data`` member."""
+        return replace(self.meta_config("qt"), query_init="data", query_range="unit",
+                       query_eps=float(self.data_query_eps))
+
+    def member_names(self) -> tuple[str, ...]:
+        return tuple(member_name(i) for i in range(int(self.data_members)))
+
+
+def member_name(i: int) -> str:
+    return f"{DATA_ENSEMBLE}.{i}"
 
 
 def share_indices(n: int, share: float, *, seed: int = 0,
@@ -185,18 +217,27 @@ class _VariantJob:
     mean: float
     std: float
     device: str | None
+    member: int | None = None  # a qt_data member (variant is then "qt")
 
 
-def _fit_variant(task: Task, job: None) -> dict[str, Any]:
-    """Executor task: train and calibrate one variant; returns plain tensors and numbers."""
+def _fit_variant(task: Task, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Executor task: train and calibrate one variant or ``qt_data`` member (``data``: the
+    defender's images and labels, where member queries start); returns plain tensors and
+    numbers."""
     (j,) = task.args
     train, val = load_shadow_split(j.folder, j.settings, j.seed)
     k = int(train.meta[0]["num_classes"])
-    fit = fit_meta(train.models, train.labels, config=j.settings.meta_config(j.variant),
-                   input_shape=j.shape, num_classes=k, val_models=val.models,
-                   val_labels=val.labels, query_mean=j.mean, query_std=j.std,
-                   seed=j.seed + 1000 * (1 + VARIANTS.index(j.variant)), device=j.device,
-                   description=f"meta-classifier ({j.variant})")
+    if j.member is None:
+        config, images, labels = j.settings.meta_config(j.variant), None, None
+        seed, what = j.seed + 1000 * (1 + VARIANTS.index(j.variant)), j.variant
+    else:
+        config, (images, labels) = j.settings.member_config(), data
+        seed, what = j.seed + 1000 * (1 + len(VARIANTS) + j.member), member_name(j.member)
+    fit = fit_meta(train.models, train.labels, config=config, input_shape=j.shape,
+                   num_classes=k, val_models=val.models, val_labels=val.labels,
+                   query_mean=j.mean, query_std=j.std, seed=seed, device=j.device,
+                   description=f"meta-classifier ({what})", query_images=images,
+                   query_labels=labels)
     yv = np.asarray(val.labels)
     raws = raw_scores(fit.meta, val.models)
     benign = raws[yv == 0]
@@ -208,6 +249,9 @@ def _fit_variant(task: Task, job: None) -> dict[str, Any]:
         "val_auroc": auroc(yv, raws),
         "best_epoch": fit.best_epoch,
     }
+    if j.member is not None:
+        calibration.update(kind=config.variant, query_init=config.query_init,
+                           query_range=config.query_range, query_eps=config.query_eps)
     return {"state": {n: t.detach().cpu() for n, t in fit.meta.state_dict().items()},
             "calibration": calibration, "num_classes": k,
             "history": [{k2: round(v, 5) for k2, v in h.items()} for h in fit.history],
@@ -230,17 +274,20 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
     jobs = [Task(v, None, (_VariantJob(str(folder), settings, v, seed, shape, mean, std,
                                        device),))
             for v in settings.variants]
-    run = run_tasks(_fit_variant, jobs, backend=backend, workers=workers, threads=threads,
-                    description="meta-classifiers")
+    jobs += [Task(member_name(i), None, (_VariantJob(str(folder), settings, "qt", seed, shape,
+                                                     mean, std, device, i),))
+             for i in range(int(settings.data_members))]
+    run = run_tasks(_fit_variant, jobs, shared=(data.x, data.labels()), backend=backend,
+                    workers=workers, threads=threads, description="meta-classifiers")
     variants, calibration, fits = {}, {}, {}
     k = 0
     shadow_summary: dict[str, Any] = {}
-    for v in settings.variants:
+    for v in (*settings.variants, *settings.member_names()):
         res = run.results[v]
         k = int(res["num_classes"])
-        cfg = settings.meta_config(v)
+        cfg = settings.meta_config(v) if v in VARIANTS else settings.member_config()
         meta = MetaClassifier(shape, k, num_queries=cfg.num_queries, hidden=cfg.hidden,
-                              one_class=v == "one_class", response=cfg.response)
+                              one_class=cfg.variant == "one_class", response=cfg.response)
         meta.load_state_dict(res["state"])
         meta.eval()
         for p in meta.parameters():
@@ -262,4 +309,5 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         **(extra_info or {}),
     }
-    return MetaBundle(name, shape, k, variants, calibration, info)
+    ensembles = {DATA_ENSEMBLE: settings.member_names()} if settings.data_members else {}
+    return MetaBundle(name, shape, k, variants, calibration, info, ensembles=ensembles)

@@ -5,7 +5,11 @@ one or more variants (``qt.queries``, ``qt.fc.weight``, …, ``one_class.w``) an
 ``STEM.json`` says what they are: the model shape they fit (``input_shape``,
 ``num_classes``), each variant's settings and calibration (raw scores of held-out
 benign and trojaned shadow models, the decision threshold), the SHA-256 of the weights
-file and how it was trained. No pickles anywhere.
+file and how it was trained. No pickles anywhere. A bundle may also hold *ensembles*
+(``"ensembles": {"qt_data": ["qt_data.0", …]}`` in the JSON): named groups of entries
+whose meta-classifier kind (``"kind"``: ``qt``, ``no_qt`` or ``one_class``; an entry
+without it is named after its kind) the detector scores together. Bundles without
+ensembles (format version 1) load unchanged.
 
 Shipped bundles (``trojanscan/data/``, made by ``scripts/make_mntd_pretrained.py``):
 ``fashion-mnist`` for 1×28×28 → 10 models and ``digits`` for 1×8×8 → 10 models;
@@ -29,7 +33,7 @@ from ..utils import atomic_path, atomic_write_text, sha256_file
 from .meta import VARIANTS, MetaClassifier
 
 FORMAT = "trojanscan-mntd-meta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries may carry "kind"; optional "ensembles"
 #: built-in name -> file stem in trojanscan/data
 BUILTINS: Mapping[str, str] = {"fashion-mnist": "mntd_fmnist", "digits": "mntd_digits"}
 
@@ -45,6 +49,8 @@ class MetaBundle:
     calibration: Mapping[str, Mapping[str, Any]]
     info: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    #: ensemble name -> the names of its member entries (in ``variants``)
+    ensembles: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def shape_text(self) -> str:
         return f"{'×'.join(map(str, self.input_shape))} → {self.num_classes}"
@@ -56,6 +62,14 @@ class MetaBundle:
                                  f"got {name!r}")
         return self.variants[name], self.calibration.get(name, {})
 
+    def members(self, ensemble: str) -> tuple[str, ...]:
+        if ensemble not in self.ensembles:
+            have = ", ".join(sorted(self.ensembles)) or "none"
+            raise ModelError(f"MNTD: {self.name} has no {ensemble!r} ensemble (it has: "
+                             f"{have}); train one with 'trojanscan mntd train "
+                             f"--data-members N'")
+        return self.ensembles[ensemble]
+
 
 def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
     """Write ``stem.safetensors`` and ``stem.json`` atomically; returns both paths."""
@@ -65,13 +79,19 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
     weights, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     tensors: dict[str, torch.Tensor] = {}
     variants: dict[str, Any] = {}
+    members = {m for names in bundle.ensembles.values() for m in names}
     for name, meta in bundle.variants.items():
         for k, v in meta.state_dict().items():
             tensors[f"{name}.{k}"] = v.detach().cpu().contiguous().float()
+        cal = dict(bundle.calibration.get(name, {}))
+        kind = cal.pop("kind", name)
+        if kind not in VARIANTS:
+            raise ParameterError(f"invalid bundle entry {name!r}: expected a variant name "
+                                 f"({', '.join(VARIANTS)}) or a 'kind' in its calibration")
         variants[name] = {
+            **({"kind": kind} if name in members or kind != name else {}),
             "num_queries": meta.num_queries, "hidden": meta.hidden,
-            "one_class": meta.one_class, "response": meta.response,
-            **dict(bundle.calibration.get(name, {})),
+            "one_class": meta.one_class, "response": meta.response, **cal,
         }
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
@@ -80,7 +100,10 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
         "input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes,
         "weights": {"file": weights.name, "sha256": sha256_file(weights)},
         "variants": variants,
-        **{k: v for k, v in bundle.info.items() if k not in ("variants", "weights")},
+        **({"ensembles": {k: list(v) for k, v in bundle.ensembles.items()}}
+           if bundle.ensembles else {}),
+        **{k: v for k, v in bundle.info.items()
+           if k not in ("variants", "weights", "ensembles", "format_version")},
     }
     atomic_write_text(sidecar, json.dumps(doc, indent=1) + "\n")
     return weights, sidecar
@@ -112,8 +135,9 @@ def load_bundle(path: str | Path) -> MetaBundle:
         variants: dict[str, MetaClassifier] = {}
         calibration: dict[str, dict[str, Any]] = {}
         for name, spec in doc["variants"].items():
-            if name not in VARIANTS:
-                raise ValueError(f"unknown variant {name!r}")
+            kind = spec.get("kind", name)
+            if kind not in VARIANTS:
+                raise ValueError(f"unknown variant {kind!r} (entry {name!r})")
             meta = MetaClassifier(shape, k, num_queries=int(spec["num_queries"]),
                                   hidden=int(spec["hidden"]), one_class=bool(spec["one_class"]),
                                   response=str(spec.get("response", "logits")))
@@ -126,10 +150,15 @@ def load_bundle(path: str | Path) -> MetaBundle:
             variants[name] = meta
             calibration[name] = {key: v for key, v in spec.items()
                                  if key not in ("num_queries", "hidden", "one_class", "response")}
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        ensembles = {str(e): tuple(str(m) for m in names)
+                     for e, names in doc.get("ensembles", {}).items()}
+        for e, names in ensembles.items():
+            if not names or any(m not in variants for m in names):
+                raise ValueError(f"ensemble {e!r} names missing entries {list(names)}")
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
         raise ModelError(f"{sidecar}: not a valid MNTD meta-classifier ({exc})") from exc
     return MetaBundle(str(doc.get("name", sidecar.stem)), shape, k, variants,  # type: ignore[arg-type]
-                      calibration, doc, sidecar)
+                      calibration, doc, sidecar, ensembles)
 
 
 def builtin_path(name: str) -> Path:

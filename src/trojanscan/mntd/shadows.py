@@ -29,10 +29,11 @@ from torch import nn
 from .. import archs
 from ..dataset import ImageDataset
 from ..exceptions import DataError, ModelError, bad_param
-from ..training import TrainConfig, train_model
+from ..training import train_model
 from ..utils import atomic_path
 from .executor import Task
-from .jumbo import POISONINGS, JumboTrigger, poison_with, sample_trigger
+from .jumbo import POISONINGS, RATES, JumboTrigger, poison_with, sample_trigger
+from .regime import Regime, check_regime, sample_regime
 
 KINDS = ("benign", "jumbo")
 META_KEY = "trojanscan_mntd_shadow"
@@ -52,13 +53,20 @@ class ShadowSpec:
     lr: float = 1e-3
     subsample: float = 1.0  # share of the defender's data this shadow trains on
     poisoning: str = "append"  # jumbo shadows: "append" (reference) or "replace"
+    regime: str = "fixed"  # "fixed": the fields above; "random": drawn per shadow (regime.py)
+    rates: str = "paper"  # jumbo injection ratios: "paper" U(0.05, 0.5) or "low" (jumbo.py)
 
     @property
     def key(self) -> str:
         return f"{self.kind}-{self.index:04d}"
 
-    def config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+    def recipe(self) -> Regime:
+        """How this shadow is trained: the spec's fields (``fixed``) or a recipe drawn from
+        the shadow's own seed (``random``; the spec's epochs, batch size, lr and subsample
+        are then not used)."""
+        if self.regime == "random":
+            return sample_regime(np.random.default_rng([self.seed, 1]))
+        return Regime(self.epochs, self.batch_size, self.lr, subsample=self.subsample)
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,8 @@ def derive_seed(seed: int, kind: str, index: int) -> int:
 def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
                  epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
                  subsample: float = 1.0, poisoning: str = "append",
-                 kinds: Sequence[str] = KINDS) -> list[ShadowSpec]:
+                 kinds: Sequence[str] = KINDS, regime: str = "fixed",
+                 rates: str = "paper") -> list[ShadowSpec]:
     """``num_per_kind`` shadows of each kind, architectures taken in turn."""
     if num_per_kind < 1:
         raise bad_param("num_shadows", "an integer >= 1", num_per_kind)
@@ -88,6 +97,9 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
         raise bad_param("subsample", "a float in (0, 1]", subsample)
     if poisoning not in POISONINGS:
         raise bad_param("poisoning", POISONINGS, poisoning)
+    check_regime(regime)
+    if rates not in RATES:
+        raise bad_param("rates", RATES, rates)
     if not arch_names:
         raise bad_param("archs", f"one or more of {', '.join(archs.ARCHS)}", arch_names)
     for a in arch_names:
@@ -97,7 +109,7 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
         if k not in KINDS:
             raise bad_param("kinds", KINDS, k)
     return [ShadowSpec(k, i, arch_names[i % len(arch_names)], derive_seed(seed, k, i),  # type: ignore[arg-type]
-                       epochs, batch_size, lr, subsample, poisoning)
+                       epochs, batch_size, lr, subsample, poisoning, regime, rates)
             for k in kinds for i in range(num_per_kind)]
 
 
@@ -130,19 +142,21 @@ def train_shadow(spec: ShadowSpec, data: ShadowData) -> tuple[nn.Module, dict[st
     rng = np.random.default_rng(spec.seed)
     trigger = None
     train = data.train
-    if spec.subsample < 1.0:
-        k = max(2, round(spec.subsample * len(train)))
+    recipe = spec.recipe()
+    if recipe.subsample < 1.0:
+        k = max(2, round(recipe.subsample * len(train)))
         train = train.subset(torch.from_numpy(np.sort(rng.choice(len(train), k, replace=False))))
     if spec.kind == "jumbo":
-        trigger = sample_trigger(rng, train.input_shape, data.num_classes)
+        trigger = sample_trigger(rng, train.input_shape, data.num_classes, spec.rates)
         train = poison_with(train, trigger, rng, spec.poisoning)
-    model = train_model(spec.arch, train, config=spec.config(), seed=spec.seed,
+    model = train_model(spec.arch, train, config=recipe.config(), seed=spec.seed,
                         device=data.device, num_classes=data.num_classes,
                         description=f"shadow {spec.key}")
     meta: dict[str, Any] = {
         **asdict(spec), "input_shape": list(train.input_shape),
         "num_classes": data.num_classes, "train_samples": len(train),
         "trigger": None if trigger is None else trigger.to_dict(),
+        "recipe": recipe.to_dict(),
     }
     if data.eval is not None:
         meta["accuracy"] = _accuracy(model, data.eval)
@@ -202,7 +216,7 @@ def shadow_task(task: Task, data: ShadowData) -> dict[str, Any]:
 
 #: ShadowSpec fields an existing file must match to be reused (missing = the default)
 _SPEC_FIELDS = ("kind", "index", "arch", "seed", "epochs", "batch_size", "lr", "subsample",
-                "poisoning")
+                "poisoning", "regime", "rates")
 
 
 def check_reusable(path: str | Path, spec: ShadowSpec) -> None:
