@@ -189,7 +189,7 @@ def stage_analyse(args: argparse.Namespace) -> None:
     sets = tuple(int(s) for s in args.sets.split(","))
     recs = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("*.json"))]
     info = target_info(sets, recs)
-    if args.min_asr > 0 and any(v["asr"] is None for v in info.values()):
+    if args.min_asr > 0 and any(v["arch"] is None for v in info.values()):
         sys.exit("--min-asr needs the target caches (bench_mntd.py targets) for the ASRs")
     keys = sorted(k for k in info if all(k in r["targets"] for r in recs)
                   and (info[k]["kind"] == "clean" or (info[k]["asr"] or 0) >= args.min_asr))

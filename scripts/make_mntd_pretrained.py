@@ -5,20 +5,26 @@ Every setting is in :data:`PRESETS` below and recorded in the bundle's JSON; wit
 seed, data and torch build the shadows are the same (each shadow has its own derived
 seed, whatever backend trains it). Shadows are resumable files under ``--workdir``.
 
-Usage (what produced the shipped files: one H100 machine with 16 CPU cores, shadows
-trained by 8 (Fashion-MNIST) and 4 (digits) worker processes sharing the GPU, about 4 and
-3 minutes; meta-classifiers on one CPU thread)::
+Usage. The shipped Fashion-MNIST bundle (session 6: the paper's variants plus the
+``qt_data`` ensemble of 5) was made on a 2-core CPU machine, shadows by 2 worker
+processes (~15 min), meta-classifiers 2 at a time (~5 min)::
+
+    python scripts/make_mntd_pretrained.py --which fashion-mnist --backend processes \\
+        --workers 2 --meta-backend processes --meta-workers 2 \\
+        --workdir benchmarks/.cache/mntd_shadows/paper --out src/trojanscan/data
+
+The digits bundle (paper's variants only) was made on one H100 machine with 16 CPU cores,
+shadows by 4 worker processes sharing the GPU (about 3 minutes; meta-classifiers on one
+CPU thread)::
 
     export CUBLAS_WORKSPACE_CONFIG=:4096:8
-    python scripts/make_mntd_pretrained.py --which fashion-mnist --backend processes \\
-        --workers 8 --device cuda --meta-device cpu --workdir .cache/mntd --out OUT
     python scripts/make_mntd_pretrained.py --which digits --backend processes \\
         --workers 4 --device cuda --meta-device cpu --workdir .cache/mntd --out OUT
 
-On CPU only (same settings, not bit-identical to GPU-trained shadows): drop ``--device``;
-expect hours for Fashion-MNIST on two cores. The alternative measured in
-docs/benchmarks/mntd.md (softmax responses, poison replacing samples, 128 shadows per kind
-of mlp and lenet)::
+GPU-trained shadows are not bit-identical to CPU-trained ones (the Fashion-MNIST bundle
+shipped until session 5 came from the H100, its qt variant measured in
+docs/benchmarks/mntd.md beside the CPU one). The alternative measured there (softmax
+responses, poison replacing samples, 128 shadows per kind of mlp and lenet)::
 
     python scripts/make_mntd_pretrained.py --which fashion-mnist --backend processes \\
         --workers 2 --meta-backend processes --num-shadows 128 --num-val 24 \\

@@ -77,3 +77,22 @@ def test_failed_write_leaves_previous_report(tmp_path: Path, monkeypatch) -> Non
 def test_png_bytes_accepts_layouts() -> None:
     for arr in (np.zeros((5, 6)), np.zeros((5, 6, 3)), np.zeros((3, 5, 6)), np.ones((5, 6, 1))):
         assert png_bytes(arr)[:4] == b"\x89PNG"
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
+    """mkstemp's 0600 must not leak into outputs: they get 0666 minus the umask, like a
+    plain open(); a failed write leaves neither a file nor a temporary behind."""
+    import os
+    import stat
+
+    from trojanscan.utils import atomic_path, atomic_write_text
+
+    out = tmp_path / "report.json"
+    atomic_write_text(out, "{}")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "half.json") as tmp:
+        tmp.write_text("{")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

@@ -13,20 +13,19 @@ Score: the binary variants (``qt``, ``no_qt``) give the meta-classifier's probab
 (sigmoid of its BCE-trained output); ``one_class`` gives the share of held-out benign
 shadows the model out-scores. ``combined`` (beyond the paper) sums the ``qt`` and
 ``one_class`` outputs, each standardised against its held-out benign shadows, and is
-scored like ``one_class`` against the same sum over those shadows: the supervised and the
-one-class meta-classifiers miss different models (held-out AUROC 0.910 and 0.939 against
-0.875 and 0.913 for the better single variant on two sets of 48 models,
-docs/benchmarks/mntd.md). Its shadow-calibrated threshold flags a third of real clean
-models there (qt: a sixth): read its score as a ranking, not its verdict as proof.
-``qt_data`` (beyond the paper, in bundles trained with ``--data-members N``): N
-query-tuned meta-classifiers whose queries start from the defender's images and stay
-within a small L∞ ball of them, summed the same way; on real models it ranks better and
-flags fewer clean ones than ``qt`` (docs/benchmarks/mntd.md).
+scored like ``one_class`` against the same sum over those shadows. ``qt_data`` (beyond
+the paper, in bundles trained with ``--data-members N``, among them the shipped
+Fashion-MNIST one): N query-tuned meta-classifiers whose queries start from the
+defender's images and stay within a small L∞ ball of them, summed the same way. The
+default ``auto`` takes ``qt_data`` where the bundle has it, else the paper's ``qt``. On
+144 held-out Fashion-MNIST models (docs/benchmarks/mntd.md) AUROC is 0.798 (qt), 0.733
+(one_class), 0.826 (combined) and 0.835 (qt_data).
 ``p_value``: the conformal p-value against the held-out benign shadows' raw outputs (so
-no smaller than 1/(n+1)). Verdict: raw output above the
-bundle's threshold (set at a 5% false-positive rate on held-out benign shadows) unless
-``threshold`` overrides it; on real models the false-positive rate is higher (17% for
-the shipped Fashion-MNIST one, docs/benchmarks/mntd.md). MNTD names no target class.
+no smaller than 1/(n+1)). Verdict: raw output above the bundle's threshold (set at a 5%
+false-positive rate on held-out benign shadows) unless ``threshold`` overrides it; on
+real models the false-positive rate is higher (11% for qt, 24% for qt_data on those
+models): read the score as a ranking and the verdict as evidence, not proof. MNTD names
+no target class.
 
 Known to fail: backdoors far from the jumbo distribution whose effect does not show on
 the queries (the paper's adaptive attacks), models whose output scale is unlike the
