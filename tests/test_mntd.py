@@ -40,7 +40,12 @@ from trojanscan.mntd.meta import (
     normalise_responses,
     raw_scores,
 )
-from trojanscan.mntd.pipeline import TrainSettings, fit_bundle, train_shadow_set
+from trojanscan.mntd.pipeline import (
+    TrainSettings,
+    check_member_data,
+    fit_bundle,
+    train_shadow_set,
+)
 from trojanscan.mntd.pretrained import (
     BUILTINS,
     MetaBundle,
@@ -493,6 +498,10 @@ def test_qt_data_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tm
                                                                           "qt_data.1"]
     back = load_bundle(sidecar)
     assert back.ensembles == bundle.ensembles
+    # re-saving a loaded bundle under a new name keeps the new name and structure
+    _, again = save_bundle(tmp_path / "again", dataclasses.replace(back, name="renamed"))
+    assert load_bundle(again).name == "renamed"
+    assert load_bundle(again).ensembles == bundle.ensembles
     model = tiny_meta["models"][1]
     r1 = MNTD(meta_classifier=str(sidecar), variant="qt_data").fit(model, digits)
     r2 = MNTD(meta_classifier=str(sidecar), variant="qt_data").fit(model, digits)
@@ -513,10 +522,20 @@ def test_qt_data_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tm
     with pytest.raises(ModelError, match=r"no 'qt_data' ensemble.*--data-members"):
         MNTD(meta_classifier="digits", variant="qt_data").fit(
             archs.build("mlp", (1, 8, 8), 10), digits)
-    doc["ensembles"]["qt_data"] = ["qt_data.0", "qt_data.7"]
-    sidecar.write_text(json.dumps(doc))
-    with pytest.raises(ModelError, match="ensemble 'qt_data'"):
-        load_bundle(sidecar)
+    for bad, why in ((["qt_data.0", "qt_data.7"], r"missing entries \['qt_data.7'\]"),
+                     (["qt_data.0", "qt_data.0"], "twice"), ("qt_data.0", "must list"),
+                     ([], "must list")):
+        doc["ensembles"]["qt_data"] = bad
+        sidecar.write_text(json.dumps(doc))
+        with pytest.raises(ModelError, match=why):
+            load_bundle(sidecar)
+    with pytest.raises(ValueError, match="missing entries"):
+        save_bundle(tmp_path / "bad", dataclasses.replace(back, ensembles={"x": ("nope",)}))
+    # too few defender images for the members' queries: refused before any training
+    few = TrainSettings(num_shadows=2, num_val=1, data_members=1)
+    with pytest.raises(DataError, match="--share"):
+        check_member_data(few, digits.subset(slice(0, 5)))
+    check_member_data(dataclasses.replace(few, data_members=0), digits.subset(slice(0, 5)))
 
 
 # -- shape checks ------------------------------------------------------------------------

@@ -80,6 +80,7 @@ def train(
     from ..io.data import load_dataset
     from ..mntd.pipeline import (
         TrainSettings,
+        check_member_data,
         defender_share,
         fit_bundle,
         train_shadow_set,
@@ -105,6 +106,7 @@ def train(
     ds = load_dataset(data)
     ds.require_classes(2)
     shadow_data = defender_share(ds, share, seed=seed, max_samples=max_samples)
+    check_member_data(settings, shadow_data)
     dev = str(pick_device(device))
     c, h, w = ds.input_shape
     stem = name or f"mntd_{c}x{h}x{w}_{ds.num_classes}"

@@ -190,6 +190,9 @@ def _pick_queries(q: int, n: int, labels: torch.Tensor | None,
                   gen: torch.Generator) -> torch.Tensor:
     """``q`` distinct indices into ``n`` images: a random draw, or with ``labels`` one per
     class in turn (classes in random order, images in random order within each)."""
+    if not 1 <= q <= n or (labels is not None and len(labels) != n):
+        raise bad_param("query images", f"at least {q} images (with one label each)",
+                        f"{n} images, {None if labels is None else len(labels)} labels")
     perm = torch.randperm(n, generator=gen)
     if labels is None:
         return perm[:q]

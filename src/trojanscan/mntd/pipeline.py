@@ -128,6 +128,19 @@ def member_name(i: int) -> str:
     return f"{DATA_ENSEMBLE}.{i}"
 
 
+def check_member_data(settings: TrainSettings, data: ImageDataset) -> None:
+    """Raise a DataError, before any training, when the ``qt_data`` members cannot start
+    their queries from ``data`` (fewer images than queries, or no labels)."""
+    if not settings.data_members:
+        return
+    if len(data) < settings.num_queries or data.y is None:
+        raise DataError(f"{data.source}: the qt_data members start their "
+                        f"{settings.num_queries} queries from the defender's labelled "
+                        f"images, but the share holds {len(data)}"
+                        f"{'' if data.y is not None else ' unlabelled'}; use a larger "
+                        "--share, fewer --queries or --data-members 0")
+
+
 def share_indices(n: int, share: float, *, seed: int = 0,
                   max_samples: int | None = None) -> torch.Tensor:
     """Sorted indices of a seeded random ``share`` of ``n`` samples (at most ``max_samples``)."""
@@ -220,7 +233,7 @@ class _VariantJob:
     member: int | None = None  # a qt_data member (variant is then "qt")
 
 
-def _fit_variant(task: Task, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+def _fit_variant(task: Task, data: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
     """Executor task: train and calibrate one variant or ``qt_data`` member (``data``: the
     defender's images and labels, where member queries start); returns plain tensors and
     numbers."""
@@ -231,6 +244,7 @@ def _fit_variant(task: Task, data: tuple[torch.Tensor, torch.Tensor]) -> dict[st
         config, images, labels = j.settings.meta_config(j.variant), None, None
         seed, what = j.seed + 1000 * (1 + VARIANTS.index(j.variant)), j.variant
     else:
+        assert data is not None  # fit_bundle shares the images whenever members exist
         config, (images, labels) = j.settings.member_config(), data
         seed, what = j.seed + 1000 * (1 + len(VARIANTS) + j.member), member_name(j.member)
     fit = fit_meta(train.models, train.labels, config=config, input_shape=j.shape,
@@ -268,6 +282,7 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
     ``threads``: torch threads per variant (``None``: leave as is).
     """
     settings.validate()
+    check_member_data(settings, data)
     t0 = time.perf_counter()
     shape = data.input_shape
     mean, std = float(data.x.mean()), float(data.x.std())
@@ -277,7 +292,8 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
     jobs += [Task(member_name(i), None, (_VariantJob(str(folder), settings, "qt", seed, shape,
                                                      mean, std, device, i),))
              for i in range(int(settings.data_members))]
-    run = run_tasks(_fit_variant, jobs, shared=(data.x, data.labels()), backend=backend,
+    shared = (data.x, data.labels()) if settings.data_members else None
+    run = run_tasks(_fit_variant, jobs, shared=shared, backend=backend,
                     workers=workers, threads=threads, description="meta-classifiers")
     variants, calibration, fits = {}, {}, {}
     k = 0

@@ -79,6 +79,8 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
     weights, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     tensors: dict[str, torch.Tensor] = {}
     variants: dict[str, Any] = {}
+    for e, names in bundle.ensembles.items():
+        _check_ensemble(e, names, bundle.variants)
     members = {m for names in bundle.ensembles.values() for m in names}
     for name, meta in bundle.variants.items():
         for k, v in meta.state_dict().items():
@@ -103,10 +105,28 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
         **({"ensembles": {k: list(v) for k, v in bundle.ensembles.items()}}
            if bundle.ensembles else {}),
         **{k: v for k, v in bundle.info.items()
-           if k not in ("variants", "weights", "ensembles", "format_version")},
+           if k not in _STRUCTURAL},
     }
     atomic_write_text(sidecar, json.dumps(doc, indent=1) + "\n")
     return weights, sidecar
+
+
+#: keys save_bundle writes from the bundle itself; a loaded bundle's info (its whole old
+#: JSON) must not override them
+_STRUCTURAL = ("format", "format_version", "name", "input_shape", "num_classes", "weights",
+               "variants", "ensembles")
+
+
+def _check_ensemble(name: str, members: Any, entries: Mapping[str, Any]) -> None:
+    """Raise a ValueError unless ``members`` is a non-empty list of distinct entry names."""
+    if not isinstance(members, (list, tuple)) or not members or not all(
+            isinstance(m, str) for m in members):
+        raise ValueError(f"ensemble {name!r} must list entry names, got {members!r}")
+    missing = [m for m in members if m not in entries]
+    if missing:
+        raise ValueError(f"ensemble {name!r} names missing entries {missing}")
+    if len(set(members)) != len(members):
+        raise ValueError(f"ensemble {name!r} names an entry twice: {list(members)}")
 
 
 def _sidecar_of(path: Path) -> Path:
@@ -150,11 +170,13 @@ def load_bundle(path: str | Path) -> MetaBundle:
             variants[name] = meta
             calibration[name] = {key: v for key, v in spec.items()
                                  if key not in ("num_queries", "hidden", "one_class", "response")}
-        ensembles = {str(e): tuple(str(m) for m in names)
-                     for e, names in doc.get("ensembles", {}).items()}
-        for e, names in ensembles.items():
-            if not names or any(m not in variants for m in names):
-                raise ValueError(f"ensemble {e!r} names missing entries {list(names)}")
+        raw_ensembles = doc.get("ensembles", {})
+        if not isinstance(raw_ensembles, dict):
+            raise ValueError(f"'ensembles' must map names to entry lists, got "
+                             f"{type(raw_ensembles).__name__}")
+        for e, names in raw_ensembles.items():
+            _check_ensemble(str(e), names, variants)
+        ensembles = {str(e): tuple(names) for e, names in raw_ensembles.items()}
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
         raise ModelError(f"{sidecar}: not a valid MNTD meta-classifier ({exc})") from exc
     return MetaBundle(str(doc.get("name", sidecar.stem)), shape, k, variants,  # type: ignore[arg-type]
