@@ -177,11 +177,11 @@ def init_queries(meta: MetaClassifier, mean: float, std: float, gen: torch.Gener
         if images is None:
             meta.queries.copy_(noise * std + mean)
         else:
-            q = meta.num_queries
-            if images.shape[0] < q or tuple(images.shape[1:]) != tuple(meta.queries.shape[1:]):
-                raise bad_param("query images", f"at least {q} images of shape "
+            if tuple(images.shape[1:]) != tuple(meta.queries.shape[1:]):
+                raise bad_param("query images", f"images of shape "
                                 f"{tuple(meta.queries.shape[1:])}", tuple(images.shape))
-            meta.queries.copy_(images[_pick_queries(q, images.shape[0], labels, gen)].float())
+            idx = _pick_queries(meta.num_queries, images.shape[0], labels, gen)
+            meta.queries.copy_(images[idx].float())
         if unit:
             meta.queries.clamp_(0.0, 1.0)
 
@@ -277,9 +277,9 @@ def fit_meta(models: Sequence[nn.Module], labels: Sequence[int], *, config: Meta
     meta = MetaClassifier(input_shape, num_classes, num_queries=config.num_queries,
                           hidden=config.hidden, one_class=one_class, response=config.response)
     unit = config.query_range == "unit"
-    if config.query_init == "data" and query_images is None:
-        raise bad_param("query_images", "the defender's images (query_init='data')", None)
     data_init = config.query_init == "data"
+    if data_init and query_images is None:
+        raise bad_param("query_images", "the defender's images (query_init='data')", None)
     init_queries(meta, query_mean, query_std, gen, unit, query_images if data_init else None,
                  query_labels if data_init else None)
     meta.to(dev)

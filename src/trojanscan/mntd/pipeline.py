@@ -289,9 +289,9 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
     jobs = [Task(v, None, (_VariantJob(str(folder), settings, v, seed, shape, mean, std,
                                        device),))
             for v in settings.variants]
-    jobs += [Task(member_name(i), None, (_VariantJob(str(folder), settings, "qt", seed, shape,
-                                                     mean, std, device, i),))
-             for i in range(int(settings.data_members))]
+    jobs += [Task(m, None, (_VariantJob(str(folder), settings, "qt", seed, shape, mean, std,
+                                        device, i),))
+             for i, m in enumerate(settings.member_names())]
     shared = (data.x, data.labels()) if settings.data_members else None
     run = run_tasks(_fit_variant, jobs, shared=shared, backend=backend,
                     workers=workers, threads=threads, description="meta-classifiers")
