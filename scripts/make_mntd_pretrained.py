@@ -92,6 +92,7 @@ def make(name: str, args: argparse.Namespace) -> Path:
                                    ("shadow_poisoning", args.poisoning),
                                    ("shadow_regime", args.regime),
                                    ("jumbo_rates", args.rates),
+                                   ("jumbo_family", args.family),
                                    ("data_members", args.data_members),
                                    ("archs", None if args.archs is None else
                                     tuple(args.archs.split(",")))) if v is not None}
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--poisoning", default=None, help="override (append, replace)")
     ap.add_argument("--regime", default=None, help="override (fixed, random)")
     ap.add_argument("--rates", default=None, help="override jumbo injection ratios (paper, low)")
+    ap.add_argument("--family", default=None,
+                    help="override the jumbo trigger family (paper, wide)")
     ap.add_argument("--archs", default=None, help="override, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stem", default=None, help="output file stem (default: the preset's)")

@@ -132,6 +132,49 @@ def test_poisoning_by_appending_as_the_reference(digits: ImageDataset) -> None:
         jumbo.poison_with(ds, t, np.random.default_rng(2), "mix")
 
 
+def test_wide_family_adds_source_specific_triggers_and_keeps_the_paper_trigger() -> None:
+    rng = np.random.default_rng(0)
+    ts = [jumbo.sample_trigger(rng, (1, 28, 28), 10, family="wide") for _ in range(600)]
+    share = np.mean([bool(t.sources) for t in ts])
+    assert abs(share - jumbo.SOURCE_SPECIFIC_SHARE) < 0.06
+    src = [t for t in ts if t.sources]
+    assert all(t.target not in t.sources and 1 <= len(t.sources) <= 3 for t in src)
+    assert {len(t.sources) for t in src} == {1, 2, 3}
+    for seed in range(20):  # same seed: the same trigger, only the label mode differs
+        a = jumbo.sample_trigger(np.random.default_rng(seed), (1, 28, 28), 10)
+        b = jumbo.sample_trigger(np.random.default_rng(seed), (1, 28, 28), 10, family="wide")
+        assert (a.kind, a.row, a.col, a.alpha, a.target, a.rate) == (
+            b.kind, b.row, b.col, b.alpha, b.target, b.rate)
+        assert np.array_equal(a.mask, b.mask) and a.sources == ()
+    three = jumbo.sample_trigger(np.random.default_rng(3), (1, 8, 8), 3, family="wide")
+    assert len(three.sources) <= 1  # 3 classes: one source at most, one left as cover
+    back = jumbo.JumboTrigger.from_dict(json.loads(json.dumps(src[0].to_dict())))
+    assert back.sources == src[0].sources
+    with pytest.raises(ParameterError, match="jumbo_family"):
+        jumbo.sample_trigger(rng, (1, 28, 28), 10, family="huge")
+
+
+@pytest.mark.parametrize("mode", ["append", "replace"])
+def test_source_specific_poisoning_relabels_sources_and_keeps_cover_labels(mode: str) -> None:
+    y = torch.arange(1000) % 10
+    ds = ImageDataset(torch.full((1000, 1, 8, 8), 0.25), y)
+    t = jumbo.JumboTrigger("patch", 0, 0, np.ones((2, 2), np.float32), 1.0, 2, 0.3, (5, 7))
+    out = jumbo.poison_with(ds, t, np.random.default_rng(1), mode)
+    stamped = (out.x[:, 0, :2, :2] == 1.0).flatten(1).all(1)
+    yo = out.labels()
+    flipped = stamped & (yo == 2)
+    n_src = 200 if mode == "append" else 100  # all source samples, or half of them
+    assert int(flipped.sum()) == n_src
+    assert int((stamped & (yo != 2)).sum()) == n_src  # as many covers
+    assert not bool((stamped & ((yo == 5) | (yo == 7))).any())  # no source kept its label
+    assert int(((yo == 5) | (yo == 7)).sum()) == 200 - (0 if mode == "append" else n_src)
+    if mode == "replace":  # covers come from the other non-target classes, labels kept
+        cov = stamped & (yo != 2)
+        assert torch.equal(yo[cov], y[cov]) and not bool(torch.isin(y[cov], torch.tensor(
+            [2, 5, 7])).any())
+    assert bool(t.eligible(torch.tensor([5, 7, 2, 0])).tolist() == [True, True, False, False])
+
+
 # -- shadow training recipes (pure) --------------------------------------------------------
 
 @given(seed=st.integers(0, 2**32 - 1))
@@ -179,6 +222,30 @@ def test_random_recipe_shadow_records_it_and_refuses_a_fixed_rerun(
     assert meta["train_samples"] == round(spec.recipe().subsample * 120)
     with pytest.raises(DataError, match="regime='random'"):
         train_shadow_set(data, tmp_path, _tiny_settings(2), seed=4, backend="sequential")
+
+
+def test_wide_family_shadow_records_its_sources_and_refuses_a_paper_rerun(
+        digits: ImageDataset, tmp_path: Path) -> None:
+    data = shadows.ShadowData(digits.subset(slice(0, 200)), 10, digits.subset(slice(200, 400)))
+    s = dataclasses.replace(_tiny_settings(6), jumbo_family="wide")
+    train_shadow_set(data, tmp_path, s, seed=4, backend="sequential")
+    metas = [shadows.read_shadow_meta(p) for p in shadows.list_shadows(tmp_path, "jumbo")]
+    assert {m["family"] for m in metas} == {"wide"}
+    src = [m for m in metas if m["trigger"]["sources"]]
+    assert src, "six wide jumbo shadows, seed 4: some are source-specific"
+    m = src[0]
+    t = jumbo.JumboTrigger.from_dict(m["trigger"])
+    model, _ = shadows.load_shadow(shadows.shadow_path(tmp_path, s.specs(4)[6 + m["index"]]))
+    ev = data.eval
+    assert ev is not None
+    keep = torch.isin(ev.labels(), torch.tensor(t.sources))  # ASR over source inputs only
+    with torch.no_grad():
+        hit = model(t.apply(ev.x[keep])).argmax(1) == t.target
+    assert m["asr"] == pytest.approx(float(hit.float().mean()))
+    with pytest.raises(DataError, match="family='wide'"):
+        train_shadow_set(data, tmp_path, _tiny_settings(6), seed=4, backend="sequential")
+    with pytest.raises(ParameterError, match="jumbo_family"):
+        dataclasses.replace(_tiny_settings(6), jumbo_family="huge").validate()
 
 
 # -- calibration (pure) --------------------------------------------------------------------
@@ -631,6 +698,10 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
         main([*args[:-2], "--variants", "qt,bogus", "--quiet"])
     assert exc.value.code == 2
     assert "variants" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # the option reaches the shadows' specs
+        main([*args, "--jumbo-family", "wide"])
+    assert exc.value.code == 2
+    assert "family='wide'" in capsys.readouterr().err
 
 
 def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:

@@ -51,6 +51,10 @@ def train(
     poisoning: Annotated[str, typer.Option(
         "--poisoning", help="Jumbo shadows' poison: append (the paper's) or replace.")
                          ] = "append",
+    jumbo_family: Annotated[str, typer.Option(
+        "--jumbo-family", help="Jumbo shadows' triggers: paper (all-to-one) or wide (a "
+                               "third of them source-specific, beyond the paper).")
+                            ] = "paper",
     variants: Annotated[str, typer.Option(
         "--variants", help="Comma-separated: qt (query tuning), no_qt, one_class.")
                         ] = "qt,no_qt,one_class",
@@ -99,7 +103,7 @@ def train(
         num_shadows=num_shadows, num_val=num_val,
         archs=tuple(a.strip() for a in archs.split(",") if a.strip()),
         shadow_epochs=shadow_epochs, meta_epochs=meta_epochs, num_queries=queries,
-        response=response, shadow_poisoning=poisoning,
+        response=response, shadow_poisoning=poisoning, jumbo_family=jumbo_family,
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         data_members=data_members, data_query_eps=data_query_eps)
     settings.validate()

@@ -22,6 +22,16 @@ at a few percent poison, do not give; lower rates make the meta-classifier learn
 backdoor itself. The other properties of a trigger do not depend on ``rates`` (same seed,
 same trigger, only the ratio differs).
 
+Beyond the paper, ``family="wide"`` turns a third of the jumbo triggers *source-specific*
+(Tang et al., USENIX Security 2021): the same trigger, but only samples of 1–3 random
+source classes (not the target) are relabelled to the target, and as many stamped
+*cover* samples of the other classes keep their true labels, so the shadow learns
+"trigger AND source class". The paper's family holds only all-to-one triggers, which
+teach the meta-classifier nothing about a backdoor that ignores most inputs; measured on
+held-out source-specific models in docs/benchmarks/mntd.md. The trigger itself (shape,
+pattern, transparency, target, rate) is drawn exactly as for ``"paper"`` from the same
+generator, the source classes after it.
+
 These are the reference implementation's settings for MNIST-sized inputs. Poisoning
 (``mode``): ``"append"`` (the reference) adds ``round(rate × N)`` stamped, relabelled
 copies of random training samples to the ``N`` clean ones, so a trojaned shadow trains on
@@ -49,6 +59,9 @@ BLEND_ALPHA = (0.05, 0.2)
 RATE = (0.05, 0.5)
 LOW_RATE = (0.02, 0.2)  # rates="low": log-uniform
 RATES = ("paper", "low")
+FAMILIES = ("paper", "wide")
+SOURCE_SPECIFIC_SHARE = 1 / 3  # family="wide": share of source-specific triggers
+SOURCE_CLASSES = (1, 3)  # family="wide": how many source classes (inclusive range)
 POISONINGS = ("append", "replace")
 
 
@@ -63,6 +76,7 @@ class JumboTrigger:
     alpha: float
     target: int
     rate: float
+    sources: tuple[int, ...] = ()  # source-specific: only these classes go to target
 
     @property
     def size(self) -> tuple[int, int]:
@@ -85,13 +99,22 @@ class JumboTrigger:
         """JSON-able form (the mask as rows of '0'/'1' characters)."""
         return {"kind": self.kind, "row": self.row, "col": self.col,
                 "mask": ["".join("1" if v else "0" for v in r) for r in self.mask > 0.5],
-                "alpha": self.alpha, "target": self.target, "rate": self.rate}
+                "alpha": self.alpha, "target": self.target, "rate": self.rate,
+                "sources": list(self.sources)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JumboTrigger:
         mask = np.array([[c == "1" for c in r] for r in d["mask"]], dtype=np.float32)
         return cls(d["kind"], int(d["row"]), int(d["col"]), mask, float(d["alpha"]),
-                   int(d["target"]), float(d["rate"]))
+                   int(d["target"]), float(d["rate"]),
+                   tuple(int(c) for c in d.get("sources", ())))
+
+    def eligible(self, y: torch.Tensor) -> torch.Tensor:
+        """Which labels the trigger should send to the target: the sources, or every
+        class but the target."""
+        if self.sources:
+            return torch.isin(y, torch.tensor(self.sources, dtype=y.dtype, device=y.device))
+        return y != self.target
 
 
 def patch_sides(h: int, w: int) -> tuple[int, ...]:
@@ -100,13 +123,16 @@ def patch_sides(h: int, w: int) -> tuple[int, ...]:
 
 
 def sample_trigger(rng: np.random.Generator, input_shape: tuple[int, int, int],
-                   num_classes: int, rates: str = "paper") -> JumboTrigger:
+                   num_classes: int, rates: str = "paper",
+                   family: str = "paper") -> JumboTrigger:
     """Draw one trigger from the jumbo distribution (see the module docstring)."""
     _, h, w = input_shape
     if num_classes < 2:
         raise bad_param("num_classes", "an integer >= 2", num_classes)
     if rates not in RATES:
         raise bad_param("rates", RATES, rates)
+    if family not in FAMILIES:
+        raise bad_param("jumbo_family", FAMILIES, family)
     sides = patch_sides(h, w)
     choice = int(rng.integers(len(sides) + 1))
     if choice < len(sides):
@@ -130,7 +156,13 @@ def sample_trigger(rng: np.random.Generator, input_shape: tuple[int, int, int],
         rate = float(np.exp(rng.uniform(np.log(LOW_RATE[0]), np.log(LOW_RATE[1]))))
     else:
         rate = float(rng.uniform(*RATE))
-    return JumboTrigger(kind, row, col, flat.reshape(mh, mw), alpha, target, rate)
+    sources: tuple[int, ...] = ()
+    if family == "wide" and num_classes > 2 and rng.random() < SOURCE_SPECIFIC_SHARE:
+        hi = min(SOURCE_CLASSES[1], num_classes - 2)  # at least one class left as cover
+        k = int(rng.integers(SOURCE_CLASSES[0], hi + 1))
+        others = [c for c in range(num_classes) if c != target]
+        sources = tuple(sorted(int(c) for c in rng.choice(others, k, replace=False)))
+    return JumboTrigger(kind, row, col, flat.reshape(mh, mw), alpha, target, rate, sources)
 
 
 def poison_fraction(rate: float) -> float:
@@ -146,20 +178,40 @@ def poison_with(ds: ImageDataset, trigger: JumboTrigger, rng: np.random.Generato
     ``append``: ``round(rate × N)`` stamped copies relabelled ``target`` are appended;
     ``replace``: a random ``poison_fraction(rate)`` share is stamped and relabelled in
     place (same size as ``ds``).
+
+    Source-specific triggers draw the poisoned samples from the source classes only
+    (at most all of them when appending, half of them in place, so that clean source
+    samples remain) and add as many stamped *covers* from the other non-target classes
+    with their labels kept.
     """
     if mode not in POISONINGS:
         raise bad_param("poisoning", POISONINGS, mode)
     n = len(ds)
     frac = trigger.rate if mode == "append" else poison_fraction(trigger.rate)
     k = round(frac * n)
+    y0 = ds.labels()
+    pool = np.zeros(0, dtype=np.int64)
+    covers = np.zeros(0, dtype=np.int64)
+    if trigger.sources:
+        src = trigger.eligible(y0).numpy()
+        pool = np.flatnonzero(src)
+        k = min(k, len(pool) if mode == "append" else len(pool) // 2)
+        cover_pool = np.flatnonzero(~src & (y0.numpy() != trigger.target))
+        covers = np.sort(rng.choice(cover_pool, min(k, len(cover_pool)), replace=False))
     if k == 0:
         return ds
-    idx = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))
+    pick = (rng.choice(pool, k, replace=False) if trigger.sources
+            else rng.choice(n, k, replace=False))
+    idx = torch.from_numpy(np.sort(pick))
+    cov = torch.from_numpy(covers)
     if mode == "append":
         x_bad = trigger.apply(ds.x[idx])
         y_bad = torch.full((k,), trigger.target, dtype=torch.int64)
-        return ds.with_data(torch.cat([ds.x, x_bad]), torch.cat([ds.labels(), y_bad]))
-    x, y = ds.x.clone(), ds.labels().clone()
+        x_cov, y_cov = trigger.apply(ds.x[cov]), y0[cov]
+        return ds.with_data(torch.cat([ds.x, x_bad, x_cov]), torch.cat([y0, y_bad, y_cov]))
+    x, y = ds.x.clone(), y0.clone()
     x[idx] = trigger.apply(ds.x[idx])
     y[idx] = trigger.target
+    if len(cov):
+        x[cov] = trigger.apply(ds.x[cov])
     return ds.with_data(x, y)

@@ -36,7 +36,7 @@ from ..dataset import ImageDataset
 from ..exceptions import DataError, bad_param
 from .calibration import auroc, threshold_at_fpr
 from .executor import RunSummary, Task, run_tasks
-from .jumbo import POISONINGS, RATES
+from .jumbo import FAMILIES, POISONINGS, RATES
 from .meta import DATA_ENSEMBLE, VARIANTS, MetaClassifier, MetaConfig, fit_meta, raw_scores
 from .pretrained import MetaBundle
 from .regime import check_regime
@@ -66,6 +66,7 @@ class TrainSettings:
     shadow_poisoning: str = "append"  # "append" (reference) or "replace" (see jumbo.py)
     shadow_regime: str = "fixed"  # "fixed" (reference) or "random" recipes (see regime.py)
     jumbo_rates: str = "paper"  # "paper" U(0.05, 0.5) or "low" (see jumbo.py)
+    jumbo_family: str = "paper"  # "paper" (all-to-one) or "wide" (+ source-specific; jumbo.py)
     variants: tuple[str, ...] = VARIANTS
     num_queries: int = 10
     hidden: int = 20
@@ -101,13 +102,15 @@ class TrainSettings:
         check_regime(self.shadow_regime)
         if self.jumbo_rates not in RATES:
             raise bad_param("rates", RATES, self.jumbo_rates)
+        if self.jumbo_family not in FAMILIES:
+            raise bad_param("jumbo_family", FAMILIES, self.jumbo_family)
 
     def specs(self, seed: int) -> list[ShadowSpec]:
         return plan_shadows(self.num_shadows, self.archs, seed=seed, epochs=self.shadow_epochs,
                             batch_size=self.shadow_batch_size, lr=self.shadow_lr,
                             subsample=self.shadow_subsample,
                             poisoning=self.shadow_poisoning, regime=self.shadow_regime,
-                            rates=self.jumbo_rates)
+                            rates=self.jumbo_rates, family=self.jumbo_family)
 
     def meta_config(self, variant: str) -> MetaConfig:
         return MetaConfig(variant=variant, num_queries=self.num_queries,  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ from ..exceptions import DataError, ModelError, bad_param
 from ..training import train_model
 from ..utils import atomic_path
 from .executor import Task
-from .jumbo import POISONINGS, RATES, JumboTrigger, poison_with, sample_trigger
+from .jumbo import FAMILIES, POISONINGS, RATES, JumboTrigger, poison_with, sample_trigger
 from .regime import Regime, check_regime, sample_regime
 
 KINDS = ("benign", "jumbo")
@@ -55,6 +55,7 @@ class ShadowSpec:
     poisoning: str = "append"  # jumbo shadows: "append" (reference) or "replace"
     regime: str = "fixed"  # "fixed": the fields above; "random": drawn per shadow (regime.py)
     rates: str = "paper"  # jumbo injection ratios: "paper" U(0.05, 0.5) or "low" (jumbo.py)
+    family: str = "paper"  # jumbo triggers: "paper" (all-to-one) or "wide" (jumbo.py)
 
     @property
     def key(self) -> str:
@@ -89,7 +90,7 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
                  epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
                  subsample: float = 1.0, poisoning: str = "append",
                  kinds: Sequence[str] = KINDS, regime: str = "fixed",
-                 rates: str = "paper") -> list[ShadowSpec]:
+                 rates: str = "paper", family: str = "paper") -> list[ShadowSpec]:
     """``num_per_kind`` shadows of each kind, architectures taken in turn."""
     if num_per_kind < 1:
         raise bad_param("num_shadows", "an integer >= 1", num_per_kind)
@@ -100,6 +101,8 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
     check_regime(regime)
     if rates not in RATES:
         raise bad_param("rates", RATES, rates)
+    if family not in FAMILIES:
+        raise bad_param("jumbo_family", FAMILIES, family)
     if not arch_names:
         raise bad_param("archs", f"one or more of {', '.join(archs.ARCHS)}", arch_names)
     for a in arch_names:
@@ -109,7 +112,7 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
         if k not in KINDS:
             raise bad_param("kinds", KINDS, k)
     return [ShadowSpec(k, i, arch_names[i % len(arch_names)], derive_seed(seed, k, i),  # type: ignore[arg-type]
-                       epochs, batch_size, lr, subsample, poisoning, regime, rates)
+                       epochs, batch_size, lr, subsample, poisoning, regime, rates, family)
             for k in kinds for i in range(num_per_kind)]
 
 
@@ -124,7 +127,7 @@ def shadow_tasks(specs: Sequence[ShadowSpec], folder: str | Path) -> list[Task]:
 
 @torch.no_grad()
 def _asr(model: nn.Module, trigger: JumboTrigger, data: ImageDataset) -> float:
-    keep = data.labels() != trigger.target
+    keep = trigger.eligible(data.labels())
     if not bool(keep.any()):
         return float("nan")
     pred = model(trigger.apply(data.x[keep])).argmax(1)
@@ -147,7 +150,8 @@ def train_shadow(spec: ShadowSpec, data: ShadowData) -> tuple[nn.Module, dict[st
         k = max(2, round(recipe.subsample * len(train)))
         train = train.subset(torch.from_numpy(np.sort(rng.choice(len(train), k, replace=False))))
     if spec.kind == "jumbo":
-        trigger = sample_trigger(rng, train.input_shape, data.num_classes, spec.rates)
+        trigger = sample_trigger(rng, train.input_shape, data.num_classes, spec.rates,
+                                 spec.family)
         train = poison_with(train, trigger, rng, spec.poisoning)
     model = train_model(spec.arch, train, config=recipe.config(), seed=spec.seed,
                         device=data.device, num_classes=data.num_classes,
@@ -216,7 +220,7 @@ def shadow_task(task: Task, data: ShadowData) -> dict[str, Any]:
 
 #: ShadowSpec fields an existing file must match to be reused (missing = the default)
 _SPEC_FIELDS = ("kind", "index", "arch", "seed", "epochs", "batch_size", "lr", "subsample",
-                "poisoning", "regime", "rates")
+                "poisoning", "regime", "rates", "family")
 
 
 def check_reusable(path: str | Path, spec: ShadowSpec) -> None:
