@@ -15,6 +15,9 @@ Stages (run ``all`` or one at a time; trained targets are cached and reused):
              shipped threshold, and the time to score one model.
 ``combine``  (offline) the bundle's variants combined per model, each standardised
              against the held-out benign shadows, from the ``score`` stage's raw scores.
+``shadows``  held-out shadows of ``--shadows`` (the last ``--num-val`` per kind) scored by
+             every variant of ``--meta``: AUROC of benign against all-to-one and against
+             source-specific jumbo shadows (``jumbo_family="wide"``).
 ``ray``      shadow-training throughput: the same small shadow tasks run by Ray with one
              worker and with two workers (and sequentially), in one run.
 
@@ -362,6 +365,41 @@ def print_score_table(out: dict[str, Any], res: dict[str, Any]) -> None:
 
 # -- Ray throughput ---------------------------------------------------------------------
 
+def stage_shadows(args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out shadows, split by the jumbo trigger's label mode, per variant."""
+    from trojanscan.dataset import ImageDataset
+    from trojanscan.detectors.mntd import MNTD
+    from trojanscan.mntd.pretrained import resolve
+    from trojanscan.mntd.shadows import list_shadows, load_shadow
+
+    if not args.shadows:
+        sys.exit("shadows: give --shadows FOLDER (the bundle's shadow models)")
+    models = [load_shadow(p) for kind in ("benign", "jumbo")
+              for p in list_shadows(args.shadows, kind)[-args.num_val:]]
+    group = ["benign" if m["trigger"] is None else
+             "source-specific" if m["trigger"].get("sources") else "all-to-one"
+             for _, m in models]
+    shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
+    out: dict[str, Any] = {"shadows": args.shadows, "meta": args.meta,
+                           "counts": {g: group.count(g) for g in dict.fromkeys(group)},
+                           "auroc": {}}
+    from trojanscan.mntd.meta import VARIANTS
+
+    bundle = resolve(args.meta)
+    assert bundle is not None
+    for variant in [*(v for v in bundle.variants if v in VARIANTS), *bundle.ensembles]:
+        det = MNTD(meta_classifier=args.meta, variant=variant)
+        raw = [det.fit(m, shape_only).evidence["raw_score"] for m, _ in models]
+        benign = [r for r, g in zip(raw, group) if g == "benign"]
+        out["auroc"][variant] = {
+            g: _auroc([0] * len(benign) + [1] * group.count(g),
+                      benign + [r for r, gg in zip(raw, group) if gg == g])
+            for g in ("all-to-one", "source-specific") if g in group}
+        print(f"{variant}: {out['auroc'][variant]}")
+    print(f"held-out shadows: {out['counts']}")
+    return {"shadows": out}
+
+
 def _warm(_: int) -> int:
     """Ray warm-up task: start a worker and import what the shadow tasks import."""
     import trojanscan.mntd.shadows  # noqa: F401
@@ -475,7 +513,7 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["targets", "score", "ray", "combine", "all"])
+    ap.add_argument("stage", choices=["targets", "score", "shadows", "ray", "combine", "all"])
     ap.add_argument("--per-attack", type=int, default=4,
                     help="backdoored models per attack type (as many clean ones in total)")
     ap.add_argument("--seed", default="0",
@@ -493,6 +531,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target-samples", type=int, default=TARGET_SAMPLES)
     ap.add_argument("--target-epochs", type=int, default=TARGET_EPOCHS)
     ap.add_argument("--cache", default=str(CACHE), help="where targets are cached")
+    ap.add_argument("--shadows", default=None, help="shadows stage: the shadow folder")
+    ap.add_argument("--num-val", type=int, default=32, help="shadows stage: held out per kind")
     ap.add_argument("--tasks", type=int, default=8, help="ray stage: shadow tasks")
     ap.add_argument("--ray-epochs", type=int, default=10, help="ray stage: epochs per shadow")
     ap.add_argument("--with-sequential", action="store_true")
@@ -503,7 +543,8 @@ def main(argv: list[str] | None = None) -> None:
     stages = ["targets", "score", "ray"] if args.stage == "all" else [args.stage]
     for stage in stages:
         results.update({"targets": stage_targets, "score": stage_score,
-                        "ray": stage_ray, "combine": stage_combine}[stage](args))
+                        "shadows": stage_shadows, "ray": stage_ray,
+                        "combine": stage_combine}[stage](args))
     from trojanscan.utils import atomic_write_text
 
     atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")

@@ -172,7 +172,7 @@ def test_source_specific_poisoning_relabels_sources_and_keeps_cover_labels(mode:
         cov = stamped & (yo != 2)
         assert torch.equal(yo[cov], y[cov]) and not bool(torch.isin(y[cov], torch.tensor(
             [2, 5, 7])).any())
-    assert bool(t.eligible(torch.tensor([5, 7, 2, 0])).tolist() == [True, True, False, False])
+    assert t.eligible(torch.tensor([5, 7, 2, 0])).tolist() == [True, True, False, False]
 
 
 # -- shadow training recipes (pure) --------------------------------------------------------

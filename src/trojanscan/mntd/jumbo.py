@@ -117,6 +117,14 @@ class JumboTrigger:
         return y != self.target
 
 
+def check_options(rates: str = "paper", family: str = "paper") -> None:
+    """A ParameterError naming the option when ``rates`` or ``family`` is unknown."""
+    if rates not in RATES:
+        raise bad_param("rates", RATES, rates)
+    if family not in FAMILIES:
+        raise bad_param("jumbo_family", FAMILIES, family)
+
+
 def patch_sides(h: int, w: int) -> tuple[int, ...]:
     """Patch sides the jumbo distribution draws from for ``h×w`` images."""
     return tuple(s for s in PATCH_SIDES if s <= min(h, w) // 2)
@@ -129,10 +137,7 @@ def sample_trigger(rng: np.random.Generator, input_shape: tuple[int, int, int],
     _, h, w = input_shape
     if num_classes < 2:
         raise bad_param("num_classes", "an integer >= 2", num_classes)
-    if rates not in RATES:
-        raise bad_param("rates", RATES, rates)
-    if family not in FAMILIES:
-        raise bad_param("jumbo_family", FAMILIES, family)
+    check_options(rates, family)
     sides = patch_sides(h, w)
     choice = int(rng.integers(len(sides) + 1))
     if choice < len(sides):
@@ -190,19 +195,17 @@ def poison_with(ds: ImageDataset, trigger: JumboTrigger, rng: np.random.Generato
     frac = trigger.rate if mode == "append" else poison_fraction(trigger.rate)
     k = round(frac * n)
     y0 = ds.labels()
-    pool = np.zeros(0, dtype=np.int64)
+    candidates: int | np.ndarray = n  # rng.choice(n, ...) as the paper's family always did
     covers = np.zeros(0, dtype=np.int64)
     if trigger.sources:
         src = trigger.eligible(y0).numpy()
-        pool = np.flatnonzero(src)
-        k = min(k, len(pool) if mode == "append" else len(pool) // 2)
+        candidates = np.flatnonzero(src)
+        k = min(k, len(candidates) if mode == "append" else len(candidates) // 2)
         cover_pool = np.flatnonzero(~src & (y0.numpy() != trigger.target))
         covers = np.sort(rng.choice(cover_pool, min(k, len(cover_pool)), replace=False))
     if k == 0:
         return ds
-    pick = (rng.choice(pool, k, replace=False) if trigger.sources
-            else rng.choice(n, k, replace=False))
-    idx = torch.from_numpy(np.sort(pick))
+    idx = torch.from_numpy(np.sort(rng.choice(candidates, k, replace=False)))
     cov = torch.from_numpy(covers)
     if mode == "append":
         x_bad = trigger.apply(ds.x[idx])

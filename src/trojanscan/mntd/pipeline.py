@@ -36,7 +36,7 @@ from ..dataset import ImageDataset
 from ..exceptions import DataError, bad_param
 from .calibration import auroc, threshold_at_fpr
 from .executor import RunSummary, Task, run_tasks
-from .jumbo import FAMILIES, POISONINGS, RATES
+from .jumbo import POISONINGS, check_options
 from .meta import DATA_ENSEMBLE, VARIANTS, MetaClassifier, MetaConfig, fit_meta, raw_scores
 from .pretrained import MetaBundle
 from .regime import check_regime
@@ -100,10 +100,7 @@ class TrainSettings:
         if self.shadow_poisoning not in POISONINGS:
             raise bad_param("poisoning", POISONINGS, self.shadow_poisoning)
         check_regime(self.shadow_regime)
-        if self.jumbo_rates not in RATES:
-            raise bad_param("rates", RATES, self.jumbo_rates)
-        if self.jumbo_family not in FAMILIES:
-            raise bad_param("jumbo_family", FAMILIES, self.jumbo_family)
+        check_options(self.jumbo_rates, self.jumbo_family)
 
     def specs(self, seed: int) -> list[ShadowSpec]:
         return plan_shadows(self.num_shadows, self.archs, seed=seed, epochs=self.shadow_epochs,

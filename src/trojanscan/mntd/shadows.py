@@ -32,7 +32,7 @@ from ..exceptions import DataError, ModelError, bad_param
 from ..training import train_model
 from ..utils import atomic_path
 from .executor import Task
-from .jumbo import FAMILIES, POISONINGS, RATES, JumboTrigger, poison_with, sample_trigger
+from .jumbo import POISONINGS, JumboTrigger, check_options, poison_with, sample_trigger
 from .regime import Regime, check_regime, sample_regime
 
 KINDS = ("benign", "jumbo")
@@ -99,10 +99,7 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
     if poisoning not in POISONINGS:
         raise bad_param("poisoning", POISONINGS, poisoning)
     check_regime(regime)
-    if rates not in RATES:
-        raise bad_param("rates", RATES, rates)
-    if family not in FAMILIES:
-        raise bad_param("jumbo_family", FAMILIES, family)
+    check_options(rates, family)
     if not arch_names:
         raise bad_param("archs", f"one or more of {', '.join(archs.ARCHS)}", arch_names)
     for a in arch_names:
