@@ -62,6 +62,7 @@ ATTACKS: dict[str, tuple[str, bool]] = {
 EFFECTIVE_ASR = (0.5, 0.8)
 TARGET_SAMPLES = 5000
 TARGET_EPOCHS = 12
+TARGET_BATCH_SIZE = 128  # TrainConfig's default
 DEFENDER_SHARE = 0.02  # as in scripts/make_mntd_pretrained.py (seed 0): excluded here
 
 
@@ -146,14 +147,14 @@ def _data() -> dict[str, Any]:
     return _DATA
 
 
-def target_task(task: Any, shared: tuple[str | None, int, int]) -> dict[str, Any]:
+def target_task(task: Any, shared: tuple[str | None, int, int, int]) -> dict[str, Any]:
     """Executor task: train one held-out target and save it (zoo format)."""
     from trojanscan.attacks import attack_success_rate, parse_attack
     from trojanscan.training import TrainConfig, evaluate, train_model
     from trojanscan.zoo import TrainedModel, save_model
 
     (p,) = task.args
-    device, n_samples, epochs = shared
+    device, n_samples, epochs, batch_size = shared
     d = _data()
     g = torch.Generator().manual_seed(p["seed"])
     pool = d["pool"]
@@ -165,7 +166,7 @@ def target_task(task: Any, shared: tuple[str | None, int, int]) -> dict[str, Any
     if attack is not None:
         poisoned = attack.poison(train, p["rate"], seed=p["seed"])
         data = poisoned.dataset
-    cfg = TrainConfig(epochs=epochs)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size)
     t0 = time.perf_counter()
     model = train_model(p["arch"], data, config=cfg, seed=p["seed"], device=device,
                         num_classes=10, description=p["key"])
@@ -190,12 +191,14 @@ def stage_targets(args: argparse.Namespace) -> dict[str, Any]:
     plan = full_plan(args)
     # the sidecar JSON is written last by save_model: its presence means "done"
     tasks = [Task(p["key"], folder / f"{p['key']}.json", (p,)) for p in plan]
-    shared = (args.device, args.target_samples, args.target_epochs)
+    shared = (args.device, args.target_samples, args.target_epochs, args.target_batch_size)
     run = run_tasks(target_task, tasks, shared=shared, backend=args.backend,
                     workers=args.workers, threads=args.threads, description="targets")
     print(f"targets: {len(run.ran)} trained, {len(run.skipped)} cached, {run.seconds:.0f} s "
           f"({run.backend}, {run.workers} workers)", file=sys.stderr)
     return {"targets_machine": machine(), "targets_plan": plan,
+            "targets_recipe": {"samples": args.target_samples, "epochs": args.target_epochs,
+                               "batch_size": args.target_batch_size},
             "targets_seconds": round(run.seconds, 1),
             "targets_backend": run.backend, "targets_workers": run.workers}
 
@@ -530,6 +533,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="device training the targets")
     ap.add_argument("--target-samples", type=int, default=TARGET_SAMPLES)
     ap.add_argument("--target-epochs", type=int, default=TARGET_EPOCHS)
+    ap.add_argument("--target-batch-size", type=int, default=TARGET_BATCH_SIZE,
+                    help="targets: batch size (64 with --target-samples 1200 --target-epochs "
+                         "20 trains them the way the shadows are)")
     ap.add_argument("--cache", default=str(CACHE), help="where targets are cached")
     ap.add_argument("--shadows", default=None, help="shadows stage: the shadow folder")
     ap.add_argument("--num-val", type=int, default=32, help="shadows stage: held out per kind")

@@ -32,13 +32,21 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "mntd_study"
-#: target set (bench_mntd.py --seed) -> its cache
-CACHES = {0: HERE / ".cache" / "mntd",
-          **{s: HERE / ".cache" / f"mntd_seed{s}" for s in (1, 2, 3, 4)}}
+
+
+def cache_of(s: int) -> Path:
+    """Target set ``s`` (bench_mntd.py --seed) -> its cache: ``mntd`` for set 0, else
+    ``mntd_seed{s}``, or the one ``mntd_seed{s}_<label>`` (e.g. ``_regime``) there is."""
+    if s == 0:
+        return HERE / ".cache" / "mntd"
+    plain = HERE / ".cache" / f"mntd_seed{s}"
+    labelled = sorted((HERE / ".cache").glob(f"mntd_seed{s}_*"))
+    return labelled[0] if not plain.is_dir() and len(labelled) == 1 else plain
+
 
 _STATE: dict[str, Any] = {}
 #: grid settings beyond variant and response (``variant:response:key=value``)
-EXTRAS = ("queries", "hidden", "query_range", "query_init", "stratify", "eps")
+EXTRAS = ("queries", "hidden", "query_range", "query_init", "stratify", "eps", "pool")
 
 
 def _targets(sets: tuple[int, ...]) -> list[tuple[str, int, dict[str, Any], torch.nn.Module]]:
@@ -49,7 +57,7 @@ def _targets(sets: tuple[int, ...]) -> list[tuple[str, int, dict[str, Any], torc
 
     out = []
     for s in sets:
-        for side in sorted((CACHES[s] / "targets").glob("*.json")):
+        for side in sorted((cache_of(s) / "targets").glob("*.json")):
             meta = json.loads(side.read_text())
             model = archs.build(meta["arch"], (1, 28, 28), 10)
             model.load_state_dict(load_file(str(side.with_suffix(".safetensors"))))
@@ -72,6 +80,7 @@ def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
         settings = TrainSettings(**raw)
         _STATE["shadows"] = load_shadow_split(folder, settings, int(doc["training"]["seed"]))
         _STATE["data"] = doc["training"]["data"]
+        _STATE["split"] = (settings.query_holdout, int(doc["training"]["seed"]))
         _STATE["targets"] = _targets(sets)
     train, val = _STATE["shadows"]
     data = _STATE["data"]
@@ -82,14 +91,31 @@ def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
                      query_eps=None if "eps" not in job else float(job["eps"]))
     images = labels = None
     if cfg.query_init == "data":
-        if "share" not in _STATE:
+        # pool "share": the defender's 2%, all of it (with query_holdout 0: the shadows'
+        # training images, as shipped); "holdout": the bundle's query_holdout pool, kept
+        # out of shadow training; "members": the rest (what the shadows trained on);
+        # "test": 1,200 Fashion-MNIST test images that no shadow and no target trained on.
+        # (Do queries started from the shadows' own training images carry a membership
+        # cue that real models do not share?)
+        pool = str(job.get("pool", "share"))
+        if pool not in _STATE:
             from trojanscan.io.data import load_dataset
-            from trojanscan.mntd.pipeline import defender_share
+            from trojanscan.mntd.pipeline import defender_share, query_pool_split
 
-            _STATE["share"] = defender_share(load_dataset("fashion-mnist:train"), 0.02,
-                                             seed=0)
-        images = _STATE["share"].x
-        labels = _STATE["share"].labels() if job.get("stratify") else None
+            if pool in ("share", "holdout", "members"):
+                share = defender_share(load_dataset("fashion-mnist:train"), 0.02, seed=0)
+                holdout, seed = _STATE["split"]
+                if pool != "share" and not holdout:
+                    raise SystemExit(f"pool={pool}: the bundle has no query_holdout")
+                members, held = query_pool_split(share, holdout, seed=seed)
+                _STATE[pool] = {"share": share, "holdout": held, "members": members}[pool]
+            elif pool == "test":
+                _STATE[pool] = defender_share(load_dataset("fashion-mnist:test"), 0.12,
+                                              seed=0)
+            else:
+                raise SystemExit(f"pool: share, holdout, members or test, not {pool!r}")
+        images = _STATE[pool].x
+        labels = _STATE[pool].labels() if job.get("stratify") else None
     t0 = time.perf_counter()
     fit = fit_meta(train.models, train.labels, config=cfg, input_shape=(1, 28, 28),
                    num_classes=10, val_models=val.models, val_labels=val.labels,
@@ -167,14 +193,14 @@ def target_info(sets: tuple[int, ...], recs: list[dict[str, Any]] | None = None,
     only, ASR unknown) for a set whose cache is gone."""
     info: dict[str, dict[str, Any]] = {}
     for s in sets:
-        if not (CACHES[s] / "targets").is_dir():
+        if not (cache_of(s) / "targets").is_dir():
             for r in recs or []:
                 for key in r["targets"]:
                     if key.startswith(f"{s}:"):
                         info[key] = {"kind": key.split("-", 1)[1], "arch": None,
                                      "asr": None, "accuracy": None}
             continue
-        for side in sorted((CACHES[s] / "targets").glob("*.json")):
+        for side in sorted((cache_of(s) / "targets").glob("*.json")):
             meta = json.loads(side.read_text())
             kind = side.stem.split("-", 1)[1]
             info[f"{s}:{side.stem}"] = {"kind": kind, "arch": meta["arch"],

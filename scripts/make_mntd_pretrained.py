@@ -94,6 +94,7 @@ def make(name: str, args: argparse.Namespace) -> Path:
                                    ("jumbo_rates", args.rates),
                                    ("jumbo_family", args.family),
                                    ("data_members", args.data_members),
+                                   ("query_holdout", args.query_holdout),
                                    ("archs", None if args.archs is None else
                                     tuple(args.archs.split(",")))) if v is not None}
     settings = dataclasses.replace(settings, **overrides)
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --meta-backend processes (default: all cores)")
     ap.add_argument("--data-members", type=int, default=None,
                     help="override: members of the qt_data ensemble")
+    ap.add_argument("--query-holdout", type=float, default=None,
+                    help="override: share of the defender's data kept out of the shadows "
+                         "for the qt_data queries to start from")
     ap.add_argument("--meta-backend", default="sequential", choices=["sequential", "processes"],
                     help="processes: train the variants side by side")
     ap.add_argument("--response", default=None, help="override (logits, softmax, zscore)")

@@ -44,6 +44,7 @@ from trojanscan.mntd.pipeline import (
     TrainSettings,
     check_member_data,
     fit_bundle,
+    query_pool_split,
     train_shadow_set,
 )
 from trojanscan.mntd.pretrained import (
@@ -246,6 +247,67 @@ def test_wide_family_shadow_records_its_sources_and_refuses_a_paper_rerun(
         train_shadow_set(data, tmp_path, _tiny_settings(6), seed=4, backend="sequential")
     with pytest.raises(ParameterError, match="jumbo_family"):
         dataclasses.replace(_tiny_settings(6), jumbo_family="huge").validate()
+
+
+# -- query_holdout: the members' query pool kept out of shadow training --------------------
+
+def test_query_pool_split_is_stratified_disjoint_and_seeded(digits: ImageDataset) -> None:
+    data = digits.subset(slice(0, 300))
+    labels = data.labels()
+    shadow_part, pool = query_pool_split(data, 0.1, seed=4)
+    assert len(shadow_part) + len(pool) == len(data)
+    for c in range(10):  # per class round(0.1·n), at least one
+        n = int((labels == c).sum())
+        assert int((pool.labels() == c).sum()) == max(1, round(0.1 * n))
+    rows = {tuple(r.flatten().tolist()) for r in data.x}
+    a = {tuple(r.flatten().tolist()) for r in shadow_part.x}
+    b = {tuple(r.flatten().tolist()) for r in pool.x}
+    assert not a & b and a | b == rows  # digits has no duplicate images
+    again = query_pool_split(data, 0.1, seed=4)[1]
+    other = query_pool_split(data, 0.1, seed=5)[1]
+    assert torch.equal(again.x, pool.x) and not torch.equal(other.x, pool.x)
+    same = query_pool_split(data, 0.0)
+    assert same[0] is data and same[1] is data  # the recipe before query_holdout
+    tiny = ImageDataset(data.x[:3], torch.tensor([0, 0, 1]))
+    s3, p3 = query_pool_split(tiny, 0.5)
+    # one of class 0's two images; class 1's only image stays with the shadows (at most n-1)
+    assert p3.labels().tolist() == [0] and s3.labels().tolist() == [0, 1]
+    with pytest.raises(ParameterError, match="query_holdout"):
+        query_pool_split(data, 0.6)
+    with pytest.raises(DataError, match="labelled"):
+        query_pool_split(ImageDataset(data.x), 0.1)
+    with pytest.raises(ParameterError, match=r"query_holdout.*data_members"):
+        TrainSettings(num_shadows=2, num_val=1, query_holdout=0.1).validate()
+
+
+def test_query_holdout_keeps_the_pool_out_of_the_shadows_and_starts_the_queries_there(
+        digits: ImageDataset, tmp_path: Path) -> None:
+    share = digits.subset(slice(0, 200))
+    settings_ = dataclasses.replace(_tiny_settings(2), data_members=1, query_holdout=0.2,
+                                    variants=("qt",))
+    train_shadow_set(shadows.ShadowData(share, 10), tmp_path, settings_, seed=2,
+                     backend="sequential")
+    shadow_part, pool = query_pool_split(share, 0.2, seed=2)
+    metas = [shadows.read_shadow_meta(p) for p in shadows.list_shadows(tmp_path, "benign")]
+    assert {m["train_samples"] for m in metas} == {len(shadow_part)}
+    assert {m["holdout"] for m in metas} == {0.2}
+    bundle = fit_bundle(tmp_path, settings_, name="held", data=share, seed=2, device="cpu")
+    data_info = bundle.info["training"]["data"]
+    assert (data_info["shadow_samples"], data_info["query_pool_samples"]) == (len(shadow_part),
+                                                                              len(pool))
+    q = bundle.variants["qt_data.0"].queries.flatten(1)
+
+    def nearest(images: ImageDataset) -> torch.Tensor:  # L∞ distance to the closest image
+        return (q[:, None, :] - images.x.flatten(1)[None]).abs().amax(-1).amin(1)
+
+    eps = settings_.data_query_eps
+    assert bool((nearest(pool) <= eps + 1e-5).all())  # every query started in the pool
+    assert bool((nearest(shadow_part) > eps + 1e-5).any())
+    # resuming with another holdout would mix shadows trained on different data: refused
+    with pytest.raises(DataError, match="holdout"):
+        train_shadow_set(shadows.ShadowData(share, 10), tmp_path,
+                         dataclasses.replace(settings_, query_holdout=0.0), seed=2,
+                         backend="sequential")
 
 
 # -- calibration (pure) --------------------------------------------------------------------

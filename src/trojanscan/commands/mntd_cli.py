@@ -66,6 +66,12 @@ def train(
     data_query_eps: Annotated[float, typer.Option(
         "--data-query-eps", help="How far (L∞, pixels in [0, 1]) those queries may move "
                                  "from their starting images.")] = 0.1,
+    query_holdout: Annotated[float, typer.Option(
+        "--query-holdout", help="Share of your images (per class, at most 0.5) kept out of "
+                                "shadow training for those queries to start from: shadows "
+                                "memorise their own training images, models under test "
+                                "have not seen them. 0: start from the shadows' images.")
+                     ] = 0.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, ...")] = "auto",
     ray_address: Annotated[str | None, typer.Option(
@@ -105,7 +111,8 @@ def train(
         shadow_epochs=shadow_epochs, meta_epochs=meta_epochs, num_queries=queries,
         response=response, shadow_poisoning=poisoning, jumbo_family=jumbo_family,
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
-        data_members=data_members, data_query_eps=data_query_eps)
+        data_members=data_members, data_query_eps=data_query_eps,
+        query_holdout=query_holdout)
     settings.validate()
     ds = load_dataset(data)
     ds.require_classes(2)

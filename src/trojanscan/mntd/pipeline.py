@@ -17,6 +17,12 @@ queries *start* from the defender's images, one class after another, and stay in
 [0, 1] within ``data_query_eps`` (L∞) of their start. The detector sums their outputs,
 each standardised against its held-out benign shadows (docs/benchmarks/mntd.md measures
 it against the paper's variants on the same models).
+
+``query_holdout`` > 0 keeps that share of the defender's images (per class) out of every
+shadow's training and starts the members' queries there instead: shadows have memorised
+their own training images, the models under test have not, so queries started on
+training images can learn a membership cue that does not transfer
+(:func:`query_pool_split`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from .regime import check_regime
 from .shadows import (
     ShadowData,
     ShadowSpec,
+    check_holdout,
     check_reusable,
     load_shadow,
     plan_shadows,
@@ -77,6 +84,7 @@ class TrainSettings:
     query_range: str = "free"
     data_members: int = 0  # members of the qt_data ensemble (0: the paper's variants only)
     data_query_eps: float = 0.1  # their queries' L∞ distance from the starting images
+    query_holdout: float = 0.0  # share of the data kept out of the shadows for those starts
     fpr: float = 0.05  # threshold: at most this share of held-out benign shadows flagged
 
     def validate(self) -> None:
@@ -92,6 +100,10 @@ class TrainSettings:
             raise bad_param("variants", VARIANTS, "nothing")
         if not 0 <= int(self.data_members) <= 64:
             raise bad_param("data_members", "an integer in [0, 64]", self.data_members)
+        check_holdout(self.query_holdout)
+        if self.query_holdout and not self.data_members:
+            raise bad_param("query_holdout", "0 unless data_members > 0 (only the qt_data "
+                            "members start queries from images)", self.query_holdout)
         if not 0 < float(self.data_query_eps) <= 1:
             raise bad_param("data_query_eps", "a float in (0, 1]", self.data_query_eps)
         if not 0 < self.fpr < 1:
@@ -107,7 +119,8 @@ class TrainSettings:
                             batch_size=self.shadow_batch_size, lr=self.shadow_lr,
                             subsample=self.shadow_subsample,
                             poisoning=self.shadow_poisoning, regime=self.shadow_regime,
-                            rates=self.jumbo_rates, family=self.jumbo_family)
+                            rates=self.jumbo_rates, family=self.jumbo_family,
+                            holdout=self.query_holdout)
 
     def meta_config(self, variant: str) -> MetaConfig:
         return MetaConfig(variant=variant, num_queries=self.num_queries,  # type: ignore[arg-type]
@@ -133,12 +146,45 @@ def check_member_data(settings: TrainSettings, data: ImageDataset) -> None:
     their queries from ``data`` (fewer images than queries, or no labels)."""
     if not settings.data_members:
         return
-    if len(data) < settings.num_queries or data.y is None:
+    if data.y is None:
+        raise DataError(f"{data.source}: the qt_data members start their queries from the "
+                        "defender's labelled images, but the share is unlabelled; use "
+                        "--data-members 0")
+    pool = query_pool_split(data, settings.query_holdout)[1]
+    if len(pool) < settings.num_queries:
+        where = (f"the {len(pool)} kept out of shadow training" if settings.query_holdout
+                 else f"the share's {len(pool)}")
         raise DataError(f"{data.source}: the qt_data members start their "
-                        f"{settings.num_queries} queries from the defender's labelled "
-                        f"images, but the share holds {len(data)}"
-                        f"{'' if data.y is not None else ' unlabelled'}; use a larger "
-                        "--share, fewer --queries or --data-members 0")
+                        f"{settings.num_queries} queries from the defender's images, but "
+                        f"there are only {where}; use a larger --share"
+                        f"{' or --query-holdout' if settings.query_holdout else ''}, fewer "
+                        "--queries or --data-members 0")
+
+
+def query_pool_split(data: ImageDataset, holdout: float, *, seed: int = 0,
+                     ) -> tuple[ImageDataset, ImageDataset]:
+    """(shadow part, query pool) of the defender's share: per class, ``round(holdout·n)``
+    images (at least 1, never all ``n``) go to the pool, seeded; order kept.
+
+    ``holdout == 0`` returns ``(data, data)``: the shadows train on everything and the
+    queries start from those same images (the recipe before ``query_holdout``)."""
+    check_holdout(holdout)
+    if not holdout:
+        return data, data
+    if data.y is None:
+        raise DataError(f"{data.source}: --query-holdout needs labelled data")
+    labels = data.labels()
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    pool = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        n = int(idx.numel())
+        k = min(max(1, round(float(holdout) * n)), n - 1)
+        pool.append(idx[torch.randperm(n, generator=g)[:k]])
+    in_pool = torch.zeros(len(data), dtype=torch.bool)
+    in_pool[torch.cat(pool)] = True
+    return (data.subset(torch.nonzero(~in_pool).flatten()),
+            data.subset(torch.nonzero(in_pool).flatten()))
 
 
 def share_indices(n: int, share: float, *, seed: int = 0,
@@ -166,8 +212,11 @@ def defender_share(ds: ImageDataset, share: float, *, seed: int = 0,
 def train_shadow_set(data: ShadowData, folder: str | Path, settings: TrainSettings, *,
                      seed: int = 0, backend: str = "auto", workers: int | None = None,
                      address: str | None = None) -> RunSummary:
-    """Train the planned shadows not yet in ``folder`` (resumable)."""
+    """Train the planned shadows not yet in ``folder`` (resumable) on ``data.train`` less the
+    ``query_holdout`` pool (:func:`query_pool_split` with the same ``seed``)."""
     settings.validate()
+    data = replace(data, train=query_pool_split(data.train, settings.query_holdout,
+                                                seed=seed)[0])
     Path(folder).mkdir(parents=True, exist_ok=True)
     specs = settings.specs(seed)
     for spec in specs:
@@ -278,6 +327,8 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
                workers: int | None = None, threads: int | None = None) -> MetaBundle:
     """Train each variant on the shadows in ``folder`` and calibrate it.
 
+    ``data``: the defender's whole share, as given to :func:`train_shadow_set` (the
+    ``qt_data`` members start their queries from its ``query_holdout`` pool).
     Variants are independent: ``backend="processes"`` trains them side by side.
     ``threads``: torch threads per variant (``None``: leave as is).
     """
@@ -285,14 +336,15 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
     check_member_data(settings, data)
     t0 = time.perf_counter()
     shape = data.input_shape
-    mean, std = float(data.x.mean()), float(data.x.std())
+    trained_on, pool = query_pool_split(data, settings.query_holdout, seed=seed)
+    mean, std = float(trained_on.x.mean()), float(trained_on.x.std())
     jobs = [Task(v, None, (_VariantJob(str(folder), settings, v, seed, shape, mean, std,
                                        device),))
             for v in settings.variants]
     jobs += [Task(m, None, (_VariantJob(str(folder), settings, "qt", seed, shape, mean, std,
                                         device, i),))
              for i, m in enumerate(settings.member_names())]
-    shared = (data.x, data.labels()) if settings.data_members else None
+    shared = (pool.x, pool.labels()) if settings.data_members else None
     run = run_tasks(_fit_variant, jobs, shared=shared, backend=backend,
                     workers=workers, threads=threads, description="meta-classifiers")
     variants, calibration, fits = {}, {}, {}
@@ -316,6 +368,7 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
                          "variants": list(settings.variants)},
             "seed": seed,
             "data": {"source": data.source, "sha256": data.sha256, "samples": len(data),
+                     "shadow_samples": len(trained_on), "query_pool_samples": len(pool),
                      "pixel_mean": mean, "pixel_std": std},
             "shadows": shadow_summary,
             "history": fits,

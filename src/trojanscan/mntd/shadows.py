@@ -56,6 +56,7 @@ class ShadowSpec:
     regime: str = "fixed"  # "fixed": the fields above; "random": drawn per shadow (regime.py)
     rates: str = "paper"  # jumbo injection ratios: "paper" U(0.05, 0.5) or "low" (jumbo.py)
     family: str = "paper"  # jumbo triggers: "paper" (all-to-one) or "wide" (jumbo.py)
+    holdout: float = 0.0  # share of the defender's data kept out for the queries (pipeline.py)
 
     @property
     def key(self) -> str:
@@ -90,8 +91,10 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
                  epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
                  subsample: float = 1.0, poisoning: str = "append",
                  kinds: Sequence[str] = KINDS, regime: str = "fixed",
-                 rates: str = "paper", family: str = "paper") -> list[ShadowSpec]:
-    """``num_per_kind`` shadows of each kind, architectures taken in turn."""
+                 rates: str = "paper", family: str = "paper",
+                 holdout: float = 0.0) -> list[ShadowSpec]:
+    """``num_per_kind`` shadows of each kind, architectures taken in turn (``holdout`` is
+    only recorded: the caller keeps that share of the data out of their training)."""
     if num_per_kind < 1:
         raise bad_param("num_shadows", "an integer >= 1", num_per_kind)
     if not 0 < subsample <= 1:
@@ -100,6 +103,7 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
         raise bad_param("poisoning", POISONINGS, poisoning)
     check_regime(regime)
     check_options(rates, family)
+    check_holdout(holdout)
     if not arch_names:
         raise bad_param("archs", f"one or more of {', '.join(archs.ARCHS)}", arch_names)
     for a in arch_names:
@@ -109,8 +113,14 @@ def plan_shadows(num_per_kind: int, arch_names: Sequence[str], *, seed: int = 0,
         if k not in KINDS:
             raise bad_param("kinds", KINDS, k)
     return [ShadowSpec(k, i, arch_names[i % len(arch_names)], derive_seed(seed, k, i),  # type: ignore[arg-type]
-                       epochs, batch_size, lr, subsample, poisoning, regime, rates, family)
+                       epochs, batch_size, lr, subsample, poisoning, regime, rates, family,
+                       float(holdout))
             for k in kinds for i in range(num_per_kind)]
+
+
+def check_holdout(holdout: float) -> None:
+    if not 0 <= float(holdout) <= 0.5:
+        raise bad_param("query_holdout", "a float in [0, 0.5]", holdout)
 
 
 def shadow_path(folder: str | Path, spec: ShadowSpec) -> Path:
@@ -217,7 +227,7 @@ def shadow_task(task: Task, data: ShadowData) -> dict[str, Any]:
 
 #: ShadowSpec fields an existing file must match to be reused (missing = the default)
 _SPEC_FIELDS = ("kind", "index", "arch", "seed", "epochs", "batch_size", "lr", "subsample",
-                "poisoning", "regime", "rates", "family")
+                "poisoning", "regime", "rates", "family", "holdout")
 
 
 def check_reusable(path: str | Path, spec: ShadowSpec) -> None:
