@@ -150,7 +150,7 @@ def check_member_data(settings: TrainSettings, data: ImageDataset) -> None:
         raise DataError(f"{data.source}: the qt_data members start their queries from the "
                         "defender's labelled images, but the share is unlabelled; use "
                         "--data-members 0")
-    pool = query_pool_split(data, settings.query_holdout)[1]
+    pool = query_pool_split(data, settings.query_holdout)[1]  # its size ignores the seed
     if len(pool) < settings.num_queries:
         where = (f"the {len(pool)} kept out of shadow training" if settings.query_holdout
                  else f"the share's {len(pool)}")
