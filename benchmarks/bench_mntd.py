@@ -254,6 +254,8 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
     if {"qt", "one_class"} <= set(variants):
         variants.append("combined")  # the detector's qt + one_class (beyond the paper)
     variants += list(bundle.ensembles)  # qt_data (beyond the paper)
+    has_refs = all("reference_raw" in c for c in bundle.calibration.values())
+    calibrations = ("shadows", "reference") if has_refs else ("shadows",)
     for variant in variants:
         det = MNTD(meta_classifier=meta, variant=variant)
         raws, verdicts, secs = [], [], []
@@ -285,6 +287,23 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
             [verdicts[i] for i in main if y[i]])), 4)
         res["fpr_at_shipped_threshold"] = round(float(np.mean(
             [verdicts[i] for i in main if not y[i]])), 4)
+        res["calibrations"] = {}
+        for cal in calibrations:  # the verdict's null distribution, side by side
+            cdet = MNTD(meta_classifier=meta, variant=variant, calibration=cal)
+            rs = [cdet.fit(targets[i][1], shape_only) for i in main]
+            flagged = [r.verdict == "backdoored" for r in rs]
+            pos = [f for i, f in zip(main, flagged) if y[i]]
+            neg = [(f, r.p_value) for i, f, r in zip(main, flagged, rs) if not y[i]]
+            res["calibrations"][cal] = {
+                "threshold": round(float(rs[0].evidence["threshold"]), 4),
+                "null_models": (rs[0].evidence["calibration"]["reference_models"]
+                                or rs[0].evidence["calibration"]["benign_shadows"]),
+                "tpr": round(float(np.mean(pos)), 4), "fpr": round(float(np.mean(
+                    [f for f, _ in neg])), 4),
+                "clean_p_at_most_0.05": round(float(np.mean(
+                    [p is not None and p <= 0.05 for _, p in neg])), 4),
+                "auroc": _auroc([y[i] for i in main],
+                                [r.evidence["raw_score"] for r in rs])}
         res["seconds_per_model"] = {"median": round(float(np.median(secs)), 4),
                                     "max": round(float(np.max(secs)), 4)}
         res["val_auroc_shadows"] = bundle.calibration.get(variant, {}).get("val_auroc")
@@ -360,6 +379,11 @@ def print_score_table(out: dict[str, Any], res: dict[str, Any]) -> None:
              lambda r: r["unseen_arch_auroc"])
     line("TPR at shipped threshold", "", lambda r: r["tpr_at_shipped_threshold"])
     line("FPR at shipped threshold", "", lambda r: r["fpr_at_shipped_threshold"])
+    for cal in v0.get("calibrations", {}):
+        line(f"TPR / FPR / clean p ≤ 0.05, {cal} calibration", "",
+             lambda r, c=cal: "{tpr:.3f} / {fpr:.3f} / {p:.3f}".format(
+                 p=r["calibrations"][c]["clean_p_at_most_0.05"], **r["calibrations"][c]),
+             "{}")
     line("AUROC on held-out shadows", "", lambda r: float("nan") if r["val_auroc_shadows"]
          is None else r["val_auroc_shadows"])
     line("scoring time (median)", "", lambda r: r["seconds_per_model"]["median"] * 1000,

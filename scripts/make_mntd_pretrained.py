@@ -13,6 +13,13 @@ processes (~15 min), meta-classifiers 2 at a time (~5 min)::
         --workers 2 --meta-backend processes --meta-workers 2 \\
         --workdir benchmarks/.cache/mntd_shadows/paper --out src/trojanscan/data
 
+Its reference models (session 10: 64 clean models trained outside the share, whose raw
+outputs set the verdict's threshold and p-values; trojanscan.mntd.reference) were added to
+the bundle already in ``--out`` without retraining anything else (~6 min)::
+
+    python scripts/make_mntd_pretrained.py --which fashion-mnist --reference-only \\
+        --backend processes --workers 2 --workdir benchmarks/.cache/mntd_shadows/paper
+
 The digits bundle (paper's variants only) was made on one H100 machine with 16 CPU cores,
 shadows by 4 worker processes sharing the GPU (about 3 minutes; meta-classifiers on one
 CPU thread)::
@@ -66,6 +73,8 @@ PRESETS: dict[str, dict] = {
                                   shadow_batch_size=64, shadow_lr=1e-3, meta_epochs=40,
                                   response="logits", shadow_poisoning="append",
                                   data_members=5),
+        # clean models trained outside the share calibrate the verdict (session 10)
+        "reference_models": 64,
     },
     "digits": {
         "stem": "mntd_digits",
@@ -121,12 +130,43 @@ def make(name: str, args: argparse.Namespace) -> Path:
                         backend=args.meta_backend, workers=args.meta_workers,
                         threads=args.meta_threads)
     weights, sidecar = save_bundle(Path(args.out) / (args.stem or preset["stem"]), bundle)
+    if num_references(preset, args):
+        sidecar = add_references(name, args)
     summary = {v: {"val_auroc": round(c["val_auroc"], 4), "best_epoch": c["best_epoch"]}
                for v, c in bundle.calibration.items()}
     print(f"{name}: wrote {weights} ({weights.stat().st_size / 1e3:.0f} kB) and {sidecar}; "
           f"held-out shadows: {json.dumps(summary)}; shadows: "
           f"{json.dumps(bundle.info['training']['shadows'])}", file=sys.stderr, flush=True)
     return sidecar
+
+
+def num_references(preset: dict, args: argparse.Namespace) -> int:
+    return int(preset.get("reference_models", 0) if args.reference_models is None
+               else args.reference_models)
+
+
+def add_references(name: str, args: argparse.Namespace) -> Path:
+    """Calibrate the bundle written for preset ``name`` on clean reference models trained
+    outside the defender's share (trojanscan.mntd.reference); rewrites it in place."""
+    from trojanscan.mntd.pipeline import share_indices
+    from trojanscan.mntd.pretrained import load_bundle
+    from trojanscan.mntd.reference import calibrate, outside_share
+
+    preset = PRESETS[name]
+    stem = Path(args.out) / (args.stem or preset["stem"])
+    bundle = load_bundle(stem.with_suffix(".json"))
+    data = load_dataset(preset["data"])
+    pool = outside_share(data, share_indices(len(data), preset["share"], seed=args.seed))
+    ev = load_dataset(preset["eval"]).subset(slice(0, preset["eval_samples"]))
+    t0 = time.perf_counter()
+    bundle, run = calibrate(bundle, pool, Path(args.workdir) / name / "references",
+                            num=num_references(preset, args), seed=args.seed, eval_data=ev,
+                            device=args.device, backend=args.backend, workers=args.workers,
+                            data_info={"outside_share": preset["share"]})
+    print(f"{name}: {len(run.ran)} reference models trained, {len(run.skipped)} reused, "
+          f"{time.perf_counter() - t0:.0f} s; mean accuracy "
+          f"{bundle.info['reference']['mean_accuracy']:.3f}", file=sys.stderr, flush=True)
+    return save_bundle(stem, bundle)[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,9 +204,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-val", type=int, default=None, help="override (per kind)")
     ap.add_argument("--meta-epochs", type=int, default=None, help="override")
     ap.add_argument("--shadow-epochs", type=int, default=None, help="override")
+    ap.add_argument("--reference-models", type=int, default=None,
+                    help="override: clean reference models calibrating the verdict (0: none)")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="only (re)calibrate the bundle already in --out on reference models")
     args = ap.parse_args(argv)
     for name in args.which:
-        make(name, args)
+        if not args.reference_only:
+            make(name, args)
+        elif num_references(PRESETS[name], args):
+            add_references(name, args)
+        else:
+            print(f"{name}: no reference models asked for; nothing to do", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -781,3 +781,95 @@ def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:
     assert top <= {"__future__", "pathlib", "typing", "typer"}
     names = [c.callback.__name__ for c in m.app.registered_commands if c.callback]
     assert "train" in names
+
+
+# -- reference calibration: clean models trained outside the share (beyond the paper) -------
+
+def test_reference_plan_is_seeded_pure_and_inside_its_ranges() -> None:
+    from trojanscan.mntd import reference as ref
+
+    plan = ref.plan_references(12, ("mlp", "lenet"), pool_size=50_000, seed=3)
+    assert plan[:5] == ref.plan_references(5, ("mlp", "lenet"), pool_size=50_000, seed=3)
+    assert plan != ref.plan_references(12, ("mlp", "lenet"), pool_size=50_000, seed=4)
+    assert [s.arch for s in plan[:4]] == ["mlp", "lenet", "mlp", "lenet"]
+    for s in plan:
+        assert ref.SAMPLES[0] <= s.samples <= ref.SAMPLES[1]
+        assert ref.EPOCHS[0] <= s.epochs <= ref.EPOCHS[1] and s.batch_size in ref.BATCH_SIZES
+    assert len({s.samples for s in plan}) > 6  # recipes vary per model
+    assert {s.samples for s in ref.plan_references(4, ("mlp",), pool_size=700)} == {700}
+    with pytest.raises(ParameterError, match="reference_models"):
+        ref.plan_references(0, ("mlp",), pool_size=100)
+
+
+def test_reference_pool_leaves_out_the_share_and_refuses_too_little(digits: ImageDataset
+                                                                     ) -> None:
+    from trojanscan.mntd import reference as ref
+
+    idx = torch.arange(0, len(digits), 3)
+    pool = ref.outside_share(digits, idx)
+    assert len(pool) == len(digits) - len(idx)
+    with pytest.raises(DataError, match="outside the defender's share"):
+        ref.outside_share(digits, torch.arange(len(digits) - 50))
+
+
+def test_reference_calibration_moves_threshold_and_p_not_the_raw_score(
+        tiny_meta: dict, digits: ImageDataset, tmp_path: Path) -> None:
+    from trojanscan.mntd import reference as ref
+
+    bundle: MetaBundle = tiny_meta["bundle"]
+    pool = digits.subset(slice(len(digits) // 2, None))  # the half the shadows never saw
+    folder = tmp_path / "refs"
+    with executor.torch_threads(1):
+        calibrated, run = ref.calibrate(bundle, pool, folder, num=3, archs=("mlp",),
+                                        backend="sequential")
+        assert len(run.ran) == 3
+        again, rerun = ref.calibrate(bundle, pool, folder, num=3, archs=("mlp",),
+                                     backend="sequential")
+    assert len(rerun.ran) == 0 and len(rerun.skipped) == 3  # resumable: files are reused
+    assert again.calibration == calibrated.calibration
+    assert calibrated.info["reference"]["count"] == 3
+    assert all(len(c["reference_raw"]) == 3 for c in calibrated.calibration.values())
+    _, sidecar = save_bundle(tmp_path / "cal", calibrated)
+    model = tiny_meta["models"][1]
+    for variant in ("qt", "qt_data"):
+        shadow = MNTD(meta_classifier=str(sidecar), variant=variant,
+                      calibration="shadows").fit(model, digits)
+        refd = MNTD(meta_classifier=str(sidecar), variant=variant).fit(model, digits)
+        assert refd.evidence["raw_score"] == shadow.evidence["raw_score"]
+        assert shadow.evidence["calibration"]["source"] == "benign_shadows"
+        assert refd.evidence["calibration"]["source"] == "reference_models"
+        assert refd.evidence["calibration"]["reference_models"] == 3
+        cal = calibrated.calibration
+        parts = calibrated.members("qt_data") if variant == "qt_data" else ("qt",)
+        null = (calibration.standardised_sums([cal[v]["reference_raw"] for v in parts],
+                                              [cal[v]["benign_raw"] for v in parts])
+                if variant == "qt_data" else np.asarray(cal["qt"]["reference_raw"]))
+        raw = refd.evidence["raw_score"]
+        assert refd.p_value == pytest.approx(calibration.p_value(raw, null))
+        assert refd.score == pytest.approx(calibration.ecdf_score(raw, null))
+        assert refd.evidence["threshold"] == pytest.approx(
+            calibration.threshold_at_fpr(null, 0.05))
+    # a rerun asking for another recipe under the same keys is refused, not mixed in
+    other = [dataclasses.replace(s, epochs=s.epochs + 1) for s in
+             ref.plan_references(3, ("mlp",), pool_size=len(pool))]
+    with pytest.raises(DataError, match="epochs"):
+        ref.train_reference_set(ref.ReferenceData(pool, 10), folder, other,
+                                backend="sequential")
+
+
+def test_reference_calibration_without_references_is_a_clear_error(
+        tiny_meta: dict, digits: ImageDataset, tmp_path: Path) -> None:
+    _, sidecar = save_bundle(tmp_path / "m", tiny_meta["bundle"])
+    model = tiny_meta["models"][0]
+    with pytest.raises(ModelError, match="reference models"):
+        MNTD(meta_classifier=str(sidecar), calibration="reference").fit(model, digits)
+    with pytest.raises(ParameterError, match="calibration"):
+        MNTD(meta_classifier=str(sidecar), calibration="references").fit(model, digits)
+    auto = MNTD(meta_classifier=str(sidecar)).fit(model, digits)
+    assert auto.evidence["calibration"]["source"] == "benign_shadows"
+
+
+def test_shipped_fashion_mnist_bundle_is_calibrated_on_reference_models() -> None:
+    b = load_bundle(builtin_path("fashion-mnist"))
+    assert b is not None and b.info["reference"]["count"] == 64
+    assert all(len(c["reference_raw"]) == 64 for c in b.calibration.values())

@@ -20,11 +20,15 @@ defender's images and stay within a small L∞ ball of them, summed the same way
 default ``auto`` takes ``qt_data`` where the bundle has it, else the paper's ``qt``. On
 144 held-out Fashion-MNIST models (docs/benchmarks/mntd.md) AUROC is 0.798 (qt), 0.733
 (one_class), 0.826 (combined) and 0.835 (qt_data).
-``p_value``: the conformal p-value against the held-out benign shadows' raw outputs (so
-no smaller than 1/(n+1)). Verdict: raw output above the bundle's threshold (set at a 5%
-false-positive rate on held-out benign shadows) unless ``threshold`` overrides it; on
-real models the false-positive rate is higher (11% for qt, 24% for qt_data on those
-models): read the score as a ranking and the verdict as evidence, not proof. MNTD names
+``p_value``, threshold and (with reference models) score: by default (``calibration=
+"auto"``) against the raw outputs of the bundle's clean *reference* models, trained
+outside the defender's share with varied recipes (the shipped Fashion-MNIST bundle has 64),
+else against its held-out benign shadows. The conformal p-value is no smaller than
+1/(n+1); the verdict is raw output above the threshold at a 5% false-positive rate on that
+null unless ``threshold`` overrides it. On fresh real models (set 13) the shadow null
+flagged 8% of clean models (19–36% on other sets), the reference null none, at the price
+of a far lower TPR (qt_data 0.25 vs 0.78): read the score as a ranking and the verdict as
+evidence, not proof. MNTD names
 no target class.
 
 Known to fail: backdoors far from the jumbo distribution whose effect does not show on
@@ -50,6 +54,7 @@ from ..mntd.calibration import (
     ecdf_score,
     p_value,
     sigmoid,
+    standardised_sums,
     threshold_at_fpr,
 )
 from ..mntd.meta import DATA_ENSEMBLE, VARIANTS
@@ -70,6 +75,8 @@ AUTO = "auto"
 DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE)
 #: the variants that sum several standardised meta-classifier outputs
 SUMMED = (COMBINED, DATA_ENSEMBLE)
+#: what the verdict's threshold, p-value and score are calibrated on
+CALIBRATIONS = (AUTO, "shadows", "reference")
 
 
 def _device_of(model: nn.Module, fallback: str | None) -> torch.device:
@@ -99,16 +106,21 @@ class MNTD(ModelDetector):
     ensemble of data-started query-tuned members, summed the same way).
     ``threshold``: raw-output threshold overriding the bundle's (for ``combined`` and
     ``qt_data``: in units of the summed z-scores).
+    ``calibration``: the null distribution of threshold, p-value and score — ``auto``
+    (default: the bundle's clean reference models where it has them, else its held-out
+    benign shadows), ``shadows`` or ``reference`` (an error for a bundle without them).
+    Against reference models the score is the share of them the model out-scores.
     """
 
     name: ClassVar[str] = "mntd"
 
     def __init__(self, *, meta_classifier: str | None = None, variant: str = AUTO,
-                 threshold: float | None = None, seed: int = 0,
+                 threshold: float | None = None, calibration: str = AUTO, seed: int = 0,
                  device: str | None = None) -> None:
         self.meta_classifier = meta_classifier
         self.variant = variant
         self.threshold = threshold
+        self.calibration = calibration
         self.seed = seed
         self.device = device
 
@@ -116,6 +128,8 @@ class MNTD(ModelDetector):
         t0 = time.perf_counter()
         if self.variant not in DETECTOR_VARIANTS:
             raise bad_param("variant", DETECTOR_VARIANTS, self.variant)
+        if self.calibration not in CALIBRATIONS:
+            raise bad_param("calibration", CALIBRATIONS, self.calibration)
         if not isinstance(clean, ImageDataset):
             raise bad_param("clean", "an ImageDataset", type(clean).__name__)
         shape = clean.input_shape
@@ -151,10 +165,10 @@ class MNTD(ModelDetector):
                         query_pred = model(meta.queries).argmax(1).cpu().tolist()
         cal = cals[parts[0]]
         summed = variant in SUMMED
+        benign_of = [list(cals[v].get("benign_raw", [])) for v in parts]
         if summed:
             try:
-                raw, benign_arr = combine_standardised(
-                    [raws[v] for v in parts], [cals[v].get("benign_raw", []) for v in parts])
+                raw, benign_arr = combine_standardised([raws[v] for v in parts], benign_of)
             except ValueError as exc:
                 raise ModelError(f"MNTD: the {variant} variant needs calibration of "
                                  f"{', '.join(parts)} on the same benign shadows ({exc})"
@@ -163,12 +177,19 @@ class MNTD(ModelDetector):
             default_threshold = threshold_at_fpr(benign, float(cal.get("fpr", 0.05)))
             one_class = True
         else:
-            raw, benign = raws[parts[0]], list(cal.get("benign_raw", []))
+            raw, benign = raws[parts[0]], benign_of[0]
             default_threshold = float(cal.get("threshold", 0.0))
             one_class = shown.one_class
+        reference = self._reference_null(bundle, variant, parts, cals, benign_of)
+        if reference is not None:
+            null = reference
+            default_threshold = threshold_at_fpr(null, float(cal.get("fpr", 0.05)))
+            score = ecdf_score(raw, null)
+        else:
+            null = benign
+            score = ecdf_score(raw, benign) if one_class else sigmoid(raw)
         threshold = float(self.threshold if self.threshold is not None else default_threshold)
-        score = ecdf_score(raw, benign) if one_class else sigmoid(raw)
-        p = p_value(raw, benign) if len(benign) else None
+        p = p_value(raw, null) if len(null) else None
         verdict: Literal["backdoored", "clean"] = "backdoored" if raw > threshold else "clean"
         evidence = {
             "raw_score": raw, "threshold": threshold, "variant": variant,
@@ -176,7 +197,10 @@ class MNTD(ModelDetector):
             "meta_classifier_path": None if bundle.path is None else str(bundle.path),
             "num_queries": shown.num_queries, "query_predictions": query_pred,
             "component_raw_scores": raws if summed else None,
-            "calibration": {"benign_shadows": len(benign),
+            "calibration": {"source": ("benign_shadows" if reference is None
+                                       else "reference_models"),
+                            "benign_shadows": len(benign),
+                            "reference_models": 0 if reference is None else len(reference),
                             "validation_auroc": (None if summed else cal.get("val_auroc")),
                             "fpr": cal.get("fpr")},
         }
@@ -185,6 +209,29 @@ class MNTD(ModelDetector):
             seconds=time.perf_counter() - t0, seed=self.seed, params=self.get_params(),
             p_value=p, evidence=evidence,
             images={"mntd_queries": query_grid(shown.queries)})
+
+    def _reference_null(self, bundle: MetaBundle, variant: str, parts: tuple[str, ...],
+                        cals: dict, benign_of: list[list[float]]) -> list[float] | None:
+        """The clean reference models' raw outputs on ``variant``'s scale, when this
+        calibration uses them (``None``: calibrate on the benign shadows)."""
+        if self.calibration == "shadows":
+            return None
+        refs = [cals[v].get("reference_raw") for v in parts]
+        if not all(refs):
+            if self.calibration == "reference":
+                raise ModelError(f"MNTD: calibration='reference' needs the meta-classifier's "
+                                 f"reference models, and {bundle.name} has none for "
+                                 f"{variant}; add them with trojanscan.mntd.reference.calibrate "
+                                 "(scripts/make_mntd_pretrained.py --reference-only) or use "
+                                 "calibration='shadows'")
+            return None
+        if variant not in SUMMED:
+            return [float(v) for v in refs[0]]
+        try:
+            return standardised_sums(refs, benign_of).tolist()
+        except ValueError as exc:
+            raise ModelError(f"MNTD: {bundle.name}'s reference outputs for {variant} do "
+                             f"not match ({exc})") from exc
 
     @staticmethod
     def _parts(bundle: MetaBundle, variant: str) -> tuple[str, ...]:

@@ -14,7 +14,13 @@ against the raw outputs of *held-out benign shadow models* (never seen in traini
 * ``combine_standardised`` — several variants' raw outputs, each standardised by the mean
   and standard deviation of its own held-out benign shadows' outputs, summed (beyond the
   paper: the ``combined`` variant of the detector); the same sum over the benign shadows
-  (the same shadows score every variant, in the same order) calibrates it.
+  (the same shadows score every variant, in the same order) calibrates it;
+  ``standardised_sums`` places other models (clean reference models) on the same scale.
+
+Beyond the paper, a bundle may also hold *reference* raw outputs: those of clean models
+trained outside the defender's share the way real models are (trojanscan.mntd.reference).
+The detector then takes them, not the benign shadows, as the null distribution of the
+threshold, p-value and one-class score.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+#: one list of raw outputs
+Floats = Sequence[float] | np.ndarray
 
 
 def sigmoid(x: float) -> float:
@@ -53,16 +62,33 @@ def combine_standardised(raws: Sequence[float],
     shadow ``j``). A variant whose benign outputs do not vary is centred only."""
     if len(raws) != len(benign) or not raws:
         raise ValueError("one list of benign outputs per raw output is needed")
-    lists = [np.asarray(b, dtype=np.float64) for b in benign]
-    if any(b.size == 0 for b in lists) or len({b.size for b in lists}) != 1:
-        raise ValueError("every variant needs outputs on the same benign shadows")
-    total, shadows = 0.0, np.zeros(lists[0].size)
-    for raw, b in zip(raws, lists):
+    lists = _same_size_lists(benign, "benign shadows")
+    total = float(standardised_sums([[float(r)] for r in raws], lists)[0])
+    return total, standardised_sums(lists, lists)
+
+
+def standardised_sums(values: Sequence[Floats], benign: Sequence[Floats]) -> np.ndarray:
+    """For each model ``j``, ``Σ_i (values[i][j] − mean(benign_i)) / std(benign_i)``: the
+    summed z-scores of models (``values[i][j]``: variant ``i`` on model ``j``) against the
+    benign shadows — how :func:`combine_standardised` places other models (such as clean
+    reference models) on its scale."""
+    if len(values) != len(benign) or not values:
+        raise ValueError("one list of benign outputs per list of values is needed")
+    vals = _same_size_lists(values, "models")
+    lists = _same_size_lists(benign, "benign shadows")
+    total = np.zeros(vals[0].size)
+    for v, b in zip(vals, lists):
         sd = float(b.std())
         sd = sd if sd > 1e-12 * max(1.0, float(np.abs(b).max())) else 1.0
-        total += (float(raw) - float(b.mean())) / sd
-        shadows += (b - b.mean()) / sd
-    return total, shadows
+        total += (v - b.mean()) / sd
+    return total
+
+
+def _same_size_lists(lists: Sequence[Floats], what: str) -> list[np.ndarray]:
+    out = [np.asarray(x, dtype=np.float64) for x in lists]
+    if any(x.size == 0 for x in out) or len({x.size for x in out}) != 1:
+        raise ValueError(f"every variant needs outputs on the same {what}")
+    return out
 
 
 def threshold_at_fpr(benign: Sequence[float] | np.ndarray, fpr: float) -> float:
