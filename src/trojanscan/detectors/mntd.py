@@ -28,8 +28,7 @@ else against its held-out benign shadows. The conformal p-value is no smaller th
 null unless ``threshold`` overrides it. On fresh real models (set 13) the shadow null
 flagged 8% of clean models (19–36% on other sets), the reference null none, at the price
 of a far lower TPR (qt_data 0.25 vs 0.78): read the score as a ranking and the verdict as
-evidence, not proof. MNTD names
-no target class.
+evidence, not proof. MNTD names no target class.
 
 Known to fail: backdoors far from the jumbo distribution whose effect does not show on
 the queries (the paper's adaptive attacks), models whose output scale is unlike the

@@ -36,7 +36,7 @@ from ..training import TrainConfig, evaluate, train_model
 from .executor import RunSummary, Task, run_tasks
 from .meta import raw_scores
 from .pretrained import MetaBundle
-from .shadows import load_shadow, read_shadow_meta, save_shadow
+from .shadows import load_shadow, refuse_mismatch, save_shadow
 
 SAMPLES = (2000, 10000)
 EPOCHS = (6, 20)
@@ -140,16 +140,6 @@ def reference_path(folder: str | Path, spec: ReferenceSpec) -> Path:
     return Path(folder) / f"{spec.key}.safetensors"
 
 
-def _check_reusable(path: Path, spec: ReferenceSpec) -> None:
-    meta = read_shadow_meta(path)
-    mismatch = [f for f, v in asdict(spec).items() if meta.get(f) != v]
-    if mismatch:
-        f = mismatch[0]
-        raise DataError(f"{path}: this reference model was trained with {f}="
-                        f"{meta.get(f)!r}, the run asks for {f}={getattr(spec, f)!r}; use "
-                        "another output folder or delete the old reference models")
-
-
 def train_reference_set(data: ReferenceData, folder: str | Path, specs: Sequence[ReferenceSpec],
                         *, backend: str = "auto", workers: int | None = None,
                         address: str | None = None) -> RunSummary:
@@ -157,7 +147,8 @@ def train_reference_set(data: ReferenceData, folder: str | Path, specs: Sequence
     Path(folder).mkdir(parents=True, exist_ok=True)
     for spec in specs:
         if reference_path(folder, spec).is_file():
-            _check_reusable(reference_path(folder, spec), spec)
+            refuse_mismatch(reference_path(folder, spec), asdict(spec), {},
+                            what="reference model")
     tasks = [Task(s.key, reference_path(folder, s), (s,)) for s in specs]
     return run_tasks(reference_task, tasks, shared=data, backend=backend, workers=workers,
                      address=address, description="reference models")

@@ -233,15 +233,21 @@ _SPEC_FIELDS = ("kind", "index", "arch", "seed", "epochs", "batch_size", "lr", "
 def check_reusable(path: str | Path, spec: ShadowSpec) -> None:
     """Raise a DataError when an existing shadow file was trained with other settings
     (resuming must never mix shadows of two configurations)."""
-    meta = read_shadow_meta(path)
     defaults = ShadowSpec("benign", 0, "mlp", 0)
-    mismatch = [f for f in _SPEC_FIELDS
-                if meta.get(f, getattr(defaults, f)) != getattr(spec, f)]
-    if mismatch:
-        f = mismatch[0]
-        raise DataError(f"{path}: this shadow was trained with {f}={meta.get(f)!r}, the run "
-                        f"asks for {f}={getattr(spec, f)!r}; use another output folder or "
-                        "delete the old shadows")
+    refuse_mismatch(path, {f: getattr(spec, f) for f in _SPEC_FIELDS},
+                    {f: getattr(defaults, f) for f in _SPEC_FIELDS}, what="shadow")
+
+
+def refuse_mismatch(path: str | Path, wanted: dict[str, Any], defaults: dict[str, Any], *,
+                    what: str) -> None:
+    """Raise a DataError when the model file at ``path`` records a setting other than
+    ``wanted`` (a field it lacks counts as its ``defaults`` value)."""
+    meta = read_shadow_meta(path)
+    for f, v in wanted.items():
+        if meta.get(f, defaults.get(f)) != v:
+            raise DataError(f"{path}: this {what} was trained with {f}={meta.get(f)!r}, the "
+                            f"run asks for {f}={v!r}; use another output folder or delete "
+                            f"the old {what}s")
 
 
 def list_shadows(folder: str | Path, kind: str | None = None) -> list[Path]:
