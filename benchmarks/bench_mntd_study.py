@@ -67,11 +67,29 @@ def _targets(sets: tuple[int, ...]) -> list[tuple[str, int, dict[str, Any], torc
     return out
 
 
+def _references(folder: str | None) -> list[tuple[str, torch.nn.Module]]:
+    """(key, model) of every clean reference model (trojanscan.mntd.reference) in
+    ``folder``; none without one."""
+    from trojanscan.mntd.shadows import load_shadow
+
+    if not folder:
+        return []
+    out = []
+    for path in sorted(Path(folder).glob("reference-*.safetensors")):
+        model, _ = load_shadow(path)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        out.append((path.stem, model.eval()))
+    if not out:
+        raise SystemExit(f"--references {folder}: no reference-*.safetensors there")
+    return out
+
+
 def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
     from trojanscan.mntd.meta import MetaConfig, fit_meta, raw_scores
     from trojanscan.mntd.pipeline import TrainSettings, load_shadow_split
 
-    bundle_json, folder, sets = shared
+    bundle_json, folder, sets, ref_folder = shared
     job = task.args[0]
     if "shadows" not in _STATE:
         doc = json.loads(Path(bundle_json).read_text())
@@ -82,6 +100,7 @@ def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
         _STATE["data"] = doc["training"]["data"]
         _STATE["split"] = (settings.query_holdout, int(doc["training"]["seed"]))
         _STATE["targets"] = _targets(sets)
+        _STATE["references"] = _references(ref_folder)
     train, val = _STATE["shadows"]
     data = _STATE["data"]
     cfg = MetaConfig(variant=job["variant"], num_queries=job.get("queries", 10),
@@ -132,6 +151,10 @@ def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
            "val_trojan": [round(float(v), 5) for v in vr[yv == 1]],
            "targets": {f"{s}:{k}": round(float(r), 5)
                        for (k, s, _, _), r in zip(targets, tr)}}
+    if _STATE["references"]:
+        refs = _STATE["references"]
+        rec["references"] = {k: round(float(r), 5) for (k, _), r in
+                             zip(refs, raw_scores(fit.meta, [m for _, m in refs]))}
     from trojanscan.utils import atomic_write_text
 
     atomic_write_text(task.output, json.dumps(rec) + "\n")
@@ -157,7 +180,7 @@ def stage_fit(args: argparse.Namespace) -> None:
     print(f"{len(todo)} meta-classifiers to train ({len(tasks) - len(todo)} done)",
           file=sys.stderr)
     sets = tuple(int(s) for s in args.sets.split(","))
-    run_tasks(_fit_task, tasks, shared=(args.bundle_json, args.shadows, sets),
+    run_tasks(_fit_task, tasks, shared=(args.bundle_json, args.shadows, sets, args.references),
               backend=args.backend, workers=args.workers, description="meta")
 
 
@@ -178,6 +201,14 @@ def _z(rec: dict[str, Any], keys: list[str]) -> np.ndarray:
     b = np.asarray(rec["val_benign"], dtype=np.float64)
     sd = b.std() if b.std() > 0 else 1.0
     return (np.array([rec["targets"][k] for k in keys]) - b.mean()) / sd
+
+
+def _z_refs(rec: dict[str, Any]) -> np.ndarray | None:
+    if "references" not in rec:
+        return None
+    b = np.asarray(rec["val_benign"], dtype=np.float64)
+    sd = b.std() if b.std() > 0 else 1.0
+    return (np.array(list(rec["references"].values())) - b.mean()) / sd
 
 
 def _z_val(rec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +241,7 @@ def target_info(sets: tuple[int, ...], recs: list[dict[str, Any]] | None = None,
 
 
 def stage_analyse(args: argparse.Namespace) -> None:
-    from trojanscan.mntd.calibration import auroc
+    from trojanscan.mntd.calibration import auroc, threshold_at_fpr
 
     sets = tuple(int(s) for s in args.sets.split(","))
     recs = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("*.json"))]
@@ -227,8 +258,10 @@ def stage_analyse(args: argparse.Namespace) -> None:
         groups.setdefault((r["tag"], r["variant"], r["response"], extra), []).append(r)
     attack_kinds = [k for k in dict.fromkeys(kinds) if k != "clean"]
 
+    archs = np.array([str(info[k]["arch"]) for k in keys])
+
     def row(label: str, score: np.ndarray, val: tuple[np.ndarray, np.ndarray] | None,
-            ) -> dict[str, Any]:
+            refs: np.ndarray | None = None) -> dict[str, Any]:
         per = {k: auroc(y[(kinds == k) | (y == 0)], score[(kinds == k) | (y == 0)])
                for k in attack_kinds}
         clean_z = score[y == 0]
@@ -237,9 +270,18 @@ def stage_analyse(args: argparse.Namespace) -> None:
         if val is not None:
             out["val_auroc"] = auroc(np.r_[np.zeros(len(val[0])), np.ones(len(val[1]))],
                                      np.r_[val[0], val[1]])
+        ref_text = ""
+        if refs is not None:
+            thr = threshold_at_fpr(refs, 0.05)
+            out["ref_tpr"] = float(np.mean(score[y == 1] > thr))
+            out["ref_fpr"] = float(np.mean(score[y == 0] > thr))
+            ref_text = f"  ref TPR/FPR {out['ref_tpr']:.2f}/{out['ref_fpr']:.2f}"
+        out["per_arch"] = {a: auroc(y[archs == a], score[archs == a])
+                           for a in sorted(set(archs))}
         print(f"{label:58s} {out['auroc']:.3f}  " + " ".join(
             f"{per[k]:.2f}" for k in attack_kinds) + f"  fpr@z2 {out['fpr_at_z2']:.2f}"
-            + (f"  val {out['val_auroc']:.3f}" if val is not None else ""))
+            + (f"  val {out['val_auroc']:.3f}" if val is not None else "") + ref_text
+            + "  arch " + "/".join(f"{v:.2f}" for v in out["per_arch"].values()))
         return out
 
     print(f"sets {sets}: {len(keys)} models, {int(y.sum())} backdoored (ASR >= "
@@ -260,7 +302,9 @@ def stage_analyse(args: argparse.Namespace) -> None:
               f"{np.max(singles):.3f} (mean {np.mean(singles):.3f}, n={len(rs)})")
         ens[g] = zs
         ens_val[g] = (vb, vt)
-        row(f"  ensemble of {len(rs)}", zs, (vb, vt))
+        zr = [_z_refs(r) for r in rs]
+        refs = None if any(z is None for z in zr) else np.mean(zr, axis=0)
+        row(f"  ensemble of {len(rs)}", zs, (vb, vt), refs)
     names = sorted(ens)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -282,6 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--sets", default="0,1,2", help="target sets (bench_mntd.py --seed)")
+    ap.add_argument("--references", default=None,
+                    help="fit: a folder of clean reference models (trojanscan.mntd.reference) "
+                         "to record raw outputs on; analyse then reports TPR / FPR at the "
+                         "5%%-FPR threshold set on them")
     ap.add_argument("--backend", default="processes")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--min-asr", type=float, default=0.0,

@@ -365,6 +365,11 @@ def test_response_normalisations_have_their_invariances() -> None:
     s = normalise_responses(out, "sorted")  # class order does not matter
     assert torch.allclose(normalise_responses(out[:, torch.randperm(10)], "sorted"), s)
     assert bool((s.mean(0)[:-1] >= s.mean(0)[1:]).all())
+    sc = normalise_responses(out, "scaled")  # per-query shift, one scale for all queries
+    shift = torch.randn(4, 1)
+    assert torch.allclose(normalise_responses(3.0 * out + shift, "scaled"), sc, atol=1e-4)
+    assert torch.allclose(sc.mean(1), torch.zeros(4), atol=1e-5)
+    assert not torch.allclose(sc, z, atol=1e-2)  # keeps how confident each query is
 
 
 # -- executor and resumable shadow training -----------------------------------------------

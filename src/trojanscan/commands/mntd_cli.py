@@ -47,7 +47,7 @@ def train(
     queries: Annotated[int, typer.Option("--queries", help="Number of tuned queries.")] = 10,
     response: Annotated[str, typer.Option(
         "--response", help="What the meta-classifier reads: logits (the paper's), softmax, "
-                           "zscore or sorted.")] = "logits",
+                           "zscore, scaled or sorted.")] = "logits",
     poisoning: Annotated[str, typer.Option(
         "--poisoning", help="Jumbo shadows' poison: append (the paper's) or replace.")
                          ] = "append",

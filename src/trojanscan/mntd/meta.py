@@ -15,7 +15,9 @@ classifier with one hidden layer of 20 ReLU units:
   tuned as well. Its raw suspicion is ``r − ⟨w, h⟩`` (higher = less like the benign ones).
 
 Outputs (``response``): raw ``logits`` as the reference code (default); ``softmax``,
-``zscore`` (per-query standardised logits) and ``sorted`` (softmax with the classes put
+``zscore`` (per-query standardised logits), ``scaled`` (per-query centred logits divided
+by their root-mean-square over all queries: one scale per model) and ``sorted`` (softmax
+with the classes put
 in order of their mean probability over the queries, so the meta-classifier need not
 learn every possible target class separately) are options whose measurements are in
 docs/mntd.md — logit scale depends on how long and on how much data a model was
@@ -47,7 +49,7 @@ from ..utils import pick_device, seed_everything
 from .calibration import auroc
 
 VARIANTS = ("qt", "no_qt", "one_class")
-RESPONSES = ("logits", "softmax", "zscore", "sorted")
+RESPONSES = ("logits", "softmax", "zscore", "scaled", "sorted")
 QUERY_RANGES = ("free", "unit")
 QUERY_INITS = ("noise", "data")
 #: the ensemble of query-tuned members started from the defender's images (pipeline.py)
@@ -66,7 +68,7 @@ class MetaConfig:
     lr: float = 1e-3
     batch_size: int = 1  # shadow models per optimiser step (reference: 1)
     nu: float = 0.1  # one-class: share of benign shadows allowed outside
-    response: Literal["logits", "softmax", "zscore", "sorted"] = "logits"
+    response: Literal["logits", "softmax", "zscore", "scaled", "sorted"] = "logits"
     query_range: Literal["free", "unit"] = "free"  # "unit": queries kept in [0, 1]
     query_init: Literal["noise", "data"] = "noise"  # "data": start from defender images
     query_eps: float | None = None  # queries kept within this L∞ distance of their start
@@ -152,12 +154,16 @@ class MetaClassifier(nn.Module):
 def normalise_responses(out: torch.Tensor, response: str) -> torch.Tensor:
     """``logits`` as they are (reference code), ``softmax`` probabilities, or ``zscore``:
     each query's logits minus their mean over classes, divided by their standard
-    deviation — invariant to the logits' shift and scale (temperature)."""
+    deviation — invariant to the logits' shift and scale (temperature); or ``scaled``:
+    the same centred logits divided by one root-mean-square over all queries and classes —
+    invariant to the model's overall logit scale, but keeping how confident one query is
+    relative to the others. ``out`` is ``Q×K`` (or ``…×Q×K``)."""
     if response == "softmax":
-        return F.softmax(out, dim=1)
-    if response == "zscore":
-        centred = out - out.mean(dim=1, keepdim=True)
-        return centred / (centred.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-6)
+        return F.softmax(out, dim=-1)
+    if response in ("zscore", "scaled"):
+        centred = out - out.mean(dim=-1, keepdim=True)
+        dims = (-1,) if response == "zscore" else (-2, -1)
+        return centred / (centred.pow(2).mean(dim=dims, keepdim=True).sqrt() + 1e-6)
     if response == "sorted":
         prob = F.softmax(out, dim=-1)
         order = prob.mean(dim=-2, keepdim=True).argsort(dim=-1, descending=True)
