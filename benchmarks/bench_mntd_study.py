@@ -46,7 +46,8 @@ def cache_of(s: int) -> Path:
 
 _STATE: dict[str, Any] = {}
 #: grid settings beyond variant and response (``variant:response:key=value``)
-EXTRAS = ("queries", "hidden", "query_range", "query_init", "stratify", "eps", "pool")
+EXTRAS = ("queries", "hidden", "query_range", "query_init", "stratify", "eps", "pool",
+          "stamps", "anchors", "stamp_lr")
 
 
 def _targets(sets: tuple[int, ...]) -> list[tuple[str, int, dict[str, Any], torch.nn.Module]]:
@@ -103,6 +104,8 @@ def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
         _STATE["references"] = _references(ref_folder)
     train, val = _STATE["shadows"]
     data = _STATE["data"]
+    if job["variant"] == "stamp":
+        return _fit_stamp(task, job, train, val)
     cfg = MetaConfig(variant=job["variant"], num_queries=job.get("queries", 10),
                      hidden=job.get("hidden", 20), epochs=job.get("epochs", 40),
                      response=job["response"], query_range=job.get("query_range", "free"),
@@ -141,12 +144,25 @@ def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
                    query_mean=data["pixel_mean"], query_std=data["pixel_std"],
                    seed=job["seed"], device="cpu", description=task.key,
                    query_images=images, query_labels=labels)
-    seconds = time.perf_counter() - t0
+    _record(task, job, fit.best_epoch, time.perf_counter() - t0, val,
+            lambda models: raw_scores(fit.meta, models))
+    return None
+
+
+def _record(task: Any, job: dict[str, Any], best_epoch: int, seconds: float, val: Any,
+            score: Any, meta: torch.nn.Module | None = None) -> None:
+    """Write one study record: raw outputs on the held-out shadows, the targets and the
+    reference models (``score``: models -> raw outputs); with ``meta``, its weights too
+    (beside the record), so that ``rescore`` can add target sets trained later."""
+    from safetensors.torch import save_file
+
+    from trojanscan.utils import atomic_path, atomic_write_text
+
     yv = np.asarray(val.labels)
-    vr = raw_scores(fit.meta, val.models)
+    vr = score(val.models)
     targets = _STATE["targets"]
-    tr = raw_scores(fit.meta, [m for *_, m in targets])
-    rec = {**job, "best_epoch": fit.best_epoch, "fit_seconds": round(seconds, 1),
+    tr = score([m for *_, m in targets])
+    rec = {**job, "best_epoch": best_epoch, "fit_seconds": round(seconds, 1),
            "val_benign": [round(float(v), 5) for v in vr[yv == 0]],
            "val_trojan": [round(float(v), 5) for v in vr[yv == 1]],
            "targets": {f"{s}:{k}": round(float(r), 5)
@@ -154,11 +170,63 @@ def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
     if _STATE["references"]:
         refs = _STATE["references"]
         rec["references"] = {k: round(float(r), 5) for (k, _), r in
-                             zip(refs, raw_scores(fit.meta, [m for _, m in refs]))}
+                             zip(refs, score([m for _, m in refs]))}
+    if meta is not None:
+        weights = Path(task.output).with_suffix(".safetensors")
+        with atomic_path(weights) as tmp:
+            save_file({k: v.contiguous() for k, v in meta.state_dict().items()}, str(tmp))
+        rec["weights"] = weights.name
+    atomic_write_text(task.output, json.dumps(rec) + "\n")
+
+
+def _fit_stamp(task: Any, job: dict[str, Any], train: Any, val: Any) -> None:
+    """The stamp-probing meta-classifier (trojanscan.mntd.stamps) on the defender's share."""
+    from trojanscan.io.data import load_dataset
+    from trojanscan.mntd.pipeline import defender_share
+    from trojanscan.mntd.stamps import StampConfig, fit_stamp_meta, stamp_raw_scores
+
+    share = defender_share(load_dataset("fashion-mnist:train"), 0.02, seed=0)
+    cfg = StampConfig(num_stamps=int(job.get("stamps", 8)),
+                      anchors_per_class=int(job.get("anchors", 2)), epochs=int(job["epochs"]),
+                      stamp_lr=float(job.get("stamp_lr", 0.05)))
+    t0 = time.perf_counter()
+    fit = fit_stamp_meta(train.models, train.labels, images=share.x,
+                         image_labels=share.labels(), num_classes=10, config=cfg,
+                         val_models=val.models, val_labels=val.labels, seed=job["seed"],
+                         device="cpu", description=task.key)
+    _record(task, job, fit.best_epoch, time.perf_counter() - t0, val,
+            lambda models: stamp_raw_scores(fit.meta, models), fit.meta)
+
+
+def stage_rescore(args: argparse.Namespace) -> None:
+    """Add the raw outputs on target sets ``--sets`` (and the reference models, with
+    ``--references``) to every stamp record in ``--results`` that kept its weights: a
+    test set can be trained, and looked at, after the meta-classifiers are fitted."""
+    from safetensors.torch import load_file
+
+    from trojanscan.mntd.stamps import StampMeta, stamp_raw_scores
     from trojanscan.utils import atomic_write_text
 
-    atomic_write_text(task.output, json.dumps(rec) + "\n")
-    return None
+    sets = tuple(int(s) for s in args.sets.split(",") if s)
+    targets = _targets(sets)
+    refs = _references(args.references)
+    for path in sorted(Path(args.results).glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("variant") != "stamp" or "weights" not in rec:
+            continue
+        state = load_file(str(path.parent / rec["weights"]))
+        meta = StampMeta(state["anchors"], state["anchor_labels"], 10,
+                         num_stamps=int(state["mask_logits"].shape[0]),
+                         hidden=int(state["fc.weight"].shape[0]))
+        meta.load_state_dict(state)
+        scores = stamp_raw_scores(meta, [m for *_, m in targets])
+        rec["targets"].update({f"{s}:{k}": round(float(r), 5)
+                               for (k, s, _, _), r in zip(targets, scores)})
+        if refs:
+            rec["references"] = {k: round(float(r), 5) for (k, _), r in
+                                 zip(refs, stamp_raw_scores(meta, [m for _, m in refs]))}
+        atomic_write_text(path, json.dumps(rec) + "\n")
+        print(f"rescored {path.name} on sets {sets}", file=sys.stderr)
 
 
 def stage_fit(args: argparse.Namespace) -> None:
@@ -179,9 +247,42 @@ def stage_fit(args: argparse.Namespace) -> None:
     todo = [t for t in tasks if not t.done()]
     print(f"{len(todo)} meta-classifiers to train ({len(tasks) - len(todo)} done)",
           file=sys.stderr)
-    sets = tuple(int(s) for s in args.sets.split(","))
+    sets = tuple(int(s) for s in args.sets.split(",") if s)
     run_tasks(_fit_task, tasks, shared=(args.bundle_json, args.shadows, sets, args.references),
               backend=args.backend, workers=args.workers, description="meta")
+
+
+def stage_record_bundle(args: argparse.Namespace) -> None:
+    """Record a finished bundle's entries (e.g. the shipped one's paper variants and
+    ``qt_data`` members) as study records, so ``analyse`` sets them beside the grid's:
+    held-out shadow outputs from the bundle's calibration, targets and references scored
+    now. An ensemble's members become one group (variant = the ensemble, seed = index)."""
+    from trojanscan.mntd.meta import raw_scores
+    from trojanscan.mntd.pretrained import resolve
+    from trojanscan.utils import atomic_write_text
+
+    bundle = resolve(args.meta)
+    assert bundle is not None
+    sets = tuple(int(s) for s in args.sets.split(","))
+    targets = _targets(sets)
+    refs = _references(args.references)
+    member_of = {m: (e, i) for e, ms in bundle.ensembles.items() for i, m in enumerate(ms)}
+    folder = Path(args.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, meta in bundle.variants.items():
+        cal = bundle.calibration[name]
+        variant, seed = member_of.get(name, (name, 0))
+        job = {"tag": args.tag, "variant": variant, "response": meta.response, "seed": seed,
+               "epochs": 0, "entry": name}
+        rec = {**job, "best_epoch": cal.get("best_epoch"), "fit_seconds": None,
+               "val_benign": cal["benign_raw"], "val_trojan": cal["trojaned_raw"],
+               "targets": {f"{s}:{k}": round(float(r), 5) for (k, s, _, _), r in
+                           zip(targets, raw_scores(meta, [m for *_, m in targets]))}}
+        if refs:
+            rec["references"] = {k: round(float(r), 5) for (k, _), r in
+                                 zip(refs, raw_scores(meta, [m for _, m in refs]))}
+        atomic_write_text(folder / f"{_job_file(job)}.json", json.dumps(rec) + "\n")
+        print(f"recorded {name} as {variant} seed {seed}", file=sys.stderr)
 
 
 def _job_file(j: dict[str, Any]) -> str:
@@ -317,10 +418,12 @@ def stage_analyse(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["fit", "analyse"])
+    ap.add_argument("stage", choices=["fit", "analyse", "record-bundle", "rescore"])
     ap.add_argument("--bundle-json", help="fit: a bundle made on the shadow set (its settings)")
     ap.add_argument("--shadows", help="fit: the shadow folder the bundle was trained on")
     ap.add_argument("--tag", default="paper")
+    ap.add_argument("--meta", default="fashion-mnist",
+                    help="record-bundle: a built-in bundle name or a bundle's path")
     ap.add_argument("--grid", default="qt:logits,one_class:logits",
                     help="variant:response[:key=value...], comma-separated")
     ap.add_argument("--seeds", default="0,1,2,3,4")
@@ -338,7 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--singles", action="store_true", help="analyse: every single model too")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
-    {"fit": stage_fit, "analyse": stage_analyse}[args.stage](args)
+    {"fit": stage_fit, "analyse": stage_analyse,
+     "record-bundle": stage_record_bundle, "rescore": stage_rescore}[args.stage](args)
 
 
 if __name__ == "__main__":
