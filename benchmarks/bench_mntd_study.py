@@ -182,8 +182,9 @@ def _record(task: Any, job: dict[str, Any], best_epoch: int, seconds: float, val
 def _fit_stamp(task: Any, job: dict[str, Any], train: Any, val: Any) -> None:
     """The stamp-probing meta-classifier (trojanscan.mntd.stamps) on the defender's share."""
     from trojanscan.io.data import load_dataset
+    from trojanscan.mntd.meta import raw_scores
     from trojanscan.mntd.pipeline import defender_share
-    from trojanscan.mntd.stamps import StampConfig, fit_stamp_meta, stamp_raw_scores
+    from trojanscan.mntd.stamps import StampConfig, fit_stamp_meta
 
     share = defender_share(load_dataset("fashion-mnist:train"), 0.02, seed=0)
     cfg = StampConfig(num_stamps=int(job.get("stamps", 8)),
@@ -195,7 +196,7 @@ def _fit_stamp(task: Any, job: dict[str, Any], train: Any, val: Any) -> None:
                          val_models=val.models, val_labels=val.labels, seed=job["seed"],
                          device="cpu", description=task.key)
     _record(task, job, fit.best_epoch, time.perf_counter() - t0, val,
-            lambda models: stamp_raw_scores(fit.meta, models), fit.meta)
+            lambda models: raw_scores(fit.meta, models), fit.meta)
 
 
 def stage_rescore(args: argparse.Namespace) -> None:
@@ -204,7 +205,8 @@ def stage_rescore(args: argparse.Namespace) -> None:
     test set can be trained, and looked at, after the meta-classifiers are fitted."""
     from safetensors.torch import load_file
 
-    from trojanscan.mntd.stamps import StampMeta, stamp_raw_scores
+    from trojanscan.mntd.meta import raw_scores
+    from trojanscan.mntd.stamps import StampMeta
     from trojanscan.utils import atomic_write_text
 
     sets = tuple(int(s) for s in args.sets.split(",") if s)
@@ -219,12 +221,12 @@ def stage_rescore(args: argparse.Namespace) -> None:
                          num_stamps=int(state["mask_logits"].shape[0]),
                          hidden=int(state["fc.weight"].shape[0]))
         meta.load_state_dict(state)
-        scores = stamp_raw_scores(meta, [m for *_, m in targets])
+        scores = raw_scores(meta, [m for *_, m in targets])
         rec["targets"].update({f"{s}:{k}": round(float(r), 5)
                                for (k, s, _, _), r in zip(targets, scores)})
         if refs:
             rec["references"] = {k: round(float(r), 5) for (k, _), r in
-                                 zip(refs, stamp_raw_scores(meta, [m for _, m in refs]))}
+                                 zip(refs, raw_scores(meta, [m for _, m in refs]))}
         atomic_write_text(path, json.dumps(rec) + "\n")
         print(f"rescored {path.name} on sets {sets}", file=sys.stderr)
 

@@ -103,6 +103,7 @@ def make(name: str, args: argparse.Namespace) -> Path:
                                    ("jumbo_rates", args.rates),
                                    ("jumbo_family", args.family),
                                    ("data_members", args.data_members),
+                                   ("stamp_members", args.stamp_members),
                                    ("query_holdout", args.query_holdout),
                                    ("archs", None if args.archs is None else
                                     tuple(args.archs.split(",")))) if v is not None}
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --meta-backend processes (default: all cores)")
     ap.add_argument("--data-members", type=int, default=None,
                     help="override: members of the qt_data ensemble")
+    ap.add_argument("--stamp-members", type=int, default=None,
+                    help="override: members of the stamp ensemble (trojanscan.mntd.stamps)")
     ap.add_argument("--query-holdout", type=float, default=None,
                     help="override: share of the defender's data kept out of the shadows "
                          "for the qt_data queries to start from")

@@ -492,7 +492,7 @@ def _tiny_meta(digits: ImageDataset, tmp_path_factory: pytest.TempPathFactory) -
     settings_ = TrainSettings(num_shadows=8, num_val=2, archs=("mlp",), shadow_epochs=15,
                               shadow_lr=3e-3, meta_epochs=30, variants=("qt", "one_class"),
                               response="softmax", shadow_poisoning="replace",
-                              data_members=2)
+                              data_members=2, stamp_members=2, stamp_count=4, stamp_epochs=10)
     train_shadow_set(shadows.ShadowData(share, 10), folder, settings_, seed=0,
                      backend="sequential")
     bundle = fit_bundle(folder, settings_, name="tiny", data=share, seed=0, device="cpu")
@@ -620,7 +620,7 @@ def test_data_started_queries_stay_in_their_ball(digits: ImageDataset) -> None:
 def test_qt_data_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tmp_path: Path,
                                                              digits: ImageDataset) -> None:
     bundle: MetaBundle = tiny_meta["bundle"]
-    assert bundle.ensembles == {"qt_data": ("qt_data.0", "qt_data.1")}
+    assert bundle.ensembles["qt_data"] == ("qt_data.0", "qt_data.1")
     cal = bundle.calibration
     assert cal["qt_data.0"]["kind"] == "qt" and cal["qt_data.0"]["query_init"] == "data"
     # the two members have different queries (different seeds), both near real images
@@ -670,6 +670,44 @@ def test_qt_data_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tm
     with pytest.raises(DataError, match="--share"):
         check_member_data(few, digits.subset(slice(0, 5)))
     check_member_data(dataclasses.replace(few, data_members=0), digits.subset(slice(0, 5)))
+
+
+# -- stamp: learned stamps on the defender's images (trojanscan.mntd.stamps) ---------------
+
+def test_stamp_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tmp_path: Path,
+                                                           digits: ImageDataset) -> None:
+    bundle: MetaBundle = tiny_meta["bundle"]
+    assert bundle.ensembles["stamp"] == ("stamp.0", "stamp.1")
+    cal = bundle.calibration
+    assert cal["stamp.0"]["kind"] == "stamp" and cal["stamp.0"]["num_anchors"] == 20
+    s0, s1 = (bundle.variants[m] for m in ("stamp.0", "stamp.1"))
+    assert not torch.equal(s0.mask_logits, s1.mask_logits)  # seeds apart
+    _, sidecar = save_bundle(tmp_path / "m", bundle)
+    doc = json.loads(sidecar.read_text())
+    assert doc["variants"]["stamp.1"]["num_stamps"] == 4
+    back = load_bundle(sidecar)
+    assert back.ensembles == bundle.ensembles
+    model = tiny_meta["models"][1]
+    for m in ("stamp.0", "stamp.1"):
+        assert np.allclose(raw_scores(bundle.variants[m], [model]),
+                           raw_scores(back.variants[m], [model]), atol=1e-6)
+    r1 = MNTD(meta_classifier=str(sidecar), variant="stamp").fit(model, digits)
+    r2 = MNTD(meta_classifier=str(sidecar), variant="stamp").fit(model, digits)
+    assert r1.score == r2.score and r1.verdict == r2.verdict and 0 <= r1.score <= 1
+    parts = r1.evidence["component_raw_scores"]
+    want, _ = calibration.combine_standardised(
+        [parts[m] for m in ("stamp.0", "stamp.1")],
+        [cal[m]["benign_raw"] for m in ("stamp.0", "stamp.1")])
+    assert r1.evidence["raw_score"] == pytest.approx(want)
+    assert r1.images["mntd_queries"].shape == (8, 4 * 9)  # the 4 stamps on an anchor
+    with pytest.raises(ModelError, match=r"no 'stamp' ensemble.*--stamp-members"):
+        MNTD(meta_classifier="digits", variant="stamp").fit(
+            archs.build("mlp", (1, 8, 8), 10), digits)
+    # an entry whose kind does not match its tensors is refused, not misread
+    doc["variants"]["stamp.0"]["kind"] = "qt"
+    sidecar.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="not a valid MNTD meta-classifier"):
+        load_bundle(sidecar)
 
 
 # -- shape checks ------------------------------------------------------------------------
@@ -745,8 +783,8 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
 
     args = ["mntd", "train", "--data", "digits:train", "--share", "0.1", "--out",
             str(tmp_path), "--num-shadows", "2", "--num-val", "1", "--archs", "mlp",
-            "--shadow-epochs", "1", "--meta-epochs", "1", "--data-members", "1", "--no-ray",
-            "--quiet"]
+            "--shadow-epochs", "1", "--meta-epochs", "1", "--data-members", "1",
+            "--stamp-members", "1", "--no-ray", "--quiet"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0
@@ -756,7 +794,8 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
     assert len(stamps) == 4
     r = MNTD(meta_classifier=str(sidecar)).fit(archs.build("mlp", (1, 8, 8), 10), digits)
     assert r.detector == "mntd" and r.evidence["variant"] == "qt_data"
-    assert load_bundle(sidecar).ensembles == {"qt_data": ("qt_data.0",)}
+    assert load_bundle(sidecar).ensembles == {"qt_data": ("qt_data.0",),
+                                              "stamp": ("stamp.0",)}
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0

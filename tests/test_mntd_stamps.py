@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from trojanscan.exceptions import ModelError, ParameterError
+from trojanscan.mntd.meta import raw_scores
 from trojanscan.mntd.stamps import (
     StampConfig,
     StampMeta,
     pick_anchors,
     stamp_features,
-    stamp_raw_scores,
 )
 
 K = 4
@@ -87,10 +87,10 @@ def test_wrong_model_shape_and_bad_settings_are_clear_errors() -> None:
     meta = StampMeta(torch.rand(4, 1, 5, 5), torch.tensor([0, 1, 2, 0]), 3, num_stamps=2)
     five_classes = nn.Sequential(nn.Flatten(), nn.Linear(25, 5))
     with pytest.raises(ModelError, match="stamped anchors"):
-        stamp_raw_scores(meta, [five_classes])
+        raw_scores(meta, [five_classes])
     with pytest.raises(ParameterError, match="num_stamps"):
         StampConfig(num_stamps=0).validate()
     with pytest.raises(ParameterError, match="anchors"):
         StampMeta(torch.rand(4, 5, 5), torch.tensor([0, 1, 2, 0]), 3)
-    assert np.isfinite(stamp_raw_scores(meta, [nn.Sequential(nn.Flatten(),
+    assert np.isfinite(raw_scores(meta, [nn.Sequential(nn.Flatten(),
                                                              nn.Linear(25, 3))])).all()

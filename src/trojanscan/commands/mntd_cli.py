@@ -72,6 +72,11 @@ def train(
                                 "memorise their own training images, models under test "
                                 "have not seen them. 0: start from the shadows' images.")
                      ] = 0.0,
+    stamp_members: Annotated[int, typer.Option(
+        "--stamp-members", help="Also train the stamp ensemble (beyond the paper): this "
+                                "many meta-classifiers that learn stamps, apply them to "
+                                "your images and read the change of the model's class "
+                                "probabilities. 0: none.")] = 0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, ...")] = "auto",
     ray_address: Annotated[str | None, typer.Option(
@@ -112,7 +117,7 @@ def train(
         response=response, shadow_poisoning=poisoning, jumbo_family=jumbo_family,
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         data_members=data_members, data_query_eps=data_query_eps,
-        query_holdout=query_holdout)
+        query_holdout=query_holdout, stamp_members=stamp_members)
     settings.validate()
     ds = load_dataset(data)
     ds.require_classes(2)

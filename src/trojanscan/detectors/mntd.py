@@ -64,6 +64,7 @@ from ..mntd.pretrained import (
     find_builtin,
     resolve,
 )
+from ..mntd.stamps import STAMP
 from ..utils import pick_device
 from .base import ModelDetector, ModelScanResult, borrow_model
 
@@ -71,9 +72,11 @@ from .base import ModelDetector, ModelScanResult, borrow_model
 COMBINED = "combined"
 COMBINED_PARTS = ("qt", "one_class")
 AUTO = "auto"
-DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE)
+DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP)
 #: the variants that sum several standardised meta-classifier outputs
-SUMMED = (COMBINED, DATA_ENSEMBLE)
+SUMMED = (COMBINED, DATA_ENSEMBLE, STAMP)
+#: the bundle ensembles a variant of the same name scores
+ENSEMBLES = (DATA_ENSEMBLE, STAMP)
 #: what the verdict's threshold, p-value and score are calibrated on
 CALIBRATIONS = (AUTO, "shadows", "reference")
 
@@ -161,7 +164,7 @@ class MNTD(ModelDetector):
                 if v == parts[0]:
                     shown = meta
                     with torch.no_grad():
-                        query_pred = model(meta.queries).argmax(1).cpu().tolist()
+                        query_pred = model(meta.preview()).argmax(1).cpu().tolist()
         cal = cals[parts[0]]
         summed = variant in SUMMED
         benign_of = [list(cals[v].get("benign_raw", [])) for v in parts]
@@ -207,7 +210,7 @@ class MNTD(ModelDetector):
             detector=self.name, verdict=verdict, score=float(score), suspected_targets=(),
             seconds=time.perf_counter() - t0, seed=self.seed, params=self.get_params(),
             p_value=p, evidence=evidence,
-            images={"mntd_queries": query_grid(shown.queries)})
+            images={"mntd_queries": query_grid(shown.preview())})
 
     def _reference_null(self, bundle: MetaBundle, variant: str, parts: tuple[str, ...],
                         cals: dict, benign_of: list[list[float]]) -> list[float] | None:
@@ -235,8 +238,8 @@ class MNTD(ModelDetector):
     @staticmethod
     def _parts(bundle: MetaBundle, variant: str) -> tuple[str, ...]:
         """The bundle entries ``variant`` scores with."""
-        if variant == DATA_ENSEMBLE:
-            return bundle.members(DATA_ENSEMBLE)
+        if variant in ENSEMBLES:
+            return bundle.members(variant)
         parts = COMBINED_PARTS if variant == COMBINED else (variant,)
         if variant == COMBINED and not set(parts) <= set(bundle.variants):
             raise ModelError(f"MNTD: the combined variant needs the bundle's "

@@ -122,6 +122,10 @@ class MetaClassifier(nn.Module):
     def hidden(self) -> int:
         return int(self.fc.out_features)
 
+    def preview(self) -> torch.Tensor:
+        """What to show of the learned queries: the queries themselves (``Q×C×H×W``)."""
+        return self.queries.detach()
+
     def respond(self, model: nn.Module) -> torch.Tensor:
         """The model's ``Q×K`` outputs on the queries (gradients flow to the queries)."""
         out = model(self.queries)
@@ -217,9 +221,11 @@ def _pick_queries(q: int, n: int, labels: torch.Tensor | None,
 
 
 @torch.no_grad()
-def raw_scores(meta: MetaClassifier, models: Sequence[nn.Module], *,
+def raw_scores(meta: nn.Module, models: Sequence[nn.Module], *,
                batch_size: int = 64) -> np.ndarray:
-    """Raw suspicion of each model (no gradients)."""
+    """Raw suspicion of each model (no gradients); ``meta``: a meta-classifier whose
+    forward maps a list of models to their raw outputs (this module's, or
+    :class:`trojanscan.mntd.stamps.StampMeta`)."""
     meta.eval()
     out = [meta(models[i:i + batch_size]).detach().cpu()
            for i in range(0, len(models), batch_size)]

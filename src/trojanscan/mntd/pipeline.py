@@ -18,6 +18,11 @@ queries *start* from the defender's images, one class after another, and stay in
 each standardised against its held-out benign shadows (docs/benchmarks/mntd.md measures
 it against the paper's variants on the same models).
 
+``stamp_members`` > 0 (beyond the paper) also trains that many stamp-probing
+meta-classifiers (:mod:`trojanscan.mntd.stamps`, seeds ``seed + i``): learned stamps on
+the defender's images, read as class-order-free probability changes; the detector sums
+them as it sums ``qt_data``.
+
 ``query_holdout`` > 0 keeps that share of the defender's images (per class) out of every
 shadow's training and starts the members' queries there instead: shadows have memorised
 their own training images, the models under test have not, so queries started on
@@ -57,6 +62,7 @@ from .shadows import (
     shadow_task,
     shadow_tasks,
 )
+from .stamps import STAMP, StampConfig, StampMeta, fit_stamp_meta
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,10 @@ class TrainSettings:
     data_members: int = 0  # members of the qt_data ensemble (0: the paper's variants only)
     data_query_eps: float = 0.1  # their queries' L∞ distance from the starting images
     query_holdout: float = 0.0  # share of the data kept out of the shadows for those starts
+    stamp_members: int = 0  # stamp-probing meta-classifiers (beyond the paper; stamps.py)
+    stamp_count: int = 8  # their stamps
+    stamp_anchors: int = 2  # their clean anchor images per class
+    stamp_epochs: int = 20
     fpr: float = 0.05  # threshold: at most this share of held-out benign shadows flagged
 
     def validate(self) -> None:
@@ -104,6 +114,9 @@ class TrainSettings:
         if self.query_holdout and not self.data_members:
             raise bad_param("query_holdout", "0 unless data_members > 0 (only the qt_data "
                             "members start queries from images)", self.query_holdout)
+        if not 0 <= int(self.stamp_members) <= 64:
+            raise bad_param("stamp_members", "an integer in [0, 64]", self.stamp_members)
+        self.stamp_config().validate()
         if not 0 < float(self.data_query_eps) <= 1:
             raise bad_param("data_query_eps", "a float in (0, 1]", self.data_query_eps)
         if not 0 < self.fpr < 1:
@@ -136,20 +149,35 @@ class TrainSettings:
     def member_names(self) -> tuple[str, ...]:
         return tuple(member_name(i) for i in range(int(self.data_members)))
 
+    def stamp_config(self) -> StampConfig:
+        """The configuration of every stamp member (classifier lr: ``meta_lr``)."""
+        return StampConfig(num_stamps=int(self.stamp_count),
+                           anchors_per_class=int(self.stamp_anchors), hidden=self.hidden,
+                           epochs=int(self.stamp_epochs), lr=self.meta_lr)
+
+    def stamp_names(self) -> tuple[str, ...]:
+        return tuple(f"{STAMP}.{i}" for i in range(int(self.stamp_members)))
+
+    def needs_images(self) -> bool:
+        """Whether some meta-classifier starts from the defender's labelled images."""
+        return bool(self.data_members or self.stamp_members)
+
 
 def member_name(i: int) -> str:
     return f"{DATA_ENSEMBLE}.{i}"
 
 
 def check_member_data(settings: TrainSettings, data: ImageDataset) -> None:
-    """Raise a DataError, before any training, when the ``qt_data`` members cannot start
-    their queries from ``data`` (fewer images than queries, or no labels)."""
-    if not settings.data_members:
+    """Raise a DataError, before any training, when the ``qt_data`` or stamp members cannot
+    start from ``data`` (fewer images than queries, or no labels)."""
+    if not settings.needs_images():
         return
     if data.y is None:
-        raise DataError(f"{data.source}: the qt_data members start their queries from the "
+        raise DataError(f"{data.source}: the qt_data and stamp members start from the "
                         "defender's labelled images, but the share is unlabelled; use "
-                        "--data-members 0")
+                        "--data-members 0 --stamp-members 0")
+    if not settings.data_members:
+        return
     pool = query_pool_split(data, settings.query_holdout)[1]  # its size ignores the seed
     if len(pool) < settings.num_queries:
         where = (f"the {len(pool)} kept out of shadow training" if settings.query_holdout
@@ -280,6 +308,7 @@ class _VariantJob:
     std: float
     device: str | None
     member: int | None = None  # a qt_data member (variant is then "qt")
+    stamp: int | None = None  # a stamp member
 
 
 def _fit_variant(task: Task, data: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
@@ -289,6 +318,8 @@ def _fit_variant(task: Task, data: tuple[torch.Tensor, torch.Tensor] | None) -> 
     (j,) = task.args
     train, val = load_shadow_split(j.folder, j.settings, j.seed)
     k = int(train.meta[0]["num_classes"])
+    if j.stamp is not None:
+        return _fit_stamp_member(j, train, val, k, data)
     if j.member is None:
         config, images, labels = j.settings.meta_config(j.variant), None, None
         seed, what = j.seed + 1000 * (1 + VARIANTS.index(j.variant)), j.variant
@@ -303,22 +334,43 @@ def _fit_variant(task: Task, data: tuple[torch.Tensor, torch.Tensor] | None) -> 
                    query_labels=labels)
     yv = np.asarray(val.labels)
     raws = raw_scores(fit.meta, val.models)
-    benign = raws[yv == 0]
-    calibration = {
-        "benign_raw": [round(float(v), 6) for v in benign],
-        "trojaned_raw": [round(float(v), 6) for v in raws[yv == 1]],
-        "threshold": threshold_at_fpr(benign, j.settings.fpr),
-        "fpr": j.settings.fpr,
-        "val_auroc": auroc(yv, raws),
-        "best_epoch": fit.best_epoch,
-    }
+    calibration = _calibration(raws, yv, j.settings.fpr, fit.best_epoch)
     if j.member is not None:
         calibration.update(kind=config.variant, query_init=config.query_init,
                            query_range=config.query_range, query_eps=config.query_eps)
-    return {"state": {n: t.detach().cpu() for n, t in fit.meta.state_dict().items()},
+    return _fitted(fit.meta, calibration, k, fit.history, train, val)
+
+
+def _calibration(raws: np.ndarray, yv: np.ndarray, fpr: float, best_epoch: int,
+                 ) -> dict[str, Any]:
+    """Held-out shadows' raw outputs, the threshold at ``fpr`` and the held-out AUROC."""
+    benign = raws[yv == 0]
+    return {"benign_raw": [round(float(v), 6) for v in benign],
+            "trojaned_raw": [round(float(v), 6) for v in raws[yv == 1]],
+            "threshold": threshold_at_fpr(benign, fpr), "fpr": fpr,
+            "val_auroc": auroc(yv, raws), "best_epoch": best_epoch}
+
+
+def _fitted(meta: torch.nn.Module, calibration: dict[str, Any], k: int,
+            history: Sequence[dict[str, float]], train: LoadedShadows, val: LoadedShadows,
+            ) -> dict[str, Any]:
+    return {"state": {n: t.detach().cpu() for n, t in meta.state_dict().items()},
             "calibration": calibration, "num_classes": k,
-            "history": [{k2: round(v, 5) for k2, v in h.items()} for h in fit.history],
+            "history": [{k2: round(v, 5) for k2, v in h.items()} for h in history],
             "shadows": _summary(train.meta + val.meta)}
+
+
+def _fit_stamp_member(j: _VariantJob, train: LoadedShadows, val: LoadedShadows, k: int,
+                      data: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+    assert data is not None and j.stamp is not None  # fit_bundle shares the images
+    fit = fit_stamp_meta(train.models, train.labels, images=data[0], image_labels=data[1],
+                         num_classes=k, config=j.settings.stamp_config(),
+                         val_models=val.models, val_labels=val.labels, seed=j.seed + j.stamp,
+                         device=j.device, description=f"meta-classifier ({STAMP}.{j.stamp})")
+    calibration = _calibration(raw_scores(fit.meta, val.models), np.asarray(val.labels),
+                               j.settings.fpr, fit.best_epoch)
+    calibration.update(kind=STAMP, num_anchors=int(fit.meta.anchors.shape[0]))
+    return _fitted(fit.meta, calibration, k, fit.history, train, val)
 
 
 def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
@@ -344,18 +396,26 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
     jobs += [Task(m, None, (_VariantJob(str(folder), settings, "qt", seed, shape, mean, std,
                                         device, i),))
              for i, m in enumerate(settings.member_names())]
-    shared = (pool.x, pool.labels()) if settings.data_members else None
+    jobs += [Task(m, None, (_VariantJob(str(folder), settings, STAMP, seed, shape, mean, std,
+                                        device, stamp=i),))
+             for i, m in enumerate(settings.stamp_names())]
+    shared = (pool.x, pool.labels()) if settings.needs_images() else None
     run = run_tasks(_fit_variant, jobs, shared=shared, backend=backend,
                     workers=workers, threads=threads, description="meta-classifiers")
     variants, calibration, fits = {}, {}, {}
     k = 0
     shadow_summary: dict[str, Any] = {}
-    for v in (*settings.variants, *settings.member_names()):
+    for v in (*settings.variants, *settings.member_names(), *settings.stamp_names()):
         res = run.results[v]
         k = int(res["num_classes"])
-        cfg = settings.meta_config(v) if v in VARIANTS else settings.member_config()
-        meta = MetaClassifier(shape, k, num_queries=cfg.num_queries, hidden=cfg.hidden,
-                              one_class=cfg.variant == "one_class", response=cfg.response)
+        meta: MetaClassifier | StampMeta
+        if v in settings.stamp_names():
+            meta = StampMeta(res["state"]["anchors"], res["state"]["anchor_labels"], k,
+                             num_stamps=settings.stamp_count, hidden=settings.hidden)
+        else:
+            cfg = settings.meta_config(v) if v in VARIANTS else settings.member_config()
+            meta = MetaClassifier(shape, k, num_queries=cfg.num_queries, hidden=cfg.hidden,
+                                  one_class=cfg.variant == "one_class", response=cfg.response)
         meta.load_state_dict(res["state"])
         meta.eval()
         for p in meta.parameters():
@@ -379,4 +439,6 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
         **(extra_info or {}),
     }
     ensembles = {DATA_ENSEMBLE: settings.member_names()} if settings.data_members else {}
+    if settings.stamp_members:
+        ensembles[STAMP] = settings.stamp_names()
     return MetaBundle(name, shape, k, variants, calibration, info, ensembles=ensembles)

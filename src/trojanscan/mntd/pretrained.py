@@ -7,8 +7,9 @@ one or more variants (``qt.queries``, ``qt.fc.weight``, …, ``one_class.w``) an
 benign and trojaned shadow models, the decision threshold), the SHA-256 of the weights
 file and how it was trained. No pickles anywhere. A bundle may also hold *ensembles*
 (``"ensembles": {"qt_data": ["qt_data.0", …]}`` in the JSON): named groups of entries
-whose meta-classifier kind (``"kind"``: ``qt``, ``no_qt`` or ``one_class``; an entry
-without it is named after its kind) the detector scores together. Bundles without
+whose meta-classifier kind (``"kind"``: ``qt``, ``no_qt``, ``one_class`` or ``stamp`` —
+trojanscan.mntd.stamps; an entry without it is named after its kind) the detector scores
+together. Bundles without
 ensembles (format version 1) load unchanged.
 
 Shipped bundles (``trojanscan/data/``, made by ``scripts/make_mntd_pretrained.py``):
@@ -31,6 +32,12 @@ import torch
 from ..exceptions import IncompatibleError, ModelError, ParameterError
 from ..utils import atomic_path, atomic_write_text, sha256_file
 from .meta import VARIANTS, MetaClassifier
+from .stamps import STAMP, StampMeta
+
+#: a bundle entry: one of MNTD's meta-classifiers or a stamp-probing one
+Meta = MetaClassifier | StampMeta
+#: entry kinds a bundle may hold
+KINDS = (*VARIANTS, STAMP)
 
 FORMAT = "trojanscan-mntd-meta"
 FORMAT_VERSION = 2  # 2: entries may carry "kind"; optional "ensembles"
@@ -45,7 +52,7 @@ class MetaBundle:
     name: str
     input_shape: tuple[int, int, int]
     num_classes: int
-    variants: Mapping[str, MetaClassifier]
+    variants: Mapping[str, Meta]
     calibration: Mapping[str, Mapping[str, Any]]
     info: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -55,7 +62,7 @@ class MetaBundle:
     def shape_text(self) -> str:
         return f"{'×'.join(map(str, self.input_shape))} → {self.num_classes}"
 
-    def variant(self, name: str) -> tuple[MetaClassifier, Mapping[str, Any]]:
+    def variant(self, name: str) -> tuple[Meta, Mapping[str, Any]]:
         if name not in self.variants:
             raise ParameterError(f"invalid variant: expected one of "
                                  f"{', '.join(sorted(self.variants))} (in {self.name}), "
@@ -65,9 +72,10 @@ class MetaBundle:
     def members(self, ensemble: str) -> tuple[str, ...]:
         if ensemble not in self.ensembles:
             have = ", ".join(sorted(self.ensembles)) or "none"
+            flag = "--stamp-members" if ensemble == STAMP else "--data-members"
             raise ModelError(f"MNTD: {self.name} has no {ensemble!r} ensemble (it has: "
                              f"{have}); train one with 'trojanscan mntd train "
-                             f"--data-members N'")
+                             f"{flag} N'")
         return self.ensembles[ensemble]
 
 
@@ -87,13 +95,16 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
             tensors[f"{name}.{k}"] = v.detach().cpu().contiguous().float()
         cal = dict(bundle.calibration.get(name, {}))
         kind = cal.pop("kind", name)
-        if kind not in VARIANTS:
+        if kind not in KINDS or (kind == STAMP) != isinstance(meta, StampMeta):
             raise ParameterError(f"invalid bundle entry {name!r}: expected a variant name "
-                                 f"({', '.join(VARIANTS)}) or a 'kind' in its calibration")
+                                 f"({', '.join(KINDS)}) or a 'kind' in its calibration "
+                                 "that matches its meta-classifier")
+        shape = ({"num_stamps": meta.num_stamps, "hidden": meta.hidden}
+                 if isinstance(meta, StampMeta) else
+                 {"num_queries": meta.num_queries, "hidden": meta.hidden,
+                  "one_class": meta.one_class, "response": meta.response})
         variants[name] = {
-            **({"kind": kind} if name in members or kind != name else {}),
-            "num_queries": meta.num_queries, "hidden": meta.hidden,
-            "one_class": meta.one_class, "response": meta.response, **cal,
+            **({"kind": kind} if name in members or kind != name else {}), **shape, **cal,
         }
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
@@ -115,6 +126,10 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
 #: JSON) must not override them
 _STRUCTURAL = ("format", "format_version", "name", "input_shape", "num_classes", "weights",
                "variants", "ensembles")
+
+
+#: entry keys that describe a meta-classifier's shape (not its calibration)
+_SHAPE_KEYS = ("num_queries", "hidden", "one_class", "response", "num_stamps")
 
 
 def _check_ensemble(name: str, members: Any, entries: Mapping[str, Any]) -> None:
@@ -152,24 +167,31 @@ def load_bundle(path: str | Path) -> MetaBundle:
         tensors = load_file(str(weights))
         shape = tuple(int(s) for s in doc["input_shape"])
         k = int(doc["num_classes"])
-        variants: dict[str, MetaClassifier] = {}
+        variants: dict[str, Meta] = {}
         calibration: dict[str, dict[str, Any]] = {}
         for name, spec in doc["variants"].items():
             kind = spec.get("kind", name)
-            if kind not in VARIANTS:
+            if kind not in KINDS:
                 raise ValueError(f"unknown variant {kind!r} (entry {name!r})")
-            meta = MetaClassifier(shape, k, num_queries=int(spec["num_queries"]),
-                                  hidden=int(spec["hidden"]), one_class=bool(spec["one_class"]),
-                                  response=str(spec.get("response", "logits")))
             prefix = f"{name}."
-            meta.load_state_dict({n[len(prefix):]: t for n, t in tensors.items()
-                                  if n.startswith(prefix)})
+            state = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+            meta: Meta
+            if kind == STAMP:
+                meta = StampMeta(state["anchors"], state["anchor_labels"], k,
+                                 num_stamps=int(spec["num_stamps"]), hidden=int(spec["hidden"]))
+                if meta.input_shape != shape:
+                    raise ValueError(f"entry {name!r} has anchors of shape {meta.input_shape}")
+            else:
+                meta = MetaClassifier(shape, k, num_queries=int(spec["num_queries"]),
+                                      hidden=int(spec["hidden"]),
+                                      one_class=bool(spec["one_class"]),
+                                      response=str(spec.get("response", "logits")))
+            meta.load_state_dict(state)
             meta.eval()
             for p in meta.parameters():
                 p.requires_grad_(False)
             variants[name] = meta
-            calibration[name] = {key: v for key, v in spec.items()
-                                 if key not in ("num_queries", "hidden", "one_class", "response")}
+            calibration[name] = {key: v for key, v in spec.items() if key not in _SHAPE_KEYS}
         raw_ensembles = doc.get("ensembles", {})
         if not isinstance(raw_ensembles, dict):
             raise ValueError(f"'ensembles' must map names to entry lists, got "

@@ -42,6 +42,10 @@ from ..exceptions import ModelError, bad_param
 from ..progress import progress
 from ..utils import pick_device, seed_everything
 from .calibration import auroc
+from .meta import raw_scores
+
+#: the bundle entry kind, and ensemble name, of stamp-probing meta-classifiers
+STAMP = "stamp"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class StampMeta(nn.Module):
 
     anchors: torch.Tensor
     anchor_labels: torch.Tensor
+    one_class = False  # a binary (BCE) meta-classifier, as MNTD's ``qt``
 
     def __init__(self, anchors: torch.Tensor, anchor_labels: torch.Tensor, num_classes: int,
                  *, num_stamps: int = 8, hidden: int = 20) -> None:
@@ -115,6 +120,17 @@ class StampMeta(nn.Module):
     @property
     def hidden(self) -> int:
         return int(self.fc.out_features)
+
+    @property
+    def num_queries(self) -> int:
+        """Inputs the model answers per scan: the anchors, clean and under every stamp."""
+        return int(self.anchors.shape[0]) * (1 + self.num_stamps)
+
+    def preview(self) -> torch.Tensor:
+        """What to show of the learned queries: each stamp on the first anchor (``J×C×H×W``)."""
+        m = torch.sigmoid(self.mask_logits)
+        p = torch.sigmoid(self.pattern_logits)
+        return ((1 - m) * self.anchors[:1] + m * p).detach()
 
     def stamped(self) -> torch.Tensor:
         """Every anchor under every stamp: ``(J·N)×C×H×W``, stamp-major."""
@@ -156,14 +172,6 @@ def pick_anchors(images: torch.Tensor, labels: torch.Tensor, per_class: int,
         raise bad_param("anchor images", "at least one labelled image", 0)
     t = torch.tensor(sorted(idx))
     return images[t].float(), labels[t].long()
-
-
-@torch.no_grad()
-def stamp_raw_scores(meta: StampMeta, models: Sequence[nn.Module]) -> np.ndarray:
-    """Raw suspicion of each model (no gradients)."""
-    meta.eval()
-    out = [float(meta([m])[0]) for m in models]
-    return np.asarray(out, dtype=np.float64)
 
 
 @dataclass
@@ -226,7 +234,7 @@ def fit_stamp_meta(models: Sequence[nn.Module], labels: Sequence[int], *,
                 bar.advance()
             record = {"epoch": float(epoch), "loss": total / n}
             if can_select:
-                auc = auroc(yv, stamp_raw_scores(meta, val_models))
+                auc = auroc(yv, raw_scores(meta, val_models))
                 record["val_auroc"] = auc
                 if auc > best_auc:
                     best_auc, best_epoch = auc, epoch
