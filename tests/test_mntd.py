@@ -335,6 +335,12 @@ def test_combine_standardised_sums_z_scores_against_the_benign_shadows() -> None
                                                     [[0.0, 2.0], [8.0, 12.0]])
     assert raw == pytest.approx(2.0 + 2.0)
     assert shadows == pytest.approx([-2.0, 2.0])  # each benign shadow's own sum
+    raw, shadows = calibration.combine_standardised([3.0, 14.0], [[0.0, 2.0], [8.0, 12.0]],
+                                                    weights=[0.5, 2.0])
+    assert raw == pytest.approx(0.5 * 2.0 + 2.0 * 2.0)
+    assert shadows == pytest.approx([-2.5, 2.5])
+    with pytest.raises(ValueError, match="one weight"):
+        calibration.standardised_sums([[1.0]], [[0.0, 1.0]], weights=[1.0, 1.0])
     # a variant whose benign outputs do not vary is centred only
     raw, _ = calibration.combine_standardised([5.0], [[4.0, 4.0]])
     assert raw == pytest.approx(1.0)
@@ -700,6 +706,13 @@ def test_stamp_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tmp_
         [cal[m]["benign_raw"] for m in ("stamp.0", "stamp.1")])
     assert r1.evidence["raw_score"] == pytest.approx(want)
     assert r1.images["mntd_queries"].shape == (8, 4 * 9)  # the 4 stamps on an anchor
+    # stamp_qt: the stamp ensemble's mean z-score plus the paper's qt's z-score
+    mix = MNTD(meta_classifier=str(sidecar), variant="stamp_qt").fit(model, digits)
+    assert set(mix.evidence["component_raw_scores"]) == {"stamp.0", "stamp.1", "qt"}
+    qt_benign = np.asarray(cal["qt"]["benign_raw"])
+    qt_z = (mix.evidence["component_raw_scores"]["qt"] - qt_benign.mean()) / qt_benign.std()
+    assert mix.evidence["raw_score"] == pytest.approx(r1.evidence["raw_score"] / 2 + qt_z)
+    assert 0 < mix.p_value <= 1 and mix.evidence["variant"] == "stamp_qt"
     with pytest.raises(ModelError, match=r"no 'stamp' ensemble.*--stamp-members"):
         MNTD(meta_classifier="digits", variant="stamp").fit(
             archs.build("mlp", (1, 8, 8), 10), digits)

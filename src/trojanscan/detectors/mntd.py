@@ -72,9 +72,12 @@ from .base import ModelDetector, ModelScanResult, borrow_model
 COMBINED = "combined"
 COMBINED_PARTS = ("qt", "one_class")
 AUTO = "auto"
-DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP)
+#: variants that add up other variants (beyond the paper): an ensemble's members count
+#: 1/n each, so every named part weighs the same
+MIXES: dict[str, tuple[str, ...]] = {"stamp_qt": (STAMP, "qt")}
+DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
 #: the variants that sum several standardised meta-classifier outputs
-SUMMED = (COMBINED, DATA_ENSEMBLE, STAMP)
+SUMMED = (COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
 #: the bundle ensembles a variant of the same name scores
 ENSEMBLES = (DATA_ENSEMBLE, STAMP)
 #: what the verdict's threshold, p-value and score are calibrated on
@@ -151,7 +154,7 @@ class MNTD(ModelDetector):
             variant = self.variant
             if variant == AUTO:
                 variant = DATA_ENSEMBLE if DATA_ENSEMBLE in bundle.ensembles else "qt"
-            parts = self._parts(bundle, variant)
+            parts, weights = self._parts(bundle, variant)
             raws: dict[str, float] = {}
             cals = {}
             for v in parts:
@@ -170,7 +173,8 @@ class MNTD(ModelDetector):
         benign_of = [list(cals[v].get("benign_raw", [])) for v in parts]
         if summed:
             try:
-                raw, benign_arr = combine_standardised([raws[v] for v in parts], benign_of)
+                raw, benign_arr = combine_standardised([raws[v] for v in parts], benign_of,
+                                                       weights)
             except ValueError as exc:
                 raise ModelError(f"MNTD: the {variant} variant needs calibration of "
                                  f"{', '.join(parts)} on the same benign shadows ({exc})"
@@ -182,7 +186,7 @@ class MNTD(ModelDetector):
             raw, benign = raws[parts[0]], benign_of[0]
             default_threshold = float(cal.get("threshold", 0.0))
             one_class = shown.one_class
-        reference = self._reference_null(bundle, variant, parts, cals, benign_of)
+        reference = self._reference_null(bundle, variant, parts, cals, benign_of, weights)
         if reference is not None:
             null = reference
             default_threshold = threshold_at_fpr(null, float(cal.get("fpr", 0.05)))
@@ -213,7 +217,8 @@ class MNTD(ModelDetector):
             images={"mntd_queries": query_grid(shown.preview())})
 
     def _reference_null(self, bundle: MetaBundle, variant: str, parts: tuple[str, ...],
-                        cals: dict, benign_of: list[list[float]]) -> list[float] | None:
+                        cals: dict, benign_of: list[list[float]],
+                        weights: tuple[float, ...]) -> list[float] | None:
         """The clean reference models' raw outputs on ``variant``'s scale, when this
         calibration uses them (``None``: calibrate on the benign shadows)."""
         if self.calibration == "shadows":
@@ -230,22 +235,31 @@ class MNTD(ModelDetector):
         if variant not in SUMMED:
             return [float(v) for v in refs[0]]
         try:
-            return standardised_sums(refs, benign_of).tolist()
+            return standardised_sums(refs, benign_of, weights).tolist()
         except ValueError as exc:
             raise ModelError(f"MNTD: {bundle.name}'s reference outputs for {variant} do "
                              f"not match ({exc})") from exc
 
     @staticmethod
-    def _parts(bundle: MetaBundle, variant: str) -> tuple[str, ...]:
-        """The bundle entries ``variant`` scores with."""
+    def _parts(bundle: MetaBundle, variant: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """The bundle entries ``variant`` scores with, and their weights in the sum."""
+        if variant in MIXES:
+            names: list[str] = []
+            weights: list[float] = []
+            for piece in MIXES[variant]:
+                sub, _ = MNTD._parts(bundle, piece)
+                names += sub
+                weights += [1.0 / len(sub)] * len(sub)
+            return tuple(names), tuple(weights)
         if variant in ENSEMBLES:
-            return bundle.members(variant)
+            members = bundle.members(variant)
+            return members, (1.0,) * len(members)
         parts = COMBINED_PARTS if variant == COMBINED else (variant,)
         if variant == COMBINED and not set(parts) <= set(bundle.variants):
             raise ModelError(f"MNTD: the combined variant needs the bundle's "
                              f"{' and '.join(COMBINED_PARTS)} meta-classifiers; "
                              f"{bundle.name} has {', '.join(sorted(bundle.variants))}")
-        return parts
+        return parts, (1.0,) * len(parts)
 
     @staticmethod
     def _num_classes(model: nn.Module, shape: tuple[int, int, int], dev: torch.device) -> int:

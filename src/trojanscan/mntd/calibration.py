@@ -55,32 +55,37 @@ def ecdf_score(raw: float, benign: Sequence[float] | np.ndarray) -> float:
     return float((np.sum(b < raw) + 0.5 * np.sum(b == raw)) / b.size)
 
 
-def combine_standardised(raws: Sequence[float],
-                         benign: Sequence[Sequence[float]]) -> tuple[float, np.ndarray]:
-    """Sum of ``(raw_i − mean(benign_i)) / std(benign_i)`` over the variants ``i``, and the
-    same sum for each benign shadow (``benign[i][j]``: variant ``i``'s output on benign
-    shadow ``j``). A variant whose benign outputs do not vary is centred only."""
+def combine_standardised(raws: Sequence[float], benign: Sequence[Sequence[float]],
+                         weights: Sequence[float] | None = None) -> tuple[float, np.ndarray]:
+    """Sum of ``w_i · (raw_i − mean(benign_i)) / std(benign_i)`` over the variants ``i``
+    (``weights``: all 1 when not given), and the same sum for each benign shadow
+    (``benign[i][j]``: variant ``i``'s output on benign shadow ``j``). A variant whose
+    benign outputs do not vary is centred only."""
     if len(raws) != len(benign) or not raws:
         raise ValueError("one list of benign outputs per raw output is needed")
     lists = _same_size_lists(benign, "benign shadows")
-    total = float(standardised_sums([[float(r)] for r in raws], lists)[0])
-    return total, standardised_sums(lists, lists)
+    total = float(standardised_sums([[float(r)] for r in raws], lists, weights)[0])
+    return total, standardised_sums(lists, lists, weights)
 
 
-def standardised_sums(values: Sequence[Floats], benign: Sequence[Floats]) -> np.ndarray:
-    """For each model ``j``, ``Σ_i (values[i][j] − mean(benign_i)) / std(benign_i)``: the
-    summed z-scores of models (``values[i][j]``: variant ``i`` on model ``j``) against the
-    benign shadows — how :func:`combine_standardised` places other models (such as clean
-    reference models) on its scale."""
+def standardised_sums(values: Sequence[Floats], benign: Sequence[Floats],
+                      weights: Sequence[float] | None = None) -> np.ndarray:
+    """For each model ``j``, ``Σ_i w_i · (values[i][j] − mean(benign_i)) / std(benign_i)``:
+    the (weighted) summed z-scores of models (``values[i][j]``: variant ``i`` on model
+    ``j``) against the benign shadows — how :func:`combine_standardised` places other
+    models (such as clean reference models) on its scale."""
     if len(values) != len(benign) or not values:
         raise ValueError("one list of benign outputs per list of values is needed")
+    w = [1.0] * len(values) if weights is None else [float(x) for x in weights]
+    if len(w) != len(values):
+        raise ValueError("one weight per variant is needed")
     vals = _same_size_lists(values, "models")
     lists = _same_size_lists(benign, "benign shadows")
     total = np.zeros(vals[0].size)
-    for v, b in zip(vals, lists):
+    for v, b, wi in zip(vals, lists, w):
         sd = float(b.std())
         sd = sd if sd > 1e-12 * max(1.0, float(np.abs(b).max())) else 1.0
-        total += (v - b.mean()) / sd
+        total += wi * (v - b.mean()) / sd
     return total
 
 
