@@ -72,7 +72,7 @@ PRESETS: dict[str, dict] = {
                                   archs=("small_cnn", "lenet", "mlp"), shadow_epochs=20,
                                   shadow_batch_size=64, shadow_lr=1e-3, meta_epochs=40,
                                   response="logits", shadow_poisoning="append",
-                                  data_members=5),
+                                  data_members=5, stamp_members=3, stamp_family="wide"),
         # clean models trained outside the share calibrate the verdict (session 10)
         "reference_models": 64,
     },
@@ -104,6 +104,7 @@ def make(name: str, args: argparse.Namespace) -> Path:
                                    ("jumbo_family", args.family),
                                    ("data_members", args.data_members),
                                    ("stamp_members", args.stamp_members),
+                                   ("stamp_family", args.stamp_family),
                                    ("query_holdout", args.query_holdout),
                                    ("archs", None if args.archs is None else
                                     tuple(args.archs.split(",")))) if v is not None}
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="override: members of the qt_data ensemble")
     ap.add_argument("--stamp-members", type=int, default=None,
                     help="override: members of the stamp ensemble (trojanscan.mntd.stamps)")
+    ap.add_argument("--stamp-family", default=None,
+                    help="override: jumbo family of the stamp members' shadows (paper, wide)")
     ap.add_argument("--query-holdout", type=float, default=None,
                     help="override: share of the defender's data kept out of the shadows "
                          "for the qt_data queries to start from")

@@ -44,6 +44,7 @@ from trojanscan.mntd.pipeline import (
     TrainSettings,
     check_member_data,
     fit_bundle,
+    load_shadow_split,
     query_pool_split,
     train_shadow_set,
 )
@@ -409,6 +410,28 @@ def test_shadow_training_resumes_without_retraining(digits: ImageDataset, tmp_pa
         train_shadow_set(data, tmp_path, other, seed=3, backend="sequential")
 
 
+def test_stamp_family_shadows_go_to_their_own_folder_and_resume(digits: ImageDataset,
+                                                                tmp_path: Path) -> None:
+    """Stamp members of another jumbo family train on the same benign shadows and their
+    own jumbo shadows (jumbo-wide/); the paper's set is untouched."""
+    data = shadows.ShadowData(digits.subset(slice(0, 120)), 10)
+    settings_ = dataclasses.replace(_tiny_settings(2), stamp_members=1, stamp_family="wide")
+    run = train_shadow_set(data, tmp_path, settings_, seed=3, backend="sequential")
+    assert len(run.ran) == 6
+    assert sorted(p.name for p in (tmp_path / "jumbo-wide").iterdir()) == [
+        "jumbo-0000.safetensors", "jumbo-0001.safetensors"]
+    train, val = load_shadow_split(tmp_path, settings_, 3, stamps=True)
+    paper_train, paper_val = load_shadow_split(tmp_path, settings_, 3)
+    fam = [m.get("family") for m in train.meta + val.meta if m["kind"] == "jumbo"]
+    assert fam == ["wide", "wide"]
+    assert [m.get("family", "paper") for m in paper_train.meta + paper_val.meta
+            if m["kind"] == "jumbo"] == ["paper", "paper"]
+    assert [m["seed"] for m in train.meta if m["kind"] == "benign"] == [
+        m["seed"] for m in paper_train.meta if m["kind"] == "benign"]  # shared benign
+    again = train_shadow_set(data, tmp_path, settings_, seed=3, backend="sequential")
+    assert not again.ran and len(again.skipped) == 6
+
+
 def test_shadow_files_round_trip_and_record_the_trigger(digits: ImageDataset,
                                                         tmp_path: Path) -> None:
     data = shadows.ShadowData(digits.subset(slice(0, 120)), 10, digits.subset(slice(200, 260)))
@@ -561,7 +584,8 @@ def test_detector_with_user_bundle_is_deterministic_and_borrows(tiny_meta: dict,
     assert model.training and count_hooks(model) == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.requires_grad for p in model.parameters())
-    assert r1.images["mntd_queries"].shape == (8, 10 * 9)
+    assert r1.evidence["variant"] == "stamp_qt_data"  # auto: stamps + qt_data, when there
+    assert r1.images["mntd_queries"].shape == (8, 4 * 9)  # the first part's: 4 stamps
     with pytest.raises(ParameterError, match="variant"):
         MNTD(meta_classifier=str(sidecar), variant="no_qt").fit(model, digits)
     with pytest.raises(ParameterError, match="variant"):
@@ -646,7 +670,9 @@ def test_qt_data_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tm
     r1 = MNTD(meta_classifier=str(sidecar), variant="qt_data").fit(model, digits)
     r2 = MNTD(meta_classifier=str(sidecar), variant="qt_data").fit(model, digits)
     assert r1.score == r2.score and r1.verdict == r2.verdict and 0 <= r1.score <= 1
-    auto = MNTD(meta_classifier=str(sidecar)).fit(model, digits)  # default: auto
+    no_stamps = dataclasses.replace(back, ensembles={"qt_data": back.ensembles["qt_data"]})
+    _, without = save_bundle(tmp_path / "no_stamps", no_stamps)
+    auto = MNTD(meta_classifier=str(without)).fit(model, digits)  # auto, no stamp members
     assert auto.evidence["variant"] == "qt_data" and auto.score == r1.score
     plain = MNTD(meta_classifier="digits").fit(model, digits)  # no ensemble: the paper's qt
     assert plain.evidence["variant"] == "qt"
@@ -803,10 +829,10 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
     assert exc.value.code == 0
     sidecar = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert sidecar == tmp_path / "mntd_1x8x8_10.json"
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "shadows").iterdir()}
-    assert len(stamps) == 4
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "shadows").rglob("*.safetensors")}
+    assert len(stamps) == 6  # + the stamp member's own (wide) jumbo shadows
     r = MNTD(meta_classifier=str(sidecar)).fit(archs.build("mlp", (1, 8, 8), 10), digits)
-    assert r.detector == "mntd" and r.evidence["variant"] == "qt_data"
+    assert r.detector == "mntd" and r.evidence["variant"] == "stamp_qt_data"
     assert load_bundle(sidecar).ensembles == {"qt_data": ("qt_data.0",),
                                               "stamp": ("stamp.0",)}
     with pytest.raises(SystemExit) as exc:

@@ -76,7 +76,12 @@ def train(
         "--stamp-members", help="Also train the stamp ensemble (beyond the paper): this "
                                 "many meta-classifiers that learn stamps, apply them to "
                                 "your images and read the change of the model's class "
-                                "probabilities. 0: none.")] = 0,
+                                "probabilities (with qt_data: the detector's default). "
+                                "0: none.")] = 3,
+    stamp_family: Annotated[str, typer.Option(
+        "--stamp-family", help="Jumbo triggers the stamp members learn from: paper or wide "
+                               "(extra jumbo shadows, a third of them source-specific, "
+                               "in shadows/jumbo-wide/).")] = "wide",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, ...")] = "auto",
     ray_address: Annotated[str | None, typer.Option(
@@ -117,7 +122,7 @@ def train(
         response=response, shadow_poisoning=poisoning, jumbo_family=jumbo_family,
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         data_members=data_members, data_query_eps=data_query_eps,
-        query_holdout=query_holdout, stamp_members=stamp_members)
+        query_holdout=query_holdout, stamp_members=stamp_members, stamp_family=stamp_family)
     settings.validate()
     ds = load_dataset(data)
     ds.require_classes(2)

@@ -74,7 +74,10 @@ COMBINED_PARTS = ("qt", "one_class")
 AUTO = "auto"
 #: variants that add up other variants (beyond the paper): an ensemble's members count
 #: 1/n each, so every named part weighs the same
-MIXES: dict[str, tuple[str, ...]] = {"stamp_qt": (STAMP, "qt")}
+MIXES: dict[str, tuple[str, ...]] = {"stamp_qt_data": (STAMP, DATA_ENSEMBLE),
+                                     "stamp_qt": (STAMP, "qt")}
+#: what ``auto`` takes: the first whose parts the bundle holds
+AUTO_ORDER = ("stamp_qt_data", DATA_ENSEMBLE, "qt")
 DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
 #: the variants that sum several standardised meta-classifier outputs
 SUMMED = (COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
@@ -153,7 +156,7 @@ class MNTD(ModelDetector):
             check_fits(bundle, shape, k)
             variant = self.variant
             if variant == AUTO:
-                variant = DATA_ENSEMBLE if DATA_ENSEMBLE in bundle.ensembles else "qt"
+                variant = next(v for v in AUTO_ORDER if self._holds(bundle, v))
             parts, weights = self._parts(bundle, variant)
             raws: dict[str, float] = {}
             cals = {}
@@ -239,6 +242,13 @@ class MNTD(ModelDetector):
         except ValueError as exc:
             raise ModelError(f"MNTD: {bundle.name}'s reference outputs for {variant} do "
                              f"not match ({exc})") from exc
+
+    @staticmethod
+    def _holds(bundle: MetaBundle, variant: str) -> bool:
+        """Whether the bundle has what ``variant`` scores with (``qt`` always counts)."""
+        if variant in MIXES:
+            return all(MNTD._holds(bundle, v) for v in MIXES[variant])
+        return variant in bundle.ensembles or variant in bundle.variants or variant == "qt"
 
     @staticmethod
     def _parts(bundle: MetaBundle, variant: str) -> tuple[tuple[str, ...], tuple[float, ...]]:

@@ -60,7 +60,6 @@ from .shadows import (
     plan_shadows,
     shadow_path,
     shadow_task,
-    shadow_tasks,
 )
 from .stamps import STAMP, StampConfig, StampMeta, fit_stamp_meta
 
@@ -95,6 +94,7 @@ class TrainSettings:
     stamp_count: int = 8  # their stamps
     stamp_anchors: int = 2  # their clean anchor images per class
     stamp_epochs: int = 20
+    stamp_family: str = "paper"  # the jumbo triggers the stamp members train against
     fpr: float = 0.05  # threshold: at most this share of held-out benign shadows flagged
 
     def validate(self) -> None:
@@ -126,6 +126,7 @@ class TrainSettings:
             raise bad_param("poisoning", POISONINGS, self.shadow_poisoning)
         check_regime(self.shadow_regime)
         check_options(self.jumbo_rates, self.jumbo_family)
+        check_options(self.jumbo_rates, self.stamp_family)
 
     def specs(self, seed: int) -> list[ShadowSpec]:
         return plan_shadows(self.num_shadows, self.archs, seed=seed, epochs=self.shadow_epochs,
@@ -154,6 +155,18 @@ class TrainSettings:
         return StampConfig(num_stamps=int(self.stamp_count),
                            anchors_per_class=int(self.stamp_anchors), hidden=self.hidden,
                            epochs=int(self.stamp_epochs), lr=self.meta_lr)
+
+    def placed_specs(self, seed: int, folder: str | Path, *, stamps: bool = False,
+                     ) -> list[tuple[ShadowSpec, Path]]:
+        """Every planned shadow with its file: the set the paper's variants and ``qt_data``
+        train on, or (``stamps``) the one the stamp members train on — the same benign
+        shadows, and jumbo shadows of ``stamp_family``, kept in the sub-folder
+        ``jumbo-<family>/`` when that differs from ``jumbo_family``."""
+        family = self.stamp_family if stamps else self.jumbo_family
+        specs = replace(self, jumbo_family=family).specs(seed)
+        own = Path(folder) / f"jumbo-{family}"
+        return [(s, shadow_path(own if s.kind == "jumbo" and family != self.jumbo_family
+                                else folder, s)) for s in specs]
 
     def stamp_names(self) -> tuple[str, ...]:
         return tuple(f"{STAMP}.{i}" for i in range(int(self.stamp_members)))
@@ -245,12 +258,16 @@ def train_shadow_set(data: ShadowData, folder: str | Path, settings: TrainSettin
     settings.validate()
     data = replace(data, train=query_pool_split(data.train, settings.query_holdout,
                                                 seed=seed)[0])
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    specs = settings.specs(seed)
-    for spec in specs:
-        if shadow_path(folder, spec).is_file():
-            check_reusable(shadow_path(folder, spec), spec)
-    tasks = shadow_tasks(specs, folder)
+    placed = settings.placed_specs(seed, folder)
+    if settings.stamp_members:  # the stamp members' own jumbo shadows, if of another family
+        placed += [(s, p) for s, p in settings.placed_specs(seed, folder, stamps=True)
+                   if p.parent != Path(folder)]
+    for spec, path in placed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            check_reusable(path, spec)
+    tasks = [Task(f"{s.key}" if p.parent == Path(folder) else f"{s.key}-{s.family}", p, (s,))
+             for s, p in placed]
     return run_tasks(shadow_task, tasks, shared=data, backend=backend, workers=workers,
                      address=address, description="shadow models")
 
@@ -262,13 +279,13 @@ class LoadedShadows:
     meta: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load_shadow_split(folder: str | Path, settings: TrainSettings, seed: int,
-                      ) -> tuple[LoadedShadows, LoadedShadows]:
-    """(training, held-out) shadows of the planned set; missing files are an error."""
+def load_shadow_split(folder: str | Path, settings: TrainSettings, seed: int, *,
+                      stamps: bool = False) -> tuple[LoadedShadows, LoadedShadows]:
+    """(training, held-out) shadows of the planned set (``stamps``: the stamp members'
+    set, :meth:`TrainSettings.placed_specs`); missing files are an error."""
     train, val = LoadedShadows(), LoadedShadows()
     missing = []
-    for spec in settings.specs(seed):
-        path = shadow_path(folder, spec)
+    for spec, path in settings.placed_specs(seed, folder, stamps=stamps):
         if not path.is_file():
             missing.append(path.name)
             continue
@@ -316,7 +333,7 @@ def _fit_variant(task: Task, data: tuple[torch.Tensor, torch.Tensor] | None) -> 
     defender's images and labels, where member queries start); returns plain tensors and
     numbers."""
     (j,) = task.args
-    train, val = load_shadow_split(j.folder, j.settings, j.seed)
+    train, val = load_shadow_split(j.folder, j.settings, j.seed, stamps=j.stamp is not None)
     k = int(train.meta[0]["num_classes"])
     if j.stamp is not None:
         return _fit_stamp_member(j, train, val, k, data)
