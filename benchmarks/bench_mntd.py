@@ -253,7 +253,11 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
     variants = [v for v in bundle.variants if v in VARIANTS]
     if {"qt", "one_class"} <= set(variants):
         variants.append("combined")  # the detector's qt + one_class (beyond the paper)
-    variants += list(bundle.ensembles)  # qt_data (beyond the paper)
+    variants += list(bundle.ensembles)  # qt_data, stamp (beyond the paper)
+    from trojanscan.detectors.mntd import MIXES
+
+    variants += [m for m, parts in MIXES.items()  # stamp_qt_data, stamp_qt
+                 if all(p in bundle.ensembles or p in bundle.variants for p in parts)]
     has_refs = all("reference_raw" in c for c in bundle.calibration.values())
     calibrations = ("shadows", "reference") if has_refs else ("shadows",)
     for variant in variants:

@@ -5,9 +5,11 @@ Every setting is in :data:`PRESETS` below and recorded in the bundle's JSON; wit
 seed, data and torch build the shadows are the same (each shadow has its own derived
 seed, whatever backend trains it). Shadows are resumable files under ``--workdir``.
 
-Usage. The shipped Fashion-MNIST bundle (session 6: the paper's variants plus the
-``qt_data`` ensemble of 5) was made on a 2-core CPU machine, shadows by 2 worker
-processes (~15 min), meta-classifiers 2 at a time (~5 min)::
+Usage. The shipped Fashion-MNIST bundle (the paper's variants, the ``qt_data`` ensemble
+of 5 since session 6 and the ``stamp`` ensemble of 3 since session 12, whose members train
+against 256 extra ``wide``-family jumbo shadows in ``shadows/jumbo-wide/``) was made on a
+2-core CPU machine, shadows by 2 worker processes (~18 min for 512, ~24 min for the 256
+wide ones with other jobs running), meta-classifiers 2 at a time (~14 min)::
 
     python scripts/make_mntd_pretrained.py --which fashion-mnist --backend processes \\
         --workers 2 --meta-backend processes --meta-workers 2 \\

@@ -549,6 +549,21 @@ def test_tiny_meta_classifier_separates_clean_and_backdoored_models(tiny_meta: d
     assert bundle.calibration["qt"]["val_auroc"] >= 0.75
 
 
+def test_tiny_stamp_ensemble_separates_clean_and_backdoored_models(tiny_meta: dict,
+                                                                   digits: ImageDataset,
+                                                                   ) -> None:
+    """The stamp members (4 stamps, 6 training shadows per kind) rank the 4 BadNets-like
+    models above the 4 clean ones trained on other data; single members measured
+    0.56–1.0 over fixture seeds 0–2 (qt_data's members 0.06–0.56 on the same models),
+    the two-member ensemble through the detector is asserted."""
+    bundle: MetaBundle = tiny_meta["bundle"]
+    tmp = tiny_meta["folder"].parent / "stamp-bundle"
+    _, sidecar = save_bundle(tmp, bundle)
+    det = MNTD(meta_classifier=str(sidecar), variant="stamp")
+    scores = [det.fit(m, digits).evidence["raw_score"] for m in tiny_meta["models"]]
+    assert calibration.auroc(tiny_meta["labels"], scores) >= 0.75
+
+
 def test_one_class_variant_stays_finite(tiny_meta: dict) -> None:
     meta, cal = tiny_meta["bundle"].variant("one_class")
     assert np.all(np.isfinite(raw_scores(meta, tiny_meta["models"])))
@@ -795,9 +810,15 @@ def test_shipped_bundles_load_are_small_and_documented() -> None:
         info = bundle.info
         assert info["produced_by"]["script"] == "scripts/make_mntd_pretrained.py"
         assert info["training"]["settings"]["num_shadows"] <= 256
+        settings_ = info["training"]["settings"]
         members = set(bundle.ensembles.get("qt_data", ()))
-        assert set(bundle.variants) == {"qt", "no_qt", "one_class"} | members
-        assert len(members) == info["training"]["settings"].get("data_members", 0)
+        stamps = set(bundle.ensembles.get("stamp", ()))
+        assert set(bundle.variants) == {"qt", "no_qt", "one_class"} | members | stamps
+        assert len(members) == settings_.get("data_members", 0)
+        assert len(stamps) == settings_.get("stamp_members", 0)
+        if stamps:  # trained against their own jumbo family, recorded beside the paper's
+            assert info["training"]["stamp_shadows"]["family"] == settings_["stamp_family"]
+            assert info["training"]["stamp_shadows"]["jumbo"]["count"] <= 256
         for cal in bundle.calibration.values():
             assert len(cal["benign_raw"]) == info["training"]["settings"]["num_val"]
     assert not list(DATA_DIR.glob("mntd_*.pt")) and not list(DATA_DIR.glob("mntd_*.pkl"))
@@ -956,3 +977,16 @@ def test_shipped_fashion_mnist_bundle_is_calibrated_on_reference_models() -> Non
     b = load_bundle(builtin_path("fashion-mnist"))
     assert b is not None and b.info["reference"]["count"] == 64
     assert all(len(c["reference_raw"]) == 64 for c in b.calibration.values())
+
+
+def test_shipped_fashion_mnist_default_is_stamps_plus_qt_data_on_the_reference_null() -> None:
+    """``auto`` scores with the three stamp members and the five qt_data members; a clean
+    reference model's raw score is exactly its entry in the reference null."""
+    model = archs.build("lenet", (1, 28, 28), 10)
+    shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
+    r = MNTD().fit(model, shape_only)
+    assert r.evidence["variant"] == "stamp_qt_data"
+    assert len(r.evidence["component_raw_scores"]) == 8
+    assert r.evidence["calibration"]["source"] == "reference_models"
+    assert r.evidence["calibration"]["reference_models"] == 64
+    assert 0 <= r.score <= 1 and 1 / 65 <= r.p_value <= 1

@@ -16,10 +16,14 @@ shadows the model out-scores. ``combined`` (beyond the paper) sums the ``qt`` an
 scored like ``one_class`` against the same sum over those shadows. ``qt_data`` (beyond
 the paper, in bundles trained with ``--data-members N``, among them the shipped
 Fashion-MNIST one): N query-tuned meta-classifiers whose queries start from the
-defender's images and stay within a small L∞ ball of them, summed the same way. The
-default ``auto`` takes ``qt_data`` where the bundle has it, else the paper's ``qt``. On
-144 held-out Fashion-MNIST models (docs/benchmarks/mntd.md) AUROC is 0.798 (qt), 0.733
-(one_class), 0.826 (combined) and 0.835 (qt_data).
+defender's images and stay within a small L∞ ball of them, summed the same way.
+``stamp`` (beyond the paper, trojanscan.mntd.stamps): meta-classifiers that learn stamps,
+apply them to the defender's clean images and read the class-order-free change of the
+model's probabilities; ``stamp_qt_data`` / ``stamp_qt`` add the stamp members' mean z-score
+to that of ``qt_data`` / ``qt``. The default ``auto`` takes ``stamp_qt_data`` where the
+bundle has both ensembles (the shipped Fashion-MNIST one), else ``qt_data``, else the
+paper's ``qt``. On fresh set 14 (72 Fashion-MNIST models, docs/benchmarks/mntd.md) AUROC
+is 0.741 (qt), 0.746 (one_class), 0.853 (qt_data) and 0.892 (stamp_qt_data).
 ``p_value``, threshold and (with reference models) score: by default (``calibration=
 "auto"``) against the raw outputs of the bundle's clean *reference* models, trained
 outside the defender's share with varied recipes (the shipped Fashion-MNIST bundle has 64),
@@ -108,12 +112,15 @@ class MNTD(ModelDetector):
 
     ``meta_classifier``: ``None`` (pick the shipped one by the model's shape), a built-in
     name (``fashion-mnist``, ``digits``) or a path to a bundle (``.json``/``.safetensors``).
-    ``variant``: ``auto`` (default: ``qt_data`` when the bundle has it, else ``qt``),
-    ``qt`` (query tuning, the paper's), ``no_qt``, ``one_class``, ``combined`` (``qt`` +
-    ``one_class``, standardised against the benign shadows) or ``qt_data`` (the bundle's
-    ensemble of data-started query-tuned members, summed the same way).
-    ``threshold``: raw-output threshold overriding the bundle's (for ``combined`` and
-    ``qt_data``: in units of the summed z-scores).
+    ``variant``: ``auto`` (default: ``stamp_qt_data`` when the bundle has both
+    ensembles, else ``qt_data`` when it has that, else ``qt``), ``qt`` (query tuning, the
+    paper's), ``no_qt``, ``one_class``, ``combined`` (``qt`` + ``one_class``, standardised
+    against the benign shadows), ``qt_data`` (the bundle's ensemble of data-started
+    query-tuned members, summed the same way), ``stamp`` (its stamp-probing members) or
+    ``stamp_qt_data`` / ``stamp_qt`` (the stamp members' mean z-score plus that of
+    ``qt_data`` / ``qt``).
+    ``threshold``: raw-output threshold overriding the bundle's (for the summed variants:
+    in units of the summed z-scores).
     ``calibration``: the null distribution of threshold, p-value and score — ``auto``
     (default: the bundle's clean reference models where it has them, else its held-out
     benign shadows), ``shadows`` or ``reference`` (an error for a bundle without them).

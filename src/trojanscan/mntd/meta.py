@@ -243,6 +243,39 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class BestEpoch:
+    """Keeps the meta-classifier's state at the epoch with the best AUROC on held-out
+    shadow models (reference code); does nothing without held-out models of both labels."""
+
+    def __init__(self, val_models: Sequence[nn.Module], val_labels: Sequence[int],
+                 epochs: int, enabled: bool = True) -> None:
+        self.models = list(val_models)
+        self.labels = np.asarray(val_labels, dtype=np.int64)
+        self.enabled = enabled and len(self.models) > 0 and len(set(self.labels.tolist())) == 2
+        self.state: dict[str, torch.Tensor] | None = None
+        self.auc, self.epoch = -1.0, epochs
+
+    def end_epoch(self, meta: nn.Module, epoch: int, record: dict[str, float]) -> None:
+        """Score the held-out shadows after ``epoch`` (into ``record``), keep it if best."""
+        if not self.enabled:
+            return
+        auc = auroc(self.labels, raw_scores(meta, self.models))
+        record["val_auroc"] = auc
+        if auc > self.auc:
+            self.auc, self.epoch = auc, epoch
+            self.state = copy.deepcopy(meta.state_dict())
+
+    def finish(self, meta: nn.Module) -> float | None:
+        """Load the best state (if any) and freeze ``meta`` on the CPU in eval mode;
+        returns the best held-out AUROC (``None`` without selection)."""
+        if self.state is not None:
+            meta.load_state_dict(self.state)
+        meta.eval().cpu()
+        for p in meta.parameters():
+            p.requires_grad_(False)
+        return self.auc if self.enabled else None
+
+
 def _frozen(model: nn.Module, dev: torch.device) -> nn.Module:
     """A shadow model on ``dev`` in eval mode with its parameters frozen (in place)."""
     model.to(dev).eval()
@@ -298,11 +331,9 @@ def fit_meta(models: Sequence[nn.Module], labels: Sequence[int], *, config: Meta
     query_start = meta.queries.detach().clone()
     models = [_frozen(m, dev) for m in models]
     val_models = [_frozen(m, dev) for m in val_models]
-    yv = np.asarray(val_labels, dtype=np.int64)
-    can_select = not one_class and len(val_models) > 0 and len(set(yv.tolist())) == 2
+    best = BestEpoch(val_models, val_labels, config.epochs, enabled=not one_class)
     opt = torch.optim.Adam(_param_groups(meta, config.variant), lr=config.lr)
     y_t = torch.as_tensor(y_all, dtype=torch.float32, device=dev)
-    best_state, best_auc, best_epoch = None, -1.0, config.epochs
     history: list[dict[str, float]] = []
     n = len(models)
     steps = config.epochs * ((n + config.batch_size - 1) // config.batch_size)
@@ -339,16 +370,7 @@ def fit_meta(models: Sequence[nn.Module], labels: Sequence[int], *, config: Meta
                     meta.r.fill_(float(np.quantile(seen, config.nu)))
                 bar.advance()
             record = {"epoch": float(epoch), "loss": total / n}
-            if can_select:
-                auc = auroc(yv, raw_scores(meta, val_models))
-                record["val_auroc"] = auc
-                if auc > best_auc:
-                    best_auc, best_epoch = auc, epoch
-                    best_state = copy.deepcopy(meta.state_dict())
+            best.end_epoch(meta, epoch, record)
             history.append(record)
-    if best_state is not None:
-        meta.load_state_dict(best_state)
-    meta.eval().cpu()
-    for p in meta.parameters():
-        p.requires_grad_(False)
-    return FitResult(meta, config, best_epoch, best_auc if can_select else None, history)
+    val_auroc = best.finish(meta)
+    return FitResult(meta, config, best.epoch, val_auroc, history)

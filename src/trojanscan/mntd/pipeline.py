@@ -422,6 +422,7 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
     variants, calibration, fits = {}, {}, {}
     k = 0
     shadow_summary: dict[str, Any] = {}
+    stamp_summary: dict[str, Any] = {}
     for v in (*settings.variants, *settings.member_names(), *settings.stamp_names()):
         res = run.results[v]
         k = int(res["num_classes"])
@@ -438,7 +439,10 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
         for p in meta.parameters():
             p.requires_grad_(False)
         variants[v], calibration[v], fits[v] = meta, res["calibration"], res["history"]
-        shadow_summary = res["shadows"]
+        if v in settings.stamp_names():
+            stamp_summary = res["shadows"]  # their own jumbo family's shadows
+        else:
+            shadow_summary = res["shadows"]
     info = {
         "training": {
             "settings": {**asdict(settings), "archs": list(settings.archs),
@@ -448,6 +452,8 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
                      "shadow_samples": len(trained_on), "query_pool_samples": len(pool),
                      "pixel_mean": mean, "pixel_std": std},
             "shadows": shadow_summary,
+            **({"stamp_shadows": {**stamp_summary, "family": settings.stamp_family}}
+               if stamp_summary else {}),
             "history": fits,
             "meta_seconds": round(time.perf_counter() - t0, 1),
         },

@@ -29,7 +29,6 @@ shadows is kept. Raw outputs are higher for more suspicious models.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,8 +40,7 @@ from torch import nn
 from ..exceptions import ModelError, bad_param
 from ..progress import progress
 from ..utils import pick_device, seed_everything
-from .calibration import auroc
-from .meta import raw_scores
+from .meta import BestEpoch
 
 #: the bundle entry kind, and ensemble name, of stamp-probing meta-classifiers
 STAMP = "stamp"
@@ -215,10 +213,8 @@ def fit_stamp_meta(models: Sequence[nn.Module], labels: Sequence[int], *,
     opt = torch.optim.Adam([
         {"params": [meta.mask_logits, meta.pattern_logits], "lr": config.stamp_lr},
         {"params": [*meta.fc.parameters(), *meta.out.parameters()], "lr": config.lr}])
-    yv = np.asarray(val_labels, dtype=np.int64)
-    can_select = len(val_models) > 0 and len(set(yv.tolist())) == 2
+    best = BestEpoch(val_models, val_labels, config.epochs)
     y_t = torch.as_tensor(y_all, dtype=torch.float32, device=dev)
-    best_state, best_auc, best_epoch = None, -1.0, config.epochs
     history: list[dict[str, float]] = []
     n = len(models)
     with progress(description, config.epochs * n) as bar:
@@ -233,16 +229,7 @@ def fit_stamp_meta(models: Sequence[nn.Module], labels: Sequence[int], *,
                 total += float(loss.detach())
                 bar.advance()
             record = {"epoch": float(epoch), "loss": total / n}
-            if can_select:
-                auc = auroc(yv, raw_scores(meta, val_models))
-                record["val_auroc"] = auc
-                if auc > best_auc:
-                    best_auc, best_epoch = auc, epoch
-                    best_state = copy.deepcopy(meta.state_dict())
+            best.end_epoch(meta, epoch, record)
             history.append(record)
-    if best_state is not None:
-        meta.load_state_dict(best_state)
-    meta.eval().cpu()
-    for p in meta.parameters():
-        p.requires_grad_(False)
-    return StampFit(meta, config, best_epoch, best_auc if can_select else None, history)
+    val_auroc = best.finish(meta)
+    return StampFit(meta, config, best.epoch, val_auroc, history)
