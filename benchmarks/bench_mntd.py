@@ -254,10 +254,9 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
     if {"qt", "one_class"} <= set(variants):
         variants.append("combined")  # the detector's qt + one_class (beyond the paper)
     variants += list(bundle.ensembles)  # qt_data, stamp (beyond the paper)
-    from trojanscan.detectors.mntd import MIXES
+    from trojanscan.detectors.mntd import MIXES, holds
 
-    variants += [m for m, parts in MIXES.items()  # stamp_qt_data, stamp_qt
-                 if all(p in bundle.ensembles or p in bundle.variants for p in parts)]
+    variants += [m for m in MIXES if holds(bundle, m)]  # stamp_qt_data, stamp_qt
     has_refs = all("reference_raw" in c for c in bundle.calibration.values())
     calibrations = ("shadows", "reference") if has_refs else ("shadows",)
     for variant in variants:

@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +146,19 @@ def _fit_task(task: Any, shared: tuple[str, tuple[int, ...]]) -> dict[str, Any]:
                    seed=job["seed"], device="cpu", description=task.key,
                    query_images=images, query_labels=labels)
     _record(task, job, fit.best_epoch, time.perf_counter() - t0, val,
-            lambda models: raw_scores(fit.meta, models))
+            partial(raw_scores, fit.meta))
     return None
+
+
+def _outputs(score: Any, targets: list[Any], refs: list[Any]) -> dict[str, Any]:
+    """Raw outputs (``score``: models -> raw outputs) on the targets, keyed ``set:key``,
+    and, when there are reference models, on those."""
+    out: dict[str, Any] = {"targets": {f"{s}:{k}": round(float(r), 5) for (k, s, _, _), r
+                                       in zip(targets, score([m for *_, m in targets]))}}
+    if refs:
+        out["references"] = {k: round(float(r), 5) for (k, _), r in
+                             zip(refs, score([m for _, m in refs]))}
+    return out
 
 
 def _record(task: Any, job: dict[str, Any], best_epoch: int, seconds: float, val: Any,
@@ -160,17 +172,10 @@ def _record(task: Any, job: dict[str, Any], best_epoch: int, seconds: float, val
 
     yv = np.asarray(val.labels)
     vr = score(val.models)
-    targets = _STATE["targets"]
-    tr = score([m for *_, m in targets])
     rec = {**job, "best_epoch": best_epoch, "fit_seconds": round(seconds, 1),
            "val_benign": [round(float(v), 5) for v in vr[yv == 0]],
            "val_trojan": [round(float(v), 5) for v in vr[yv == 1]],
-           "targets": {f"{s}:{k}": round(float(r), 5)
-                       for (k, s, _, _), r in zip(targets, tr)}}
-    if _STATE["references"]:
-        refs = _STATE["references"]
-        rec["references"] = {k: round(float(r), 5) for (k, _), r in
-                             zip(refs, score([m for _, m in refs]))}
+           **_outputs(score, _STATE["targets"], _STATE["references"])}
     if meta is not None:
         weights = Path(task.output).with_suffix(".safetensors")
         with atomic_path(weights) as tmp:
@@ -196,7 +201,7 @@ def _fit_stamp(task: Any, job: dict[str, Any], train: Any, val: Any) -> None:
                          val_models=val.models, val_labels=val.labels, seed=job["seed"],
                          device="cpu", description=task.key)
     _record(task, job, fit.best_epoch, time.perf_counter() - t0, val,
-            lambda models: raw_scores(fit.meta, models), fit.meta)
+            partial(raw_scores, fit.meta), fit.meta)
 
 
 def stage_rescore(args: argparse.Namespace) -> None:
@@ -216,17 +221,10 @@ def stage_rescore(args: argparse.Namespace) -> None:
         rec = json.loads(path.read_text())
         if rec.get("variant") != "stamp" or "weights" not in rec:
             continue
-        state = load_file(str(path.parent / rec["weights"]))
-        meta = StampMeta(state["anchors"], state["anchor_labels"], 10,
-                         num_stamps=int(state["mask_logits"].shape[0]),
-                         hidden=int(state["fc.weight"].shape[0]))
-        meta.load_state_dict(state)
-        scores = raw_scores(meta, [m for *_, m in targets])
-        rec["targets"].update({f"{s}:{k}": round(float(r), 5)
-                               for (k, s, _, _), r in zip(targets, scores)})
-        if refs:
-            rec["references"] = {k: round(float(r), 5) for (k, _), r in
-                                 zip(refs, raw_scores(meta, [m for _, m in refs]))}
+        meta = StampMeta.from_state(load_file(str(path.parent / rec["weights"])), 10)
+        new = _outputs(partial(raw_scores, meta), targets, refs)
+        rec["targets"].update(new.pop("targets"))
+        rec.update(new)
         atomic_write_text(path, json.dumps(rec) + "\n")
         print(f"rescored {path.name} on sets {sets}", file=sys.stderr)
 
@@ -274,15 +272,12 @@ def stage_record_bundle(args: argparse.Namespace) -> None:
     for name, meta in bundle.variants.items():
         cal = bundle.calibration[name]
         variant, seed = member_of.get(name, (name, 0))
-        job = {"tag": args.tag, "variant": variant, "response": meta.response, "seed": seed,
+        response = getattr(meta, "response", "probs")  # stamps read probability changes
+        job = {"tag": args.tag, "variant": variant, "response": response, "seed": seed,
                "epochs": 0, "entry": name}
         rec = {**job, "best_epoch": cal.get("best_epoch"), "fit_seconds": None,
                "val_benign": cal["benign_raw"], "val_trojan": cal["trojaned_raw"],
-               "targets": {f"{s}:{k}": round(float(r), 5) for (k, s, _, _), r in
-                           zip(targets, raw_scores(meta, [m for *_, m in targets]))}}
-        if refs:
-            rec["references"] = {k: round(float(r), 5) for (k, _), r in
-                                 zip(refs, raw_scores(meta, [m for _, m in refs]))}
+               **_outputs(partial(raw_scores, meta), targets, refs)}
         atomic_write_text(folder / f"{_job_file(job)}.json", json.dumps(rec) + "\n")
         print(f"recorded {name} as {variant} seed {seed}", file=sys.stderr)
 

@@ -97,6 +97,14 @@ def _device_of(model: nn.Module, fallback: str | None) -> torch.device:
     return pick_device(fallback)
 
 
+def holds(bundle: MetaBundle, variant: str) -> bool:
+    """Whether the bundle has the entries ``variant`` scores with (``qt``, which every
+    bundle is trained with, always counts)."""
+    if variant in MIXES:
+        return all(holds(bundle, v) for v in MIXES[variant])
+    return variant in bundle.ensembles or variant in bundle.variants or variant == "qt"
+
+
 def query_grid(queries: torch.Tensor) -> np.ndarray:
     """The queries side by side as one ``H×(Q·(W+1))`` (or ``×C``) image in [0, 1]."""
     q = queries.detach().cpu().clamp(0, 1)
@@ -163,7 +171,7 @@ class MNTD(ModelDetector):
             check_fits(bundle, shape, k)
             variant = self.variant
             if variant == AUTO:
-                variant = next(v for v in AUTO_ORDER if self._holds(bundle, v))
+                variant = next(v for v in AUTO_ORDER if holds(bundle, v))
             parts, weights = self._parts(bundle, variant)
             raws: dict[str, float] = {}
             cals = {}
@@ -249,13 +257,6 @@ class MNTD(ModelDetector):
         except ValueError as exc:
             raise ModelError(f"MNTD: {bundle.name}'s reference outputs for {variant} do "
                              f"not match ({exc})") from exc
-
-    @staticmethod
-    def _holds(bundle: MetaBundle, variant: str) -> bool:
-        """Whether the bundle has what ``variant`` scores with (``qt`` always counts)."""
-        if variant in MIXES:
-            return all(MNTD._holds(bundle, v) for v in MIXES[variant])
-        return variant in bundle.ensembles or variant in bundle.variants or variant == "qt"
 
     @staticmethod
     def _parts(bundle: MetaBundle, variant: str) -> tuple[tuple[str, ...], tuple[float, ...]]:

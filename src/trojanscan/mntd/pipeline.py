@@ -266,7 +266,7 @@ def train_shadow_set(data: ShadowData, folder: str | Path, settings: TrainSettin
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():
             check_reusable(path, spec)
-    tasks = [Task(f"{s.key}" if p.parent == Path(folder) else f"{s.key}-{s.family}", p, (s,))
+    tasks = [Task(s.key if p.parent == Path(folder) else f"{s.key}-{s.family}", p, (s,))
              for s, p in placed]
     return run_tasks(shadow_task, tasks, shared=data, backend=backend, workers=workers,
                      address=address, description="shadow models")
@@ -428,13 +428,12 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
         k = int(res["num_classes"])
         meta: MetaClassifier | StampMeta
         if v in settings.stamp_names():
-            meta = StampMeta(res["state"]["anchors"], res["state"]["anchor_labels"], k,
-                             num_stamps=settings.stamp_count, hidden=settings.hidden)
+            meta = StampMeta.from_state(res["state"], k)
         else:
             cfg = settings.meta_config(v) if v in VARIANTS else settings.member_config()
             meta = MetaClassifier(shape, k, num_queries=cfg.num_queries, hidden=cfg.hidden,
                                   one_class=cfg.variant == "one_class", response=cfg.response)
-        meta.load_state_dict(res["state"])
+            meta.load_state_dict(res["state"])
         meta.eval()
         for p in meta.parameters():
             p.requires_grad_(False)

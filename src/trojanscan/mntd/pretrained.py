@@ -177,8 +177,7 @@ def load_bundle(path: str | Path) -> MetaBundle:
             state = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
             meta: Meta
             if kind == STAMP:
-                meta = StampMeta(state["anchors"], state["anchor_labels"], k,
-                                 num_stamps=int(spec["num_stamps"]), hidden=int(spec["hidden"]))
+                meta = StampMeta.from_state(state, k)
                 if meta.input_shape != shape:
                     raise ValueError(f"entry {name!r} has anchors of shape {meta.input_shape}")
             else:
@@ -186,7 +185,7 @@ def load_bundle(path: str | Path) -> MetaBundle:
                                       hidden=int(spec["hidden"]),
                                       one_class=bool(spec["one_class"]),
                                       response=str(spec.get("response", "logits")))
-            meta.load_state_dict(state)
+                meta.load_state_dict(state)
             meta.eval()
             for p in meta.parameters():
                 p.requires_grad_(False)

@@ -111,6 +111,15 @@ class StampMeta(nn.Module):
         self.fc = nn.Linear(num_stamps * 2 * self.num_classes, hidden)
         self.out = nn.Linear(hidden, 1)
 
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], num_classes: int) -> StampMeta:
+        """Rebuild a trained one from its ``state_dict`` (sizes read from the tensors)."""
+        meta = cls(state["anchors"], state["anchor_labels"], num_classes,
+                   num_stamps=int(state["mask_logits"].shape[0]),
+                   hidden=int(state["fc.weight"].shape[0]))
+        meta.load_state_dict(state)
+        return meta
+
     @property
     def num_stamps(self) -> int:
         return int(self.mask_logits.shape[0])
