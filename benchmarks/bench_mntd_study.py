@@ -403,6 +403,30 @@ def stage_analyse(args: argparse.Namespace) -> None:
         zr = [_z_refs(r) for r in rs]
         refs = None if any(z is None for z in zr) else np.mean(zr, axis=0)
         row(f"  ensemble of {len(rs)}", zs, (vb, vt), refs)
+    label_of = {"/".join(filter(None, g)): g for g in ens}
+    if args.mixes:
+        rows = {}
+        for item in args.mixes.split(";"):
+            name, _, spec = item.partition("=")
+            missing = [p for p in spec.split("+") if p not in label_of]
+            if missing:
+                sys.exit(f"--mixes {name}: no group {missing} (have: {sorted(label_of)})")
+            parts = [label_of[p] for p in spec.split("+")]
+            sv = (sum(ens_val[g][0] for g in parts), sum(ens_val[g][1] for g in parts))
+            refs_of = [np.mean([_z_refs(r) for r in groups[g]], axis=0)
+                       if all("references" in r for r in groups[g]) else None for g in parts]
+            refs = None if any(r is None for r in refs_of) else sum(refs_of)
+            rows[name] = {"parts": spec.split("+"),
+                          **row(name, sum(ens[g] for g in parts), sv, refs)}
+        if args.out:
+            from trojanscan.utils import atomic_write_text
+
+            out = Path(args.out)
+            doc = json.loads(out.read_text()) if out.exists() else {}
+            doc[f"sets={args.sets},min_asr={args.min_asr}"] = {
+                "models": len(keys), "backdoored": int(y.sum()), "mixes": rows}
+            atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
+        return
     names = sorted(ens)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -436,6 +460,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="analyse: leave out backdoored models whose attack success rate is "
                          "below this (attacks that did not take)")
     ap.add_argument("--singles", action="store_true", help="analyse: every single model too")
+    ap.add_argument("--mixes", default=None,
+                    help="analyse: only these sums, 'NAME=GROUP+GROUP;NAME=...' (GROUP as "
+                         "analyse prints it, e.g. wide/stamp/probs/stamps=8,anchors=2): each "
+                         "group's members averaged, groups summed, as the detector's mixes")
+    ap.add_argument("--out", default=None, help="analyse --mixes: add the rows to this JSON")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
     {"fit": stage_fit, "analyse": stage_analyse,

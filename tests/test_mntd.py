@@ -754,6 +754,25 @@ def test_stamp_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tmp_
     qt_z = (mix.evidence["component_raw_scores"]["qt"] - qt_benign.mean()) / qt_benign.std()
     assert mix.evidence["raw_score"] == pytest.approx(r1.evidence["raw_score"] / 2 + qt_z)
     assert 0 < mix.p_value <= 1 and mix.evidence["variant"] == "stamp_qt"
+    # the one-class mixes: each named part weighs 1, an ensemble's members 1/n each
+
+    def z(name: str, raw: float) -> float:
+        b = np.asarray(cal[name]["benign_raw"])
+        return float((raw - b.mean()) / b.std())
+
+    oc = MNTD(meta_classifier=str(sidecar), variant="stamp_one_class").fit(model, digits)
+    got = oc.evidence["component_raw_scores"]
+    assert set(got) == {"stamp.0", "stamp.1", "one_class"}
+    assert oc.evidence["raw_score"] == pytest.approx(r1.evidence["raw_score"] / 2
+                                                     + z("one_class", got["one_class"]))
+    three = MNTD(meta_classifier=str(sidecar), variant="stamp_qt_data_one_class").fit(model,
+                                                                                   digits)
+    got = three.evidence["component_raw_scores"]
+    assert set(got) == {"stamp.0", "stamp.1", "qt_data.0", "qt_data.1", "one_class"}
+    want3 = (sum(z(m, got[m]) for m in ("stamp.0", "stamp.1")) / 2
+             + sum(z(m, got[m]) for m in ("qt_data.0", "qt_data.1")) / 2
+             + z("one_class", got["one_class"]))
+    assert three.evidence["raw_score"] == pytest.approx(want3)
     with pytest.raises(ModelError, match=r"no 'stamp' ensemble.*--stamp-members"):
         MNTD(meta_classifier="digits", variant="stamp").fit(
             archs.build("mlp", (1, 8, 8), 10), digits)

@@ -19,11 +19,13 @@ Fashion-MNIST one): N query-tuned meta-classifiers whose queries start from the
 defender's images and stay within a small L∞ ball of them, summed the same way.
 ``stamp`` (beyond the paper, trojanscan.mntd.stamps): meta-classifiers that learn stamps,
 apply them to the defender's clean images and read the class-order-free change of the
-model's probabilities; ``stamp_qt_data`` / ``stamp_qt`` add the stamp members' mean z-score
-to that of ``qt_data`` / ``qt``. The default ``auto`` takes ``stamp_qt_data`` where the
-bundle has both ensembles (the shipped Fashion-MNIST one), else ``qt_data``, else the
-paper's ``qt``. On fresh set 14 (72 Fashion-MNIST models, docs/benchmarks/mntd.md) AUROC
-is 0.741 (qt), 0.746 (one_class), 0.853 (qt_data) and 0.892 (stamp_qt_data).
+model's probabilities; ``stamp_qt_data`` / ``stamp_qt`` / ``stamp_one_class`` add the stamp
+members' mean z-score to that of ``qt_data`` / ``qt`` / ``one_class``
+(``stamp_qt_data_one_class``: to both ``qt_data``'s and ``one_class``'s). The default
+``auto`` takes ``stamp_qt_data`` where the bundle has both ensembles (the shipped
+Fashion-MNIST one), else ``qt_data``, else the paper's ``qt``. On fresh set 14 (72
+Fashion-MNIST models, docs/benchmarks/mntd.md) AUROC is 0.741 (qt), 0.746 (one_class),
+0.853 (qt_data) and 0.892 (stamp_qt_data).
 ``p_value``, threshold and (with reference models) score: by default (``calibration=
 "auto"``) against the raw outputs of the bundle's clean *reference* models, trained
 outside the defender's share with varied recipes (the shipped Fashion-MNIST bundle has 64),
@@ -78,8 +80,12 @@ COMBINED_PARTS = ("qt", "one_class")
 AUTO = "auto"
 #: variants that add up other variants (beyond the paper): an ensemble's members count
 #: 1/n each, so every named part weighs the same
-MIXES: dict[str, tuple[str, ...]] = {"stamp_qt_data": (STAMP, DATA_ENSEMBLE),
-                                     "stamp_qt": (STAMP, "qt")}
+MIXES: dict[str, tuple[str, ...]] = {
+    "stamp_qt_data": (STAMP, DATA_ENSEMBLE),
+    "stamp_qt": (STAMP, "qt"),
+    "stamp_one_class": (STAMP, "one_class"),
+    "stamp_qt_data_one_class": (STAMP, DATA_ENSEMBLE, "one_class"),
+}
 #: what ``auto`` takes: the first whose parts the bundle holds
 AUTO_ORDER = ("stamp_qt_data", DATA_ENSEMBLE, "qt")
 DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
@@ -125,8 +131,9 @@ class MNTD(ModelDetector):
     paper's), ``no_qt``, ``one_class``, ``combined`` (``qt`` + ``one_class``, standardised
     against the benign shadows), ``qt_data`` (the bundle's ensemble of data-started
     query-tuned members, summed the same way), ``stamp`` (its stamp-probing members) or
-    ``stamp_qt_data`` / ``stamp_qt`` (the stamp members' mean z-score plus that of
-    ``qt_data`` / ``qt``).
+    ``stamp_qt_data`` / ``stamp_qt`` / ``stamp_one_class`` / ``stamp_qt_data_one_class``
+    (the stamp members' mean z-score plus that of ``qt_data`` / ``qt`` / ``one_class`` /
+    both ``qt_data`` and ``one_class``).
     ``threshold``: raw-output threshold overriding the bundle's (for the summed variants:
     in units of the summed z-scores).
     ``calibration``: the null distribution of threshold, p-value and score — ``auto``
