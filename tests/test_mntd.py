@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from trojanscan.exceptions import (
     IncompatibleError,
     ModelError,
     ParameterError,
+    TrojanscanWarning,
 )
 from trojanscan.io.data import load_dataset
 from trojanscan.mntd import calibration, executor, jumbo, regime, shadows
@@ -43,6 +45,7 @@ from trojanscan.mntd.meta import (
 from trojanscan.mntd.pipeline import (
     TrainSettings,
     check_member_data,
+    defender_share,
     fit_bundle,
     load_shadow_split,
     query_pool_split,
@@ -863,18 +866,28 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
     args = ["mntd", "train", "--data", "digits:train", "--share", "0.1", "--out",
             str(tmp_path), "--num-shadows", "2", "--num-val", "1", "--archs", "mlp",
             "--shadow-epochs", "1", "--meta-epochs", "1", "--data-members", "1",
-            "--stamp-members", "1", "--no-ray", "--quiet"]
+            "--stamp-members", "1", "--reference-models", "2", "--no-ray", "--quiet"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0
     sidecar = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert sidecar == tmp_path / "mntd_1x8x8_10.json"
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "shadows").rglob("*.safetensors")}
-    assert len(stamps) == 6  # + the stamp member's own (wide) jumbo shadows
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")
+              if p.parent != tmp_path}
+    assert len(stamps) == 8  # shadows, the stamp member's own (wide) jumbo ones, references
+    assert len(list((tmp_path / "references").glob("*.safetensors"))) == 2
     r = MNTD(meta_classifier=str(sidecar)).fit(archs.build("mlp", (1, 8, 8), 10), digits)
     assert r.detector == "mntd" and r.evidence["variant"] == "stamp_qt_data"
-    assert load_bundle(sidecar).ensembles == {"qt_data": ("qt_data.0",),
-                                              "stamp": ("stamp.0",)}
+    assert r.evidence["calibration"]["source"] == "reference_models"
+    assert r.evidence["calibration"]["reference_models"] == 2
+    bundle = load_bundle(sidecar)
+    assert bundle.ensembles == {"qt_data": ("qt_data.0",), "stamp": ("stamp.0",)}
+    assert bundle.info["reference"]["count"] == 2
+    # the references train outside the shadows' share: no image of theirs in it
+    full = load_dataset("digits:train")
+    share = defender_share(full, 0.1, seed=0)
+    assert bundle.info["reference"]["data"]["outside_share"] == 0.1
+    assert bundle.info["reference"]["data"]["samples"] == len(full) - len(share)
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0
@@ -887,6 +900,15 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
         main([*args, "--jumbo-family", "wide"])
     assert exc.value.code == 2
     assert "family='wide'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # one reference model is no distribution
+        main([*args, "--reference-models", "1"])
+    assert exc.value.code == 2
+    assert "--reference-models" in capsys.readouterr().err
+    # 0: calibrated on the held-out shadows, no references trained
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--reference-models", "0", "--name", "shadow_null"])
+    assert exc.value.code == 0
+    assert "reference" not in load_bundle(tmp_path / "shadow_null.json").info
 
 
 def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:
@@ -962,6 +984,8 @@ def test_reference_calibration_moves_threshold_and_p_not_the_raw_score(
         assert shadow.evidence["calibration"]["source"] == "benign_shadows"
         assert refd.evidence["calibration"]["source"] == "reference_models"
         assert refd.evidence["calibration"]["reference_models"] == 3
+        assert not refd.warnings  # the reference null needs no caveat
+        assert bool(shadow.warnings) == (shadow.verdict == "backdoored")
         cal = calibrated.calibration
         parts = calibrated.members("qt_data") if variant == "qt_data" else ("qt",)
         null = (calibration.standardised_sums([cal[v]["reference_raw"] for v in parts],
@@ -978,6 +1002,36 @@ def test_reference_calibration_moves_threshold_and_p_not_the_raw_score(
     with pytest.raises(DataError, match="epochs"):
         ref.train_reference_set(ref.ReferenceData(pool, 10), folder, other,
                                 backend="sequential")
+
+
+def test_a_flag_on_the_shadow_null_says_so(tiny_meta: dict, digits: ImageDataset,
+                                           tmp_path: Path) -> None:
+    """Clean models trained on other data out-score the held-out shadows (on fresh
+    Fashion-MNIST models the shadow threshold flagged 11-64% of the clean ones), so a
+    backdoored verdict on that null carries a warning; a clean one, or one at the user's
+    own threshold, does not."""
+    bundle: MetaBundle = tiny_meta["bundle"]
+    assert "reference" not in bundle.info
+    _, sidecar = save_bundle(tmp_path / "m", bundle)
+    flagged = 0
+    for model in tiny_meta["models"]:
+        for variant in ("qt", "stamp_qt_data"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                r = MNTD(meta_classifier=str(sidecar), variant=variant).fit(model, digits)
+            assert r.evidence["calibration"]["source"] == "benign_shadows"
+            said = [str(w.message) for w in caught
+                    if issubclass(w.category, TrojanscanWarning)]
+            if r.verdict == "backdoored":
+                flagged += 1
+                assert len(r.warnings) == 1 and "--reference-models" in r.warnings[0]
+                assert said == list(r.warnings)
+            else:
+                assert not r.warnings and not said
+            own = MNTD(meta_classifier=str(sidecar), variant=variant,
+                       threshold=-1e9).fit(model, digits)
+            assert own.verdict == "backdoored" and not own.warnings
+    assert flagged >= 1
 
 
 def test_reference_calibration_without_references_is_a_clear_error(

@@ -82,6 +82,13 @@ def train(
         "--stamp-family", help="Jumbo triggers the stamp members learn from: paper or wide "
                                "(extra jumbo shadows, a third of them source-specific, "
                                "in shadows/jumbo-wide/).")] = "wide",
+    reference_models: Annotated[int, typer.Option(
+        "--reference-models", help="Clean reference models, trained on DATA outside the "
+                                   "shadows' share with varied recipes (in OUT/references, "
+                                   "reruns resume), whose outputs set the verdict's "
+                                   "threshold and p-values. Real clean models out-score "
+                                   "held-out shadows, so without them the verdict flags "
+                                   "many clean models. 0: calibrate on the shadows.")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, ...")] = "auto",
     ray_address: Annotated[str | None, typer.Option(
@@ -103,9 +110,11 @@ def train(
         check_member_data,
         defender_share,
         fit_bundle,
+        share_indices,
         train_shadow_set,
     )
     from ..mntd.pretrained import save_bundle
+    from ..mntd.reference import calibrate, outside_share
     from ..mntd.shadows import ShadowData
     from ..progress import set_quiet
     from ..utils import pick_device
@@ -124,10 +133,16 @@ def train(
         data_members=data_members, data_query_eps=data_query_eps,
         query_holdout=query_holdout, stamp_members=stamp_members, stamp_family=stamp_family)
     settings.validate()
+    if reference_models < 0 or reference_models == 1:
+        raise ParameterError(f"invalid --reference-models: expected 0 or an integer >= 2, "
+                             f"got {reference_models}")
     ds = load_dataset(data)
     ds.require_classes(2)
     shadow_data = defender_share(ds, share, seed=seed, max_samples=max_samples)
     check_member_data(settings, shadow_data)
+    # the reference models' pool: everything outside the share (checked before training)
+    pool = (outside_share(ds, share_indices(len(ds), share, seed=seed))
+            if reference_models else None)
     dev = str(pick_device(device))
     c, h, w = ds.input_shape
     stem = name or f"mntd_{c}x{h}x{w}_{ds.num_classes}"
@@ -142,6 +157,14 @@ def train(
                         device=dev, extra_info={"produced_by": {
                             "command": "trojanscan mntd train", "data": data, "share": share,
                             "shadow_backend": run.backend}})
+    if pool is not None:
+        bundle, ref_run = calibrate(bundle, pool, out / "references", num=reference_models,
+                                    seed=seed, device=dev, backend=backend, workers=workers,
+                                    address=None if ray_address in (None, "") else ray_address,
+                                    data_info={"outside_share": share})
+        if not quiet:
+            typer.echo(f"reference models: {len(ref_run.ran)} trained, "
+                       f"{len(ref_run.skipped)} reused ({ref_run.seconds:.0f} s)", err=True)
     _, sidecar = save_bundle(out / stem, bundle)
     if not quiet:
         for v, cal in bundle.calibration.items():
