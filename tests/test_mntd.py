@@ -602,7 +602,9 @@ def test_detector_with_user_bundle_is_deterministic_and_borrows(tiny_meta: dict,
     assert model.training and count_hooks(model) == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.requires_grad for p in model.parameters())
-    assert r1.evidence["variant"] == "stamp_qt_data"  # auto: stamps + qt_data, when there
+    # auto: stamps + qt_data + one_class when the bundle holds them all
+    assert r1.evidence["variant"] == "stamp_qt_data_one_class"
+    assert len(r1.evidence["component_raw_scores"]) == 5
     assert r1.images["mntd_queries"].shape == (8, 4 * 9)  # the first part's: 4 stamps
     with pytest.raises(ParameterError, match="variant"):
         MNTD(meta_classifier=str(sidecar), variant="no_qt").fit(model, digits)
@@ -776,6 +778,21 @@ def test_stamp_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tmp_
              + sum(z(m, got[m]) for m in ("qt_data.0", "qt_data.1")) / 2
              + z("one_class", got["one_class"]))
     assert three.evidence["raw_score"] == pytest.approx(want3)
+    # auto takes the first mix whose parts the bundle holds
+    from trojanscan.detectors.mntd import AUTO_ORDER, holds
+
+    def auto_of(b: MetaBundle) -> str:
+        return next(v for v in AUTO_ORDER if holds(b, v))
+
+    def without(b: MetaBundle, names: set[str]) -> MetaBundle:
+        return dataclasses.replace(
+            b, variants={k: v for k, v in b.variants.items() if k not in names},
+            ensembles={k: m for k, m in b.ensembles.items() if not set(m) & names})
+
+    assert auto_of(bundle) == "stamp_qt_data_one_class"
+    assert auto_of(without(bundle, {"one_class"})) == "stamp_qt_data"
+    assert auto_of(without(bundle, {"one_class", "stamp.0"})) == "qt_data"
+    assert auto_of(without(bundle, {"stamp.0", "qt_data.0"})) == "qt"
     with pytest.raises(ModelError, match=r"no 'stamp' ensemble.*--stamp-members"):
         MNTD(meta_classifier="digits", variant="stamp").fit(
             archs.build("mlp", (1, 8, 8), 10), digits)
@@ -877,7 +894,7 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
     assert len(stamps) == 8  # shadows, the stamp member's own (wide) jumbo ones, references
     assert len(list((tmp_path / "references").glob("*.safetensors"))) == 2
     r = MNTD(meta_classifier=str(sidecar)).fit(archs.build("mlp", (1, 8, 8), 10), digits)
-    assert r.detector == "mntd" and r.evidence["variant"] == "stamp_qt_data"
+    assert r.detector == "mntd" and r.evidence["variant"] == "stamp_qt_data_one_class"
     assert r.evidence["calibration"]["source"] == "reference_models"
     assert r.evidence["calibration"]["reference_models"] == 2
     bundle = load_bundle(sidecar)
@@ -1007,7 +1024,7 @@ def test_reference_calibration_moves_threshold_and_p_not_the_raw_score(
 def test_a_flag_on_the_shadow_null_says_so(tiny_meta: dict, digits: ImageDataset,
                                            tmp_path: Path) -> None:
     """Clean models trained on other data out-score the held-out shadows (on fresh
-    Fashion-MNIST models the shadow threshold flagged 11-64% of the clean ones), so a
+    Fashion-MNIST models the shadow threshold flagged 11-69% of the clean ones), so a
     backdoored verdict on that null carries a warning; a clean one, or one at the user's
     own threshold, does not."""
     bundle: MetaBundle = tiny_meta["bundle"]
@@ -1052,14 +1069,16 @@ def test_shipped_fashion_mnist_bundle_is_calibrated_on_reference_models() -> Non
     assert all(len(c["reference_raw"]) == 64 for c in b.calibration.values())
 
 
-def test_shipped_fashion_mnist_default_is_stamps_plus_qt_data_on_the_reference_null() -> None:
-    """``auto`` scores with the three stamp members and the five qt_data members; a clean
-    reference model's raw score is exactly its entry in the reference null."""
+def test_shipped_fashion_mnist_default_is_stamps_qt_data_one_class_on_the_reference_null(
+        ) -> None:
+    """``auto`` scores with the three stamp members, the five qt_data members and the
+    one-class meta-classifier; a clean reference model's raw score is exactly its entry in
+    the reference null."""
     model = archs.build("lenet", (1, 28, 28), 10)
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
     r = MNTD().fit(model, shape_only)
-    assert r.evidence["variant"] == "stamp_qt_data"
-    assert len(r.evidence["component_raw_scores"]) == 8
+    assert r.evidence["variant"] == "stamp_qt_data_one_class"
+    assert len(r.evidence["component_raw_scores"]) == 9
     assert r.evidence["calibration"]["source"] == "reference_models"
     assert r.evidence["calibration"]["reference_models"] == 64
     assert 0 <= r.score <= 1 and 1 / 65 <= r.p_value <= 1
