@@ -142,10 +142,10 @@ class MNTD(ModelDetector):
     name (``fashion-mnist``, ``digits``) or a path to a bundle (``.json``/``.safetensors``).
     ``variant``: ``auto`` (default: the first of :data:`AUTO_ORDER` whose parts the
     bundle holds: ``stamp_qt_data_one_class``, ``stamp_qt_data``, ``qt_data``, ``qt``),
-    ``qt`` (query tuning, the
-    paper's), ``no_qt``, ``one_class``, ``combined`` (``qt`` + ``one_class``, standardised
-    against the benign shadows), ``qt_data`` (the bundle's ensemble of data-started
-    query-tuned members, summed the same way), ``stamp`` (its stamp-probing members) or
+    ``qt`` (query tuning, the paper's), ``no_qt``, ``one_class``, ``combined`` (``qt`` +
+    ``one_class``, standardised against the benign shadows), ``qt_data`` (the bundle's
+    ensemble of data-started query-tuned members, summed the same way), ``stamp`` (its
+    stamp-probing members) or
     ``stamp_qt_data`` / ``stamp_qt`` / ``stamp_one_class`` / ``stamp_qt_data_one_class``
     (the stamp members' mean z-score plus that of ``qt_data`` / ``qt`` / ``one_class`` /
     both ``qt_data`` and ``one_class``).
