@@ -569,9 +569,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", type=int, default=8, help="ray stage: shadow tasks")
     ap.add_argument("--ray-epochs", type=int, default=10, help="ray stage: epochs per shadow")
     ap.add_argument("--with-sequential", action="store_true")
-    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--results", default=None,
+                    help=f"JSON the stage's figures are merged into (default: {RESULTS.name} "
+                         "in benchmarks/results/; for the targets stage alone the cache's "
+                         "targets_run.json, so training a new set does not touch a recorded "
+                         "result)")
     args = ap.parse_args(argv)
-    results_path = Path(args.results)
+    if args.results is not None:
+        results_path = Path(args.results)
+    elif args.stage == "targets":
+        results_path = Path(args.cache) / "targets_run.json"
+    else:
+        results_path = RESULTS
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     stages = ["targets", "score", "ray"] if args.stage == "all" else [args.stage]
     for stage in stages:
