@@ -343,6 +343,7 @@ def stage_analyse(args: argparse.Namespace) -> None:
 
     sets = tuple(int(s) for s in args.sets.split(","))
     recs = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("*.json"))]
+    recs = [r for r in recs if "targets" in r]  # study records only (not an --out file)
     info = target_info(sets, recs)
     if args.min_asr > 0 and any(v["arch"] is None for v in info.values()):
         sys.exit("--min-asr needs the target caches (bench_mntd.py targets) for the ASRs")
