@@ -346,6 +346,12 @@ def stage_analyse(args: argparse.Namespace) -> None:
     recs = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("*.json"))]
     recs = [r for r in recs if "targets" in r]  # study records only (not an --out file)
     info = target_info(sets, recs)
+    partial_recs = [r for r in recs if not all(k in r["targets"] for k in info)]
+    if partial_recs:  # fitted before some of these sets existed and not rescored
+        print(f"left out {len(partial_recs)} record(s) not scored on every model of sets "
+              f"{sets}: " + ", ".join(sorted({f"{r['tag']}/{r['variant']}"
+                                             for r in partial_recs})), file=sys.stderr)
+        recs = [r for r in recs if all(k in r["targets"] for k in info)]
     if args.min_asr > 0 and any(v["arch"] is None for v in info.values()):
         sys.exit("--min-asr needs the target caches (bench_mntd.py targets) for the ASRs")
     keys = sorted(k for k in info if all(k in r["targets"] for r in recs)
