@@ -122,6 +122,8 @@ class StampMeta(nn.Module):
 
     anchors: torch.Tensor
     anchor_labels: torch.Tensor
+    pair_mean: torch.Tensor  # with normalise only
+    pair_std: torch.Tensor
     one_class = False  # a binary (BCE) meta-classifier, as MNTD's ``qt``
 
     def __init__(self, anchors: torch.Tensor, anchor_labels: torch.Tensor, num_classes: int,
