@@ -395,6 +395,7 @@ def stage_analyse(args: argparse.Namespace) -> None:
           + " ".join(attack_kinds))
     ens: dict[tuple[str, ...], np.ndarray] = {}
     ens_val: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+    ens_refs: dict[tuple[str, ...], np.ndarray | None] = {}
     for g, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
         if args.singles:
@@ -409,8 +410,8 @@ def stage_analyse(args: argparse.Namespace) -> None:
         ens[g] = zs
         ens_val[g] = (vb, vt)
         zr = [_z_refs(r) for r in rs]
-        refs = None if any(z is None for z in zr) else np.mean(zr, axis=0)
-        row(f"  ensemble of {len(rs)}", zs, (vb, vt), refs)
+        ens_refs[g] = None if any(z is None for z in zr) else np.mean(zr, axis=0)
+        row(f"  ensemble of {len(rs)}", zs, (vb, vt), ens_refs[g])
     label_of = {"/".join(filter(None, g)): g for g in ens}
     if args.mixes:
         rows = {}
@@ -421,8 +422,7 @@ def stage_analyse(args: argparse.Namespace) -> None:
                 sys.exit(f"--mixes {name}: no group {missing} (have: {sorted(label_of)})")
             parts = [label_of[p] for p in spec.split("+")]
             sv = (sum(ens_val[g][0] for g in parts), sum(ens_val[g][1] for g in parts))
-            refs_of = [np.mean([_z_refs(r) for r in groups[g]], axis=0)
-                       if all("references" in r for r in groups[g]) else None for g in parts]
+            refs_of = [ens_refs[g] for g in parts]
             refs = None if any(r is None for r in refs_of) else sum(refs_of)
             rows[name] = {"parts": spec.split("+"),
                           **row(name, sum(ens[g] for g in parts), sv, refs)}

@@ -107,11 +107,9 @@ def stamp_features(base: torch.Tensor, stamped: torch.Tensor,
     decreasingly (sources without anchors count 0).
     """
     k = base.shape[-1]
-    d = stamped - base.unsqueeze(0)
-    overall = d.mean(dim=1).sort(dim=-1, descending=True).values
-    onehot = F.one_hot(labels.long(), k).to(d.dtype)
-    per_source = torch.einsum("jnc,ns->jsc", d, onehot) / onehot.sum(0).clamp_min(1)[:, None]
-    own = torch.eye(k, dtype=torch.bool, device=d.device).unsqueeze(0)
+    overall = (stamped - base.unsqueeze(0)).mean(dim=1).sort(dim=-1, descending=True).values
+    per_source = pair_gains(base, stamped, labels)
+    own = torch.eye(k, dtype=torch.bool, device=base.device).unsqueeze(0)
     flip = per_source.masked_fill(own, float("-inf")).max(dim=-1).values
     flip = flip.sort(dim=-1, descending=True).values
     return torch.cat([overall, flip], dim=-1)
@@ -182,8 +180,9 @@ class StampMeta(nn.Module):
         x = self.anchors.unsqueeze(0)
         return ((1 - m) * x + m * p).reshape(-1, *self.input_shape)
 
-    def respond(self, model: nn.Module) -> torch.Tensor:
-        """The model's features (``J×2K``); gradients flow to the stamps."""
+    def probabilities(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's class probabilities on the clean anchors (``N×K``) and on the
+        stamped ones (``J×N×K``); gradients flow to the stamps."""
         n = self.anchors.shape[0]
         out = model(torch.cat([self.anchors, self.stamped()]))
         want = (n * (1 + self.num_stamps), self.num_classes)
@@ -191,24 +190,23 @@ class StampMeta(nn.Module):
             raise ModelError(f"MNTD: expected outputs of shape {want} on the stamped anchors, "
                              f"got {tuple(getattr(out, 'shape', ()))}")
         prob = F.softmax(out, dim=-1)
-        stamped = prob[n:].reshape(self.num_stamps, n, -1)
+        return prob[:n], prob[n:].reshape(self.num_stamps, n, -1)
+
+    def respond(self, model: nn.Module) -> torch.Tensor:
+        """The model's features (``J×2K``); gradients flow to the stamps."""
+        base, stamped = self.probabilities(model)
         if self.normalise:
-            return normalised_features(pair_gains(prob[:n], stamped, self.anchor_labels),
+            return normalised_features(pair_gains(base, stamped, self.anchor_labels),
                                        self.pair_mean, self.pair_std)
-        return stamp_features(prob[:n], stamped, self.anchor_labels)
+        return stamp_features(base, stamped, self.anchor_labels)
 
     @torch.no_grad()
     def refresh_reference(self, models: Sequence[nn.Module]) -> None:
         """Set the pair-gain reference (``normalise``) to ``models``' mean and std."""
-        n = self.anchors.shape[0]
-        gains = []
-        for m in models:
-            prob = F.softmax(m(torch.cat([self.anchors, self.stamped()])), dim=-1)
-            gains.append(pair_gains(prob[:n], prob[n:].reshape(self.num_stamps, n, -1),
-                                    self.anchor_labels))
-        g = torch.stack(gains)
+        g = torch.stack([pair_gains(*self.probabilities(m), self.anchor_labels)
+                         for m in models])
         self.pair_mean.copy_(g.mean(0))
-        self.pair_std.copy_(g.std(0).clamp_min(1e-3) if len(gains) > 1
+        self.pair_std.copy_(g.std(0).clamp_min(1e-3) if len(g) > 1
                             else torch.ones_like(g[0]))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
