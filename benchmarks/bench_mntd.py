@@ -229,9 +229,11 @@ def _auroc(y: list[int], s: list[float]) -> float:
 
 
 def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]],
-                 rows: list[dict[str, Any]], unseen_arch: str | None) -> dict[str, Any]:
+                 rows: list[dict[str, Any]], unseen_arch: str | None,
+                 only: str | None = None) -> dict[str, Any]:
     """AUROC (overall, per attack, per architecture), verdict rates and timing of every
-    variant of one bundle on the targets; raw scores go into ``rows``."""
+    variant of one bundle (``only``: of those named, comma-separated) on the targets; raw
+    scores go into ``rows``."""
     from trojanscan.dataset import ImageDataset
     from trojanscan.detectors.mntd import MNTD
     from trojanscan.mntd.pretrained import resolve
@@ -257,6 +259,9 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
     from trojanscan.detectors.mntd import MIXES, holds
 
     variants += [m for m in MIXES if holds(bundle, m)]  # stamp_qt_data, stamp_qt
+    variants += [v for v in bundle.variants if v == "search"]  # the trigger search
+    if only:
+        variants = [v for v in variants if v in only.split(",")]
     has_refs = all("reference_raw" in c for c in bundle.calibration.values())
     calibrations = ("shadows", "reference") if has_refs else ("shadows",)
     for variant in variants:
@@ -334,7 +339,7 @@ def stage_score(args: argparse.Namespace) -> dict[str, Any]:
         "unseen_arch": args.unseen_arch if len(main) < len(targets) else None,
         "bundles": {}, "models": rows, "machine": machine()}
     for meta in args.meta.split(","):
-        res = score_bundle(meta, targets, rows, out["unseen_arch"])
+        res = score_bundle(meta, targets, rows, out["unseen_arch"], args.variants)
         label = meta if not meta.endswith(".json") else Path(meta).stem
         res["meta"] = meta
         out["bundles"][label] = res
@@ -552,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unseen-arch", default=None,
                     help="also models of this architecture (not among the shadows')")
     ap.add_argument("--unseen-per-attack", type=int, default=1)
+    ap.add_argument("--variants", default=None,
+                    help="score: only these variants of the bundle (comma-separated)")
     ap.add_argument("--meta", default="fashion-mnist",
                     help="meta-classifier name(s) or path(s), comma-separated")
     ap.add_argument("--backend", default="auto")
