@@ -22,6 +22,12 @@ the bundle already in ``--out`` without retraining anything else (~6 min)::
     python scripts/make_mntd_pretrained.py --which fashion-mnist --reference-only \\
         --backend processes --workers 2 --workdir benchmarks/.cache/mntd_shadows/paper
 
+Its trigger-search probe (session 14: trojanscan.mntd.search; read against the 64
+reference models, which are re-used) was added the same way (~5 min)::
+
+    python scripts/make_mntd_pretrained.py --which fashion-mnist --search-only \\
+        --backend processes --workers 2 --workdir benchmarks/.cache/mntd_shadows/paper
+
 The digits bundle (paper's variants only) was made on one H100 machine with 16 CPU cores,
 shadows by 4 worker processes sharing the GPU (about 3 minutes; meta-classifiers on one
 CPU thread)::
@@ -175,6 +181,37 @@ def add_references(name: str, args: argparse.Namespace) -> Path:
     return save_bundle(stem, bundle)[1]
 
 
+def add_search(name: str, args: argparse.Namespace) -> Path:
+    """Add the trigger-search probe (trojanscan.mntd.search) to the bundle written for
+    preset ``name``, read against its benign training shadows, then re-calibrate on the
+    reference models (which the probe is then read against); rewrites it in place."""
+    from dataclasses import replace
+
+    from trojanscan.mntd.pipeline import load_shadow_split
+    from trojanscan.mntd.pretrained import load_bundle
+    from trojanscan.mntd.search import SEARCH, SearchConfig, fit_search_probe
+
+    preset = PRESETS[name]
+    stem = Path(args.out) / (args.stem or preset["stem"])
+    bundle = load_bundle(stem.with_suffix(".json"))
+    data = load_dataset(preset["data"])
+    share = defender_share(data, preset["share"], seed=args.seed)
+    folder = Path(args.workdir) / name / "shadows"
+    train, val = load_shadow_split(folder, preset["settings"], args.seed)
+    benign = [m for m, y in zip(train.models, train.labels) if y == 0]
+    held_out = [m for m, y in zip(val.models, val.labels) if y == 0]
+    t0 = time.perf_counter()
+    probe, cal = fit_search_probe(share.x, share.labels(), data.num_classes,
+                                  normalise_on=benign, held_out_benign=held_out,
+                                  config=SearchConfig(), seed=args.seed)
+    bundle = replace(bundle, variants={**bundle.variants, SEARCH: probe},
+                     calibration={**bundle.calibration, SEARCH: cal})
+    sidecar = save_bundle(stem, bundle)[1]
+    print(f"{name}: search probe on {len(benign)} + {len(held_out)} benign shadows, "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return add_references(name, args) if num_references(preset, args) else sidecar
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,9 +258,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="override: clean reference models calibrating the verdict (0: none)")
     ap.add_argument("--reference-only", action="store_true",
                     help="only (re)calibrate the bundle already in --out on reference models")
+    ap.add_argument("--search-only", action="store_true",
+                    help="only add the trigger-search probe to the bundle already in --out "
+                         "(then re-calibrate it on the reference models)")
     args = ap.parse_args(argv)
     for name in args.which:
-        if not args.reference_only:
+        if args.search_only:
+            add_search(name, args)
+        elif not args.reference_only:
             make(name, args)
         elif num_references(PRESETS[name], args):
             add_references(name, args)

@@ -883,7 +883,8 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
     args = ["mntd", "train", "--data", "digits:train", "--share", "0.1", "--out",
             str(tmp_path), "--num-shadows", "2", "--num-val", "1", "--archs", "mlp",
             "--shadow-epochs", "1", "--meta-epochs", "1", "--data-members", "1",
-            "--stamp-members", "1", "--reference-models", "2", "--no-ray", "--quiet"]
+            "--stamp-members", "1", "--reference-models", "2", "--no-search-probe", "--no-ray",
+            "--quiet"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0
@@ -926,6 +927,31 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
         main([*args, "--reference-models", "0", "--name", "shadow_null"])
     assert exc.value.code == 0
     assert "reference" not in load_bundle(tmp_path / "shadow_null.json").info
+
+
+def test_cli_train_adds_the_search_probe_read_against_the_references(
+        tmp_path: Path, digits: ImageDataset, capsys: pytest.CaptureFixture) -> None:
+    from trojanscan.cli import main
+
+    args = ["mntd", "train", "--data", "digits:train", "--share", "0.1", "--out",
+            str(tmp_path), "--num-shadows", "4", "--num-val", "1", "--archs", "mlp",
+            "--shadow-epochs", "1", "--meta-epochs", "1", "--data-members", "0",
+            "--stamp-members", "0", "--reference-models", "3", "--no-ray", "--quiet"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    sidecar = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    bundle = load_bundle(sidecar)
+    cal = bundle.calibration["search"]
+    assert cal["normalised_on"] == "reference_models" and cal["normalised_count"] == 3
+    assert len(cal["reference_raw"]) == 3 and len(cal["benign_raw"]) == 1
+    r = MNTD(meta_classifier=str(sidecar), variant="search").fit(
+        archs.build("mlp", (1, 8, 8), 10), digits)
+    assert r.evidence["calibration"]["source"] == "reference_models"
+    with pytest.raises(SystemExit) as exc:  # too few benign shadows to read against
+        main([*args[:9], "3", *args[10:], "--name", "few"])
+    assert exc.value.code == 2
+    assert "--no-search-probe" in capsys.readouterr().err
 
 
 def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:

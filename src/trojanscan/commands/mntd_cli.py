@@ -82,6 +82,11 @@ def train(
         "--stamp-family", help="Jumbo triggers the stamp members learn from: paper or wide "
                                "(extra jumbo shadows, a third of them source-specific, "
                                "in shadows/jumbo-wide/).")] = "wide",
+    search_probe: Annotated[bool, typer.Option(
+        "--search-probe/--no-search-probe",
+        help="Also add the trigger-search probe (beyond the paper): per class, the cheapest "
+             "mask and pattern that move your images out of it, found on the model under "
+             "test and read against clean reference models (or the benign shadows).")] = True,
     reference_models: Annotated[int, typer.Option(
         "--reference-models", help="Clean reference models, trained on DATA outside the "
                                    "shadows' share with varied recipes (in OUT/references, "
@@ -131,7 +136,8 @@ def train(
         response=response, shadow_poisoning=poisoning, jumbo_family=jumbo_family,
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         data_members=data_members, data_query_eps=data_query_eps,
-        query_holdout=query_holdout, stamp_members=stamp_members, stamp_family=stamp_family)
+        query_holdout=query_holdout, stamp_members=stamp_members, stamp_family=stamp_family,
+        search_probe=search_probe)
     settings.validate()
     if reference_models < 0 or reference_models == 1:
         raise ParameterError(f"invalid --reference-models: expected 0 or an integer >= 2, "

@@ -73,6 +73,7 @@ from ..mntd.pretrained import (
     find_builtin,
     resolve,
 )
+from ..mntd.search import SEARCH
 from ..mntd.stamps import STAMP
 from ..utils import pick_device
 from .base import ModelDetector, ModelScanResult, borrow_model
@@ -88,11 +89,12 @@ MIXES: dict[str, tuple[str, ...]] = {
     "stamp_qt": (STAMP, "qt"),
     "stamp_one_class": (STAMP, "one_class"),
     "stamp_qt_data_one_class": (STAMP, DATA_ENSEMBLE, "one_class"),
+    "stamp_qt_data_one_class_search": (STAMP, DATA_ENSEMBLE, "one_class", SEARCH),
 }
 #: what ``auto`` takes: the first whose parts the bundle holds (the first was chosen by
 #: its verdict: docs/benchmarks/mntd_prereg_s13.md)
 AUTO_ORDER = ("stamp_qt_data_one_class", "stamp_qt_data", DATA_ENSEMBLE, "qt")
-DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
+DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, SEARCH, *MIXES)
 #: the variants that sum several standardised meta-classifier outputs
 SUMMED = (COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
 #: the bundle ensembles a variant of the same name scores

@@ -51,6 +51,7 @@ from .jumbo import POISONINGS, check_options
 from .meta import DATA_ENSEMBLE, VARIANTS, MetaClassifier, MetaConfig, fit_meta, raw_scores
 from .pretrained import MetaBundle
 from .regime import check_regime
+from .search import SEARCH, SearchProbe, fit_search_probe
 from .shadows import (
     ShadowData,
     ShadowSpec,
@@ -96,6 +97,9 @@ class TrainSettings:
     stamp_epochs: int = 20
     stamp_family: str = "paper"  # the jumbo triggers the stamp members train against
     stamp_normalise: bool = False  # their gains as z-scores against the benign shadows'
+    #: the per-class trigger-search probe (search.py; read against the benign training
+    #: shadows, then against reference models when the bundle is calibrated on them)
+    search_probe: bool = False
     fpr: float = 0.05  # threshold: at most this share of held-out benign shadows flagged
 
     def validate(self) -> None:
@@ -118,6 +122,11 @@ class TrainSettings:
         if not 0 <= int(self.stamp_members) <= 64:
             raise bad_param("stamp_members", "an integer in [0, 64]", self.stamp_members)
         self.stamp_config().validate()
+        if self.search_probe and self.num_shadows - self.num_val < 3:
+            raise bad_param("num_shadows", f"at least num_val + 3 = {self.num_val + 3} with "
+                            "the search probe (it reads against the benign training shadows; "
+                            "'trojanscan mntd train --no-search-probe' leaves it out)",
+                            self.num_shadows)
         if not 0 < float(self.data_query_eps) <= 1:
             raise bad_param("data_query_eps", "a float in (0, 1]", self.data_query_eps)
         if not 0 < self.fpr < 1:
@@ -421,7 +430,9 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
     shared = (pool.x, pool.labels()) if settings.needs_images() else None
     run = run_tasks(_fit_variant, jobs, shared=shared, backend=backend,
                     workers=workers, threads=threads, description="meta-classifiers")
-    variants, calibration, fits = {}, {}, {}
+    variants: dict[str, MetaClassifier | StampMeta | SearchProbe] = {}
+    calibration: dict[str, Any] = {}
+    fits: dict[str, Any] = {}
     k = 0
     shadow_summary: dict[str, Any] = {}
     stamp_summary: dict[str, Any] = {}
@@ -462,6 +473,12 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         **(extra_info or {}),
     }
+    if settings.search_probe:
+        train, val = load_shadow_split(folder, settings, seed)
+        variants[SEARCH], calibration[SEARCH] = fit_search_probe(
+            data.x, data.labels(), k, seed=seed, fpr=settings.fpr,
+            normalise_on=[m for m, y in zip(train.models, train.labels) if y == 0],
+            held_out_benign=[m for m, y in zip(val.models, val.labels) if y == 0])
     ensembles = {DATA_ENSEMBLE: settings.member_names()} if settings.data_members else {}
     if settings.stamp_members:
         ensembles[STAMP] = settings.stamp_names()

@@ -7,9 +7,9 @@ one or more variants (``qt.queries``, ``qt.fc.weight``, …, ``one_class.w``) an
 benign and trojaned shadow models, the decision threshold), the SHA-256 of the weights
 file and how it was trained. No pickles anywhere. A bundle may also hold *ensembles*
 (``"ensembles": {"qt_data": ["qt_data.0", …]}`` in the JSON): named groups of entries
-whose meta-classifier kind (``"kind"``: ``qt``, ``no_qt``, ``one_class`` or ``stamp`` —
-trojanscan.mntd.stamps; an entry without it is named after its kind) the detector scores
-together. Bundles without
+whose meta-classifier kind (``"kind"``: ``qt``, ``no_qt``, ``one_class``, ``stamp`` —
+trojanscan.mntd.stamps — or ``search`` — trojanscan.mntd.search; an entry without it is
+named after its kind) the detector scores together. Bundles without
 ensembles (format version 1) load unchanged.
 
 Shipped bundles (``trojanscan/data/``, made by ``scripts/make_mntd_pretrained.py``):
@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,15 @@ import torch
 from ..exceptions import IncompatibleError, ModelError, ParameterError
 from ..utils import atomic_path, atomic_write_text, sha256_file
 from .meta import VARIANTS, MetaClassifier
+from .search import SEARCH, SearchProbe
 from .stamps import STAMP, StampMeta
 
-#: a bundle entry: one of MNTD's meta-classifiers or a stamp-probing one
-Meta = MetaClassifier | StampMeta
+#: a bundle entry: one of MNTD's meta-classifiers, a stamp-probing one or a search probe
+Meta = MetaClassifier | StampMeta | SearchProbe
 #: entry kinds a bundle may hold
-KINDS = (*VARIANTS, STAMP)
+KINDS = (*VARIANTS, STAMP, SEARCH)
+#: the entry kinds whose module is not a MetaClassifier
+_OWN_CLASS: Mapping[str, type] = {STAMP: StampMeta, SEARCH: SearchProbe}
 
 FORMAT = "trojanscan-mntd-meta"
 FORMAT_VERSION = 2  # 2: entries may carry "kind"; optional "ensembles"
@@ -95,14 +98,18 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
             tensors[f"{name}.{k}"] = v.detach().cpu().contiguous().float()
         cal = dict(bundle.calibration.get(name, {}))
         kind = cal.pop("kind", name)
-        if kind not in KINDS or (kind == STAMP) != isinstance(meta, StampMeta):
+        if kind not in KINDS or not isinstance(meta, _OWN_CLASS.get(kind, MetaClassifier)):
             raise ParameterError(f"invalid bundle entry {name!r}: expected a variant name "
                                  f"({', '.join(KINDS)}) or a 'kind' in its calibration "
                                  "that matches its meta-classifier")
-        shape = ({"num_stamps": meta.num_stamps, "hidden": meta.hidden}
-                 if isinstance(meta, StampMeta) else
-                 {"num_queries": meta.num_queries, "hidden": meta.hidden,
-                  "one_class": meta.one_class, "response": meta.response})
+        shape: dict[str, Any]
+        if isinstance(meta, StampMeta):
+            shape = {"num_stamps": meta.num_stamps, "hidden": meta.hidden}
+        elif isinstance(meta, SearchProbe):
+            shape = {"search": dict(asdict(meta.config))}
+        else:
+            shape = {"num_queries": meta.num_queries, "hidden": meta.hidden,
+                     "one_class": meta.one_class, "response": meta.response}
         variants[name] = {
             **({"kind": kind} if name in members or kind != name else {}), **shape, **cal,
         }
@@ -129,7 +136,7 @@ _STRUCTURAL = ("format", "format_version", "name", "input_shape", "num_classes",
 
 
 #: entry keys that describe a meta-classifier's shape (not its calibration)
-_SHAPE_KEYS = ("num_queries", "hidden", "one_class", "response", "num_stamps")
+_SHAPE_KEYS = ("num_queries", "hidden", "one_class", "response", "num_stamps", "search")
 
 
 def _check_ensemble(name: str, members: Any, entries: Mapping[str, Any]) -> None:
@@ -178,6 +185,10 @@ def load_bundle(path: str | Path) -> MetaBundle:
             meta: Meta
             if kind == STAMP:
                 meta = StampMeta.from_state(state, k)
+                if meta.input_shape != shape:
+                    raise ValueError(f"entry {name!r} has anchors of shape {meta.input_shape}")
+            elif kind == SEARCH:
+                meta = SearchProbe.from_state(state, k)
                 if meta.input_shape != shape:
                     raise ValueError(f"entry {name!r} has anchors of shape {meta.input_shape}")
             else:

@@ -16,7 +16,9 @@ its own seed:
 Their raw meta-classifier outputs are stored in each bundle entry's calibration as
 ``reference_raw``; the detector then sets threshold, p-value and score against them
 (``calibration="auto"``). The meta-classifiers and the raw scores, hence AUROC, do not
-change. Files use the shadow format (:func:`~trojanscan.mntd.shadows.save_shadow`).
+change — except a search probe's (:mod:`trojanscan.mntd.search`), which reads its costs
+against the reference models' (its ``reference_raw`` leaves each one out). Files use the
+shadow format (:func:`~trojanscan.mntd.shadows.save_shadow`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ..training import TrainConfig, evaluate, train_model
 from .executor import RunSummary, Task, run_tasks
 from .meta import raw_scores
 from .pretrained import MetaBundle
+from .search import SearchProbe, with_reference_models
 from .shadows import load_shadow, refuse_mismatch, save_shadow
 
 SAMPLES = (2000, 10000)
@@ -171,9 +174,17 @@ def with_references(bundle: MetaBundle, models: Sequence[torch.nn.Module],
     output on each reference model) and whose info describes the reference models."""
     if len(models) < 2:
         raise bad_param("reference_models", "at least 2 models", len(models))
+    if len(models) < 3 and any(isinstance(m, SearchProbe) for m in bundle.variants.values()):
+        raise bad_param("reference_models", "at least 3 models (the search probe reads its "
+                        "costs against them)", len(models))
     calibration = {}
+    variants = dict(bundle.variants)
     with torch.no_grad():
         for name, meta in bundle.variants.items():
+            if isinstance(meta, SearchProbe):  # read against the reference models too
+                variants[name], calibration[name] = with_reference_models(
+                    meta, dict(bundle.calibration.get(name, {})), list(models))
+                continue
             raws = raw_scores(meta, list(models))
             if not np.all(np.isfinite(raws)):
                 raise DataError(f"MNTD: a reference model gives a non-finite {name} output")
@@ -190,7 +201,7 @@ def with_references(bundle: MetaBundle, models: Sequence[torch.nn.Module],
         "mean_accuracy": float(np.mean(acc)) if acc else None,
         **({"data": data} if data else {}),
     }}
-    return replace(bundle, calibration=calibration, info=info)
+    return replace(bundle, variants=variants, calibration=calibration, info=info)
 
 
 def calibrate(bundle: MetaBundle, pool: ImageDataset, folder: str | Path, *, num: int,
