@@ -852,7 +852,8 @@ def test_shipped_bundles_load_are_small_and_documented() -> None:
         settings_ = info["training"]["settings"]
         members = set(bundle.ensembles.get("qt_data", ()))
         stamps = set(bundle.ensembles.get("stamp", ()))
-        assert set(bundle.variants) == {"qt", "no_qt", "one_class"} | members | stamps
+        search = {"search"} if name == "fashion-mnist" else set()  # session 14's probe
+        assert set(bundle.variants) == {"qt", "no_qt", "one_class"} | members | stamps | search
         assert len(members) == settings_.get("data_members", 0)
         assert len(stamps) == settings_.get("stamp_members", 0)
         if stamps:  # trained against their own jumbo family, recorded beside the paper's
@@ -1095,16 +1096,19 @@ def test_shipped_fashion_mnist_bundle_is_calibrated_on_reference_models() -> Non
     assert all(len(c["reference_raw"]) == 64 for c in b.calibration.values())
 
 
-def test_shipped_fashion_mnist_default_is_stamps_qt_data_one_class_on_the_reference_null(
+def test_shipped_fashion_mnist_default_adds_the_search_probe_on_the_reference_null(
         ) -> None:
-    """``auto`` scores with the three stamp members, the five qt_data members and the
-    one-class meta-classifier; a clean reference model's raw score is exactly its entry in
-    the reference null."""
+    """``auto`` scores with the three stamp members, the five qt_data members, the
+    one-class meta-classifier and the trigger-search probe (adopted in session 14,
+    docs/benchmarks/mntd_prereg_s14.md), against the 64 reference models."""
     model = archs.build("lenet", (1, 28, 28), 10)
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
     r = MNTD().fit(model, shape_only)
-    assert r.evidence["variant"] == "stamp_qt_data_one_class"
-    assert len(r.evidence["component_raw_scores"]) == 9
+    assert r.evidence["variant"] == "stamp_qt_data_one_class_search"
+    parts = r.evidence["component_raw_scores"]
+    assert len(parts) == 10 and "search" in parts
     assert r.evidence["calibration"]["source"] == "reference_models"
     assert r.evidence["calibration"]["reference_models"] == 64
     assert 0 <= r.score <= 1 and 1 / 65 <= r.p_value <= 1
+    cal = load_bundle(builtin_path("fashion-mnist")).calibration["search"]
+    assert cal["normalised_on"] == "reference_models" and cal["normalised_count"] == 64

@@ -3,7 +3,8 @@ Using Meta Neural Analysis", IEEE S&P 2021.
 
 Needs the model only (the clean data just give the input shape): the model answers a
 few tuned query inputs and a meta-classifier, trained beforehand on hundreds of benign
-and jumbo-trojaned shadow models, reads the answers. Scoring takes milliseconds.
+and jumbo-trojaned shadow models, reads the answers. Scoring takes milliseconds (the
+default's trigger search: about half a second on one CPU thread).
 
 Meta-classifiers for 1×28×28 → 10 (Fashion-MNIST-like) and 1×8×8 → 10 (digits) models
 ship with the package and are picked by shape; for other shapes train one with
@@ -21,13 +22,17 @@ defender's images and stay within a small L∞ ball of them, summed the same way
 apply them to the defender's clean images and read the class-order-free change of the
 model's probabilities; ``stamp_qt_data`` / ``stamp_qt`` / ``stamp_one_class`` add the stamp
 members' mean z-score to that of ``qt_data`` / ``qt`` / ``one_class``
-(``stamp_qt_data_one_class``: to both ``qt_data``'s and ``one_class``'s). The default
-``auto`` takes the first whose parts the bundle holds of ``stamp_qt_data_one_class`` (the
-shipped Fashion-MNIST one), ``stamp_qt_data``, ``qt_data`` and the paper's ``qt``. On
-fresh sets 17 + 18 (144 Fashion-MNIST models, docs/benchmarks/mntd.md, Session 13) AUROC
-is 0.859 (qt), 0.807 (one_class), 0.834 (qt_data), 0.892 (stamp_qt_data) and 0.906
-(stamp_qt_data_one_class), which flags 65% of the backdoored models at the reference
-threshold (stamp_qt_data 40%) and no clean one.
+(``stamp_qt_data_one_class``: to both ``qt_data``'s and ``one_class``'s). ``search``
+(beyond the paper, trojanscan.mntd.search): a per-class trigger search on the model
+itself, each class's cost read against clean reference models; about half a second per
+small CNN on one CPU thread. ``stamp_qt_data_one_class_search`` adds its z-score to
+``stamp_qt_data_one_class``. The default ``auto`` takes the first whose parts the bundle
+holds of ``stamp_qt_data_one_class_search`` (the shipped Fashion-MNIST one),
+``stamp_qt_data_one_class``, ``stamp_qt_data``, ``qt_data`` and the paper's ``qt``. On
+fresh sets 21 + 22 (144 Fashion-MNIST models, docs/benchmarks/mntd.md, Session 14) AUROC
+is 0.897 (qt), 0.838 (one_class), 0.860 (qt_data), 0.905 (stamp_qt_data_one_class) and
+0.932 (stamp_qt_data_one_class_search; 0.970 on the backdoors that took), which flags 71%
+of the backdoored models at the reference threshold and no clean one.
 ``p_value``, threshold and (with reference models) score: by default (``calibration=
 "auto"``) against the raw outputs of the bundle's clean *reference* models, trained
 outside the defender's share with varied recipes (the shipped Fashion-MNIST bundle has 64),
@@ -91,9 +96,10 @@ MIXES: dict[str, tuple[str, ...]] = {
     "stamp_qt_data_one_class": (STAMP, DATA_ENSEMBLE, "one_class"),
     "stamp_qt_data_one_class_search": (STAMP, DATA_ENSEMBLE, "one_class", SEARCH),
 }
-#: what ``auto`` takes: the first whose parts the bundle holds (the first was chosen by
-#: its verdict: docs/benchmarks/mntd_prereg_s13.md)
-AUTO_ORDER = ("stamp_qt_data_one_class", "stamp_qt_data", DATA_ENSEMBLE, "qt")
+#: what ``auto`` takes: the first whose parts the bundle holds (the first was tested in
+#: docs/benchmarks/mntd_prereg_s14.md, the second in mntd_prereg_s13.md)
+AUTO_ORDER = ("stamp_qt_data_one_class_search", "stamp_qt_data_one_class", "stamp_qt_data",
+              DATA_ENSEMBLE, "qt")
 DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, SEARCH, *MIXES)
 #: the variants that sum several standardised meta-classifier outputs
 SUMMED = (COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
@@ -143,14 +149,16 @@ class MNTD(ModelDetector):
     ``meta_classifier``: ``None`` (pick the shipped one by the model's shape), a built-in
     name (``fashion-mnist``, ``digits``) or a path to a bundle (``.json``/``.safetensors``).
     ``variant``: ``auto`` (default: the first of :data:`AUTO_ORDER` whose parts the
-    bundle holds: ``stamp_qt_data_one_class``, ``stamp_qt_data``, ``qt_data``, ``qt``),
+    bundle holds: ``stamp_qt_data_one_class_search``, ``stamp_qt_data_one_class``,
+    ``stamp_qt_data``, ``qt_data``, ``qt``),
     ``qt`` (query tuning, the paper's), ``no_qt``, ``one_class``, ``combined`` (``qt`` +
     ``one_class``, standardised against the benign shadows), ``qt_data`` (the bundle's
     ensemble of data-started query-tuned members, summed the same way), ``stamp`` (its
     stamp-probing members) or
     ``stamp_qt_data`` / ``stamp_qt`` / ``stamp_one_class`` / ``stamp_qt_data_one_class``
     (the stamp members' mean z-score plus that of ``qt_data`` / ``qt`` / ``one_class`` /
-    both ``qt_data`` and ``one_class``).
+    both ``qt_data`` and ``one_class``), ``search`` (the per-class trigger search) or
+    ``stamp_qt_data_one_class_search`` (both).
     ``threshold``: raw-output threshold overriding the bundle's (for the summed variants:
     in units of the summed z-scores).
     ``calibration``: the null distribution of threshold, p-value and score — ``auto``
