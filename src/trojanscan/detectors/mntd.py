@@ -95,6 +95,7 @@ MIXES: dict[str, tuple[str, ...]] = {
     "stamp_one_class": (STAMP, "one_class"),
     "stamp_qt_data_one_class": (STAMP, DATA_ENSEMBLE, "one_class"),
     "stamp_qt_data_one_class_search": (STAMP, DATA_ENSEMBLE, "one_class", SEARCH),
+    "stamp_one_class_search": (STAMP, "one_class", SEARCH),
 }
 #: what ``auto`` takes: the first whose parts the bundle holds (the first was tested in
 #: docs/benchmarks/mntd_prereg_s14.md, the second in mntd_prereg_s13.md)
@@ -158,7 +159,8 @@ class MNTD(ModelDetector):
     ``stamp_qt_data`` / ``stamp_qt`` / ``stamp_one_class`` / ``stamp_qt_data_one_class``
     (the stamp members' mean z-score plus that of ``qt_data`` / ``qt`` / ``one_class`` /
     both ``qt_data`` and ``one_class``), ``search`` (the per-class trigger search) or
-    ``stamp_qt_data_one_class_search`` (both).
+    ``stamp_qt_data_one_class_search`` / ``stamp_one_class_search`` (that plus the
+    stamps, ``qt_data`` if named, and ``one_class``).
     ``threshold``: raw-output threshold overriding the bundle's (for the summed variants:
     in units of the summed z-scores).
     ``calibration``: the null distribution of threshold, p-value and score — ``auto``
