@@ -154,3 +154,29 @@ def test_bundle_entry_round_trips_and_reference_models_take_over(tiny: dict,
         r = MNTD(meta_classifier=str(sidecar2), variant=SEARCH).fit(m, tiny["digits"])
     assert r.evidence["calibration"]["source"] == "reference_models"
     assert 0 < r.p_value <= 1 and r.evidence["variant"] == SEARCH
+
+
+@pytest.mark.parametrize("variant", ["stamp_qt_data_one_class_search",
+                                     "stamp_one_class_search"])
+def test_shipped_search_mixes_sum_each_named_part_once(variant: str) -> None:
+    """Each named part weighs 1 in the sum (an ensemble's members 1/n each), every part
+    standardised against the held-out benign shadows, as for the other mixes."""
+    from trojanscan.archs import build
+    from trojanscan.detectors.mntd import MIXES
+    from trojanscan.mntd.pretrained import builtin_path
+
+    bundle = load_bundle(builtin_path("fashion-mnist"))
+    model = build("mlp", (1, 28, 28), 10)
+    shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
+    with executor.torch_threads(1):
+        r = MNTD(variant=variant).fit(model, shape_only)
+    got = r.evidence["component_raw_scores"]
+    want = 0.0
+    for piece in MIXES[variant]:
+        names = bundle.ensembles.get(piece, (piece,))
+        for n in names:
+            b = np.asarray(bundle.calibration[n]["benign_raw"])
+            want += (got[n] - b.mean()) / b.std() / len(names)
+    assert set(got) == {n for p in MIXES[variant] for n in bundle.ensembles.get(p, (p,))}
+    assert r.evidence["raw_score"] == pytest.approx(want, rel=1e-5)
+    assert r.evidence["calibration"]["source"] == "reference_models"
