@@ -90,20 +90,25 @@ def source_costs(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor,
          ).to(dev).requires_grad_()
     b = torch.zeros(k, c, h, w, device=dev).requires_grad_()
     y = labels.long()
-    counts = torch.bincount(y, minlength=k).to(anchors.dtype)
+    onehot = F.one_hot(y, k).to(anchors.dtype).T  # K×N
+    counts = onehot.sum(1)
     opt = torch.optim.Adam([a, b], lr=float(config.lr))
 
     def costs() -> torch.Tensor:
         m = torch.sigmoid(a)
-        x = (1 - m[y]) * anchors + m[y] * torch.sigmoid(b)[y]
+        # each anchor's class's mask and pattern, gathered (and scattered back in the
+        # backward pass) by matmuls rather than indexing, whose CUDA backward is not
+        # deterministic
+        m_y = (onehot.T @ m.flatten(1)).view(-1, 1, h, w)
+        p_y = (onehot.T @ torch.sigmoid(b).flatten(1)).view(-1, c, h, w)
+        x = (1 - m_y) * anchors + m_y * p_y
         out = model(x)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(y), k):
             raise ModelError(f"MNTD: expected outputs of shape {(len(y), k)} on the search "
                              f"anchors, got {tuple(getattr(out, 'shape', ()))}")
         own = F.softmax(out, dim=1).gather(1, y[:, None])[:, 0]
         leave = -torch.log((1 - own).clamp_min(1e-6))
-        per_class = torch.zeros(k, device=dev, dtype=leave.dtype).index_add(0, y, leave)
-        return per_class / counts.clamp_min(1) + config.mask_cost * m.flatten(1).sum(1)
+        return (onehot @ leave) / counts.clamp_min(1) + config.mask_cost * m.flatten(1).sum(1)
 
     with torch.enable_grad():
         for _ in range(int(config.steps)):
