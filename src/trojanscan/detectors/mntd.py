@@ -25,14 +25,17 @@ members' mean z-score to that of ``qt_data`` / ``qt`` / ``one_class``
 (``stamp_qt_data_one_class``: to both ``qt_data``'s and ``one_class``'s). ``search``
 (beyond the paper, trojanscan.mntd.search): a per-class trigger search on the model
 itself, each class's cost read against clean reference models; about half a second per
-small CNN on one CPU thread. ``stamp_qt_data_one_class_search`` adds its z-score to
+small CNN on one CPU thread. ``stamp_one_class_search`` and
+``stamp_qt_data_one_class_search`` add its z-score to ``stamp_one_class`` and
 ``stamp_qt_data_one_class``. The default ``auto`` takes the first whose parts the bundle
-holds of ``stamp_qt_data_one_class_search`` (the shipped Fashion-MNIST one),
+holds of ``stamp_one_class_search`` (the shipped Fashion-MNIST one: 256 benign and 256
+jumbo shadows, and 64 clean reference models), ``stamp_qt_data_one_class_search``,
 ``stamp_qt_data_one_class``, ``stamp_qt_data``, ``qt_data`` and the paper's ``qt``. On
-fresh sets 21 + 22 (144 Fashion-MNIST models, docs/benchmarks/mntd.md, Session 14) AUROC
-is 0.897 (qt), 0.838 (one_class), 0.860 (qt_data), 0.905 (stamp_qt_data_one_class) and
-0.932 (stamp_qt_data_one_class_search; 0.970 on the backdoors that took), which flags 71%
-of the backdoored models at the reference threshold and no clean one.
+fresh sets 23 + 24 (144 Fashion-MNIST models, docs/benchmarks/mntd.md, Session 14) AUROC
+is 0.820 (qt), 0.738 (one_class), 0.823 (qt_data), 0.882 (stamp_qt_data_one_class), 0.920
+(stamp_qt_data_one_class_search) and 0.934 (stamp_one_class_search; 0.980 on the
+backdoors that took), which flags 76% of the backdoored models at the reference threshold
+and no clean one.
 ``p_value``, threshold and (with reference models) score: by default (``calibration=
 "auto"``) against the raw outputs of the bundle's clean *reference* models, trained
 outside the defender's share with varied recipes (the shipped Fashion-MNIST bundle has 64),
@@ -97,10 +100,10 @@ MIXES: dict[str, tuple[str, ...]] = {
     "stamp_qt_data_one_class_search": (STAMP, DATA_ENSEMBLE, "one_class", SEARCH),
     "stamp_one_class_search": (STAMP, "one_class", SEARCH),
 }
-#: what ``auto`` takes: the first whose parts the bundle holds (the first was tested in
-#: docs/benchmarks/mntd_prereg_s14.md, the second in mntd_prereg_s13.md)
-AUTO_ORDER = ("stamp_qt_data_one_class_search", "stamp_qt_data_one_class", "stamp_qt_data",
-              DATA_ENSEMBLE, "qt")
+#: what ``auto`` takes: the first whose parts the bundle holds (the first two were tested
+#: in docs/benchmarks/mntd_prereg_s14.md, the third in mntd_prereg_s13.md)
+AUTO_ORDER = ("stamp_one_class_search", "stamp_qt_data_one_class_search",
+              "stamp_qt_data_one_class", "stamp_qt_data", DATA_ENSEMBLE, "qt")
 DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, SEARCH, *MIXES)
 #: the variants that sum several standardised meta-classifier outputs
 SUMMED = (COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
@@ -150,8 +153,8 @@ class MNTD(ModelDetector):
     ``meta_classifier``: ``None`` (pick the shipped one by the model's shape), a built-in
     name (``fashion-mnist``, ``digits``) or a path to a bundle (``.json``/``.safetensors``).
     ``variant``: ``auto`` (default: the first of :data:`AUTO_ORDER` whose parts the
-    bundle holds: ``stamp_qt_data_one_class_search``, ``stamp_qt_data_one_class``,
-    ``stamp_qt_data``, ``qt_data``, ``qt``),
+    bundle holds: ``stamp_one_class_search``, ``stamp_qt_data_one_class_search``,
+    ``stamp_qt_data_one_class``, ``stamp_qt_data``, ``qt_data``, ``qt``),
     ``qt`` (query tuning, the paper's), ``no_qt``, ``one_class``, ``combined`` (``qt`` +
     ``one_class``, standardised against the benign shadows), ``qt_data`` (the bundle's
     ensemble of data-started query-tuned members, summed the same way), ``stamp`` (its
