@@ -180,3 +180,12 @@ def test_shipped_search_mixes_sum_each_named_part_once(variant: str) -> None:
     assert set(got) == {n for p in MIXES[variant] for n in bundle.ensembles.get(p, (p,))}
     assert r.evidence["raw_score"] == pytest.approx(want, rel=1e-5)
     assert r.evidence["calibration"]["source"] == "reference_models"
+
+
+def test_a_bundle_without_the_probe_says_how_to_get_one() -> None:
+    from trojanscan.archs import build
+
+    digits = ImageDataset(torch.zeros(2, 1, 8, 8), torch.arange(2))
+    with pytest.raises(ModelError, match=r"no trigger-search probe.*--search-only"):
+        MNTD(meta_classifier="digits", variant=SEARCH).fit(build("mlp", (1, 8, 8), 10), digits)
+

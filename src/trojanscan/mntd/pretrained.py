@@ -66,6 +66,11 @@ class MetaBundle:
         return f"{'×'.join(map(str, self.input_shape))} → {self.num_classes}"
 
     def variant(self, name: str) -> tuple[Meta, Mapping[str, Any]]:
+        if name == SEARCH and name not in self.variants:
+            raise ModelError(f"MNTD: {self.name} has no trigger-search probe; train a bundle "
+                             "with 'trojanscan mntd train' (it adds one unless "
+                             "--no-search-probe) or add one with "
+                             "scripts/make_mntd_pretrained.py --search-only")
         if name not in self.variants:
             raise ParameterError(f"invalid variant: expected one of "
                                  f"{', '.join(sorted(self.variants))} (in {self.name}), "
