@@ -63,8 +63,9 @@ class SearchConfig:
             raise bad_param("init_noise", "a float >= 0", self.init_noise)
 
     def as_tensor(self) -> torch.Tensor:
+        # float32, as a bundle stores it (and as every device holds it)
         return torch.tensor([float(getattr(self, f.name)) for f in fields(self)],
-                            dtype=torch.float64)
+                            dtype=torch.float32)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> SearchConfig:
