@@ -47,6 +47,8 @@ def test_config_round_trips_through_its_tensor_and_validates() -> None:
     assert SearchConfig.from_tensor(cfg.as_tensor()) == cfg
     with pytest.raises(ParameterError, match="steps"):
         SearchConfig(steps=0).validate()
+    with pytest.raises(ParameterError, match="seed"):  # would not survive float32
+        SearchConfig(seed=2**24 + 1).validate()
     with pytest.raises(ParameterError, match="mask_cost"):
         SearchProbe(torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), 2,
                     SearchConfig(mask_cost=0.0))

@@ -61,6 +61,9 @@ class SearchConfig:
                 raise bad_param(name, "a float > 0", getattr(self, name))
         if not float(self.init_noise) >= 0:
             raise bad_param("init_noise", "a float >= 0", self.init_noise)
+        for name in ("anchors_per_class", "steps", "seed"):  # stored as float32: exact
+            if not 0 <= int(getattr(self, name)) < 2**24:
+                raise bad_param(name, "an integer in [0, 2**24)", getattr(self, name))
 
     def as_tensor(self) -> torch.Tensor:
         # float32, as a bundle stores it (and as every device holds it)
