@@ -259,7 +259,8 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
     from trojanscan.detectors.mntd import MIXES, holds
 
     variants += [m for m in MIXES if holds(bundle, m)]  # stamp_qt_data, stamp_qt
-    variants += [v for v in bundle.variants if v == "search"]  # the trigger search
+    if "search" in bundle.variants:
+        variants.append("search")  # the trigger search (beyond the paper)
     if only:
         variants = [v for v in variants if v in only.split(",")]
     has_refs = all("reference_raw" in c for c in bundle.calibration.values())

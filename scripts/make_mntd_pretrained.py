@@ -187,28 +187,23 @@ def add_search(name: str, args: argparse.Namespace) -> Path:
     reference models (which the probe is then read against); rewrites it in place."""
     from dataclasses import replace
 
-    from trojanscan.mntd.pipeline import load_shadow_split
+    from trojanscan.mntd.pipeline import fit_search_entry
     from trojanscan.mntd.pretrained import load_bundle
-    from trojanscan.mntd.search import SEARCH, SearchConfig, fit_search_probe
+    from trojanscan.mntd.search import SEARCH
 
     preset = PRESETS[name]
     stem = Path(args.out) / (args.stem or preset["stem"])
     bundle = load_bundle(stem.with_suffix(".json"))
     data = load_dataset(preset["data"])
     share = defender_share(data, preset["share"], seed=args.seed)
-    folder = Path(args.workdir) / name / "shadows"
-    train, val = load_shadow_split(folder, preset["settings"], args.seed)
-    benign = [m for m, y in zip(train.models, train.labels) if y == 0]
-    held_out = [m for m, y in zip(val.models, val.labels) if y == 0]
     t0 = time.perf_counter()
-    probe, cal = fit_search_probe(share.x, share.labels(), data.num_classes,
-                                  normalise_on=benign, held_out_benign=held_out,
-                                  config=SearchConfig(), seed=args.seed)
+    probe, cal = fit_search_entry(Path(args.workdir) / name / "shadows", preset["settings"],
+                                  share, data.num_classes, seed=args.seed)
     bundle = replace(bundle, variants={**bundle.variants, SEARCH: probe},
                      calibration={**bundle.calibration, SEARCH: cal})
     sidecar = save_bundle(stem, bundle)[1]
-    print(f"{name}: search probe on {len(benign)} + {len(held_out)} benign shadows, "
-          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(f"{name}: search probe on {cal['normalised_count']} + {len(cal['benign_raw'])} "
+          f"benign shadows, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return add_references(name, args) if num_references(preset, args) else sidecar
 
 

@@ -953,6 +953,12 @@ def test_cli_train_adds_the_search_probe_read_against_the_references(
         main([*args[:9], "3", *args[10:], "--name", "few"])
     assert exc.value.code == 2
     assert "--no-search-probe" in capsys.readouterr().err
+    two = [a if a != "3" else "2" for a in args]  # two reference models: no distribution
+    with pytest.raises(SystemExit) as exc:
+        main([*two, "--name", "two_refs"])
+    assert exc.value.code == 2
+    assert "at least 3 with the search probe" in capsys.readouterr().err
+    assert not (tmp_path / "two_refs.json").exists()
 
 
 def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:

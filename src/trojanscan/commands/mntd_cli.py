@@ -142,6 +142,10 @@ def train(
     if reference_models < 0 or reference_models == 1:
         raise ParameterError(f"invalid --reference-models: expected 0 or an integer >= 2, "
                              f"got {reference_models}")
+    if search_probe and reference_models == 2:  # refused before anything trains
+        raise ParameterError("invalid --reference-models: expected 0 or at least 3 with the "
+                             "search probe (it reads against them), got 2; or add "
+                             "--no-search-probe")
     ds = load_dataset(data)
     ds.require_classes(2)
     shadow_data = defender_share(ds, share, seed=seed, max_samples=max_samples)

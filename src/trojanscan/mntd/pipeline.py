@@ -401,6 +401,18 @@ def _fit_stamp_member(j: _VariantJob, train: LoadedShadows, val: LoadedShadows, 
     return _fitted(fit.meta, calibration, k, fit.history, train, val)
 
 
+def fit_search_entry(folder: str | Path, settings: TrainSettings, data: ImageDataset,
+                     num_classes: int, *, seed: int = 0) -> tuple[SearchProbe, dict[str, Any]]:
+    """The trigger-search probe (search.py) with anchors from ``data`` (the defender's
+    share), read against the benign training shadows in ``folder`` and calibrated on the
+    held-out ones, as a bundle entry and its calibration."""
+    train, val = load_shadow_split(folder, settings, seed)
+    return fit_search_probe(
+        data.x, data.labels(), num_classes, seed=seed, fpr=settings.fpr,
+        normalise_on=[m for m, y in zip(train.models, train.labels) if y == 0],
+        held_out_benign=[m for m, y in zip(val.models, val.labels) if y == 0])
+
+
 def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
                data: ImageDataset, seed: int = 0, device: str | None = None,
                extra_info: dict[str, Any] | None = None, backend: str = "sequential",
@@ -474,11 +486,8 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
         **(extra_info or {}),
     }
     if settings.search_probe:
-        train, val = load_shadow_split(folder, settings, seed)
-        variants[SEARCH], calibration[SEARCH] = fit_search_probe(
-            data.x, data.labels(), k, seed=seed, fpr=settings.fpr,
-            normalise_on=[m for m, y in zip(train.models, train.labels) if y == 0],
-            held_out_benign=[m for m, y in zip(val.models, val.labels) if y == 0])
+        variants[SEARCH], calibration[SEARCH] = fit_search_entry(folder, settings, data, k,
+                                                                 seed=seed)
     ensembles = {DATA_ENSEMBLE: settings.member_names()} if settings.data_members else {}
     if settings.stamp_members:
         ensembles[STAMP] = settings.stamp_names()

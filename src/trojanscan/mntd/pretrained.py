@@ -40,7 +40,8 @@ Meta = MetaClassifier | StampMeta | SearchProbe
 #: entry kinds a bundle may hold
 KINDS = (*VARIANTS, STAMP, SEARCH)
 #: the entry kinds whose module is not a MetaClassifier
-_OWN_CLASS: Mapping[str, type] = {STAMP: StampMeta, SEARCH: SearchProbe}
+_OWN_CLASS: Mapping[str, type[StampMeta] | type[SearchProbe]] = {STAMP: StampMeta,
+                                                                  SEARCH: SearchProbe}
 
 FORMAT = "trojanscan-mntd-meta"
 FORMAT_VERSION = 2  # 2: entries may carry "kind"; optional "ensembles"
@@ -188,12 +189,8 @@ def load_bundle(path: str | Path) -> MetaBundle:
             prefix = f"{name}."
             state = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
             meta: Meta
-            if kind == STAMP:
-                meta = StampMeta.from_state(state, k)
-                if meta.input_shape != shape:
-                    raise ValueError(f"entry {name!r} has anchors of shape {meta.input_shape}")
-            elif kind == SEARCH:
-                meta = SearchProbe.from_state(state, k)
+            if kind in _OWN_CLASS:  # stamps and search probes: sizes read from the tensors
+                meta = _OWN_CLASS[kind].from_state(state, k)
                 if meta.input_shape != shape:
                     raise ValueError(f"entry {name!r} has anchors of shape {meta.input_shape}")
             else:
