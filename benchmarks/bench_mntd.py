@@ -91,6 +91,29 @@ def attack_spec(kind: str, rng: np.random.Generator) -> tuple[str, float]:
     raise ValueError(kind)
 
 
+#: ``--verify-asr``: an attacker who checks the backdoor before shipping the model retrains
+#: it while the attack success rate stays below the floor. Each try is (epochs as a
+#: multiple of the recipe's, stronger poisoning?); "stronger" is 1.5× the poison rate,
+#: or for SIG (clean-label: the rate is bounded by the target class's share) 1.5× the
+#: training signal ``delta``. A model whose last try still misses stays in the set,
+#: labelled backdoored.
+VERIFY_TRIES: tuple[tuple[int, bool], ...] = ((1, False), (2, False), (2, True), (3, True))
+SIG_DELTA = 0.1  # the SIG attack's default training signal
+
+
+def verify_tries(p: dict[str, Any], epochs: int) -> list[tuple[str, float, int]]:
+    """The (spec, poison rate, epochs) an attacker verifying the backdoor tries in turn."""
+    out = []
+    for mult, stronger in VERIFY_TRIES:
+        spec, rate = p["spec"], p["rate"]
+        if stronger and p["kind"] == "sig":
+            spec = f"{spec},delta={1.5 * SIG_DELTA:g}"
+        elif stronger:
+            rate = round(1.5 * rate, 4)
+        out.append((spec, rate, mult * epochs))
+    return out
+
+
 def model_seed_base(seed: int) -> int:
     """First training seed of set ``seed``: training seeds also pick each model's data, so
     every set needs its own (seed 0 keeps the 1000 + i of the first runs; until session 5
@@ -147,40 +170,53 @@ def _data() -> dict[str, Any]:
     return _DATA
 
 
-def target_task(task: Any, shared: tuple[str | None, int, int, int]) -> dict[str, Any]:
-    """Executor task: train one held-out target and save it (zoo format)."""
+def target_task(task: Any, shared: tuple[str | None, int, int, int, float | None],
+                ) -> dict[str, Any]:
+    """Executor task: train one held-out target and save it (zoo format). With a floor
+    (``--verify-asr``), a backdoored model is retrained by :func:`verify_tries` until its
+    attack success rate reaches it; a clean one is trained for ``p["epochs"]`` (its
+    backdoored partner's), so training length says nothing of the label."""
     from trojanscan.attacks import attack_success_rate, parse_attack
     from trojanscan.training import TrainConfig, evaluate, train_model
     from trojanscan.zoo import TrainedModel, save_model
 
     (p,) = task.args
-    device, n_samples, epochs, batch_size = shared
+    device, n_samples, epochs, batch_size, floor = shared
     d = _data()
     g = torch.Generator().manual_seed(p["seed"])
     pool = d["pool"]
     idx = pool[torch.randperm(len(pool), generator=g)[:n_samples]].sort().values
     train = d["train"].subset(idx)
-    attack = parse_attack(p["spec"])
-    poisoned = None
-    data = train
-    if attack is not None:
-        poisoned = attack.poison(train, p["rate"], seed=p["seed"])
-        data = poisoned.dataset
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size)
-    t0 = time.perf_counter()
-    model = train_model(p["arch"], data, config=cfg, seed=p["seed"], device=device,
-                        num_classes=10, description=p["key"])
-    seconds = time.perf_counter() - t0
     dev = torch.device(device or "cpu")
-    model = model.to(dev)
-    acc = evaluate(model, d["test"], device=dev)
-    asr = None if attack is None else float(attack_success_rate(model, attack, d["test"],
-                                                                  device=dev))
+    tries = ([(p["spec"], p["rate"], int(p.get("epochs", epochs)))]
+             if floor is None or p["kind"] == "clean" else verify_tries(p, epochs))
+    history: dict[str, float] = {}
+    for n, (spec, rate, ep) in enumerate(tries, 1):
+        attack = parse_attack(spec)
+        poisoned = None
+        data = train
+        if attack is not None:
+            poisoned = attack.poison(train, rate, seed=p["seed"])
+            data = poisoned.dataset
+        cfg = TrainConfig(epochs=ep, batch_size=batch_size)
+        t0 = time.perf_counter()
+        model = train_model(p["arch"], data, config=cfg, seed=p["seed"], device=device,
+                            num_classes=10, description=p["key"])
+        seconds = time.perf_counter() - t0
+        model = model.to(dev)
+        acc = evaluate(model, d["test"], device=dev)
+        asr = None if attack is None else float(attack_success_rate(model, attack, d["test"],
+                                                                      device=dev))
+        if floor is not None and asr is not None:
+            history[f"try_{n}"] = round(asr, 4)
+            if asr >= floor:
+                break
     model = model.cpu()
-    trained = TrainedModel(model, p["arch"], (1, 28, 28), 10, attack, poisoned, acc, asr, {},
-                           seconds, p["seed"], cfg, p["rate"])
+    trained = TrainedModel(model, p["arch"], (1, 28, 28), 10, attack, poisoned, acc, asr,
+                           history, seconds, p["seed"], cfg, rate)
     save_model(trained, Path(task.output).with_suffix(".pt"))
-    return {"key": p["key"], "accuracy": acc, "asr": asr, "seconds": seconds}
+    return {"key": p["key"], "accuracy": acc, "asr": asr, "seconds": seconds,
+            "epochs": cfg.epochs, "tries": len(history) or 1}
 
 
 def stage_targets(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,18 +225,45 @@ def stage_targets(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.cache) / "targets"
     folder.mkdir(parents=True, exist_ok=True)
     plan = full_plan(args)
-    # the sidecar JSON is written last by save_model: its presence means "done"
-    tasks = [Task(p["key"], folder / f"{p['key']}.json", (p,)) for p in plan]
-    shared = (args.device, args.target_samples, args.target_epochs, args.target_batch_size)
-    run = run_tasks(target_task, tasks, shared=shared, backend=args.backend,
-                    workers=args.workers, threads=args.threads, description="targets")
-    print(f"targets: {len(run.ran)} trained, {len(run.skipped)} cached, {run.seconds:.0f} s "
+    shared = (args.device, args.target_samples, args.target_epochs, args.target_batch_size,
+              args.verify_asr)
+    # with --verify-asr the clean models wait for their backdoored partners' epochs
+    phases = ([[p for p in plan if p["kind"] != "clean"], [p for p in plan
+                                                          if p["kind"] == "clean"]]
+              if args.verify_asr is not None else [plan])
+    seconds, ran, skipped = 0.0, 0, 0
+    for phase in phases:
+        if args.verify_asr is not None and phase and phase[0]["kind"] == "clean":
+            for p in phase:
+                p["epochs"] = partner_epochs(folder, plan, p)
+        # the sidecar JSON is written last by save_model: its presence means "done"
+        tasks = [Task(p["key"], folder / f"{p['key']}.json", (p,)) for p in phase]
+        run = run_tasks(target_task, tasks, shared=shared, backend=args.backend,
+                        workers=args.workers, threads=args.threads, description="targets")
+        seconds += run.seconds
+        ran, skipped = ran + len(run.ran), skipped + len(run.skipped)
+    print(f"targets: {ran} trained, {skipped} cached, {seconds:.0f} s "
           f"({run.backend}, {run.workers} workers)", file=sys.stderr)
     return {"targets_machine": machine(), "targets_plan": plan,
             "targets_recipe": {"samples": args.target_samples, "epochs": args.target_epochs,
-                               "batch_size": args.target_batch_size},
-            "targets_seconds": round(run.seconds, 1),
+                               "batch_size": args.target_batch_size,
+                               "verify_asr": args.verify_asr,
+                               "verify_tries": None if args.verify_asr is None
+                               else [list(t) for t in VERIFY_TRIES]},
+            "targets_seconds": round(seconds, 1),
             "targets_backend": run.backend, "targets_workers": run.workers}
+
+
+def partner_epochs(folder: Path, plan: list[dict[str, Any]], p: dict[str, Any]) -> int:
+    """Epochs of the backdoored model paired with clean model ``p``: the j-th clean model
+    of a set with the j-th backdoored one (the same architecture by construction)."""
+    clean = [q["key"] for q in plan if q["kind"] == "clean" and q["key"][0] == p["key"][0]]
+    backdoored = [q for q in plan if q["kind"] != "clean" and q["key"][0] == p["key"][0]]
+    partner = backdoored[clean.index(p["key"])]
+    if partner["arch"] != p["arch"]:
+        raise RuntimeError(f"{p['key']} and {partner['key']} differ in architecture")
+    meta = json.loads((folder / f"{partner['key']}.json").read_text())
+    return int(meta["train_config"]["epochs"])
 
 
 # -- scoring --------------------------------------------------------------------------
@@ -217,8 +280,10 @@ def load_targets(cache: Path, plan: list[dict[str, Any]],
         meta = json.loads(side.read_text())
         model = archs.build(meta["arch"], (1, 28, 28), 10)  # type: ignore[arg-type]
         model.load_state_dict(load_file(str(side.with_suffix(".safetensors"))))
-        out.append(({**p, "accuracy": meta["clean_accuracy"], "asr": meta["asr"]},
-                    model.eval()))
+        out.append(({**p, "accuracy": meta["clean_accuracy"], "asr": meta["asr"],
+                     "epochs": meta["train_config"]["epochs"],
+                     "poison_rate": meta["poison_rate"],
+                     "tries": meta.get("asr_detail") or None}, model.eval()))
     return out
 
 
@@ -332,6 +397,7 @@ def stage_score(args: argparse.Namespace) -> dict[str, Any]:
     rows = [{"set": p["set"], "key": p["key"], "kind": p["kind"], "arch": p["arch"],
              "spec": p["spec"],
              "rate": p["rate"], "accuracy": round(p["accuracy"], 4),
+             "epochs": p["epochs"], "poison_rate": p["poison_rate"], "tries": p["tries"],
              "asr": None if p["asr"] is None else round(p["asr"], 4)} for p, _ in targets]
     main = [p for p, _ in targets if p["key"].startswith("t")]
     out: dict[str, Any] = {
@@ -568,6 +634,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="device training the targets")
     ap.add_argument("--target-samples", type=int, default=TARGET_SAMPLES)
     ap.add_argument("--target-epochs", type=int, default=TARGET_EPOCHS)
+    ap.add_argument("--verify-asr", type=float, default=None,
+                    help="targets: retrain a backdoored model (VERIFY_TRIES) until its attack "
+                         "success rate reaches this; clean models take their partners' "
+                         "epochs")
     ap.add_argument("--target-batch-size", type=int, default=TARGET_BATCH_SIZE,
                     help="targets: batch size (64 with --target-samples 1200 --target-epochs "
                          "20 trains them the way the shadows are)")
