@@ -792,6 +792,8 @@ def test_stamp_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tmp_
     assert auto_of(bundle) == "stamp_qt_data_one_class"
     assert auto_of(without(bundle, {"one_class"})) == "stamp_qt_data"
     assert auto_of(without(bundle, {"one_class", "stamp.0"})) == "qt_data"
+    # what `mntd train --no-search-probe` now builds by default (no qt_data members)
+    assert auto_of(without(bundle, {"qt_data.0"})) == "stamp_one_class"
     assert auto_of(without(bundle, {"stamp.0", "qt_data.0"})) == "qt"
     with pytest.raises(ModelError, match=r"no 'stamp' ensemble.*--stamp-members"):
         MNTD(meta_classifier="digits", variant="stamp").fit(

@@ -59,10 +59,10 @@ def train(
         "--variants", help="Comma-separated: qt (query tuning), no_qt, one_class.")
                         ] = "qt,no_qt,one_class",
     data_members: Annotated[int, typer.Option(
-        "--data-members", help="Also train the qt_data ensemble (beyond the paper; the "
-                               "detector's default where present): this many query-tuned "
-                               "meta-classifiers whose queries start from your images. 0: "
-                               "the paper's variants only.")] = 5,
+        "--data-members", help="Also train the qt_data ensemble (beyond the paper): this "
+                               "many query-tuned meta-classifiers whose queries start from "
+                               "your images. The default detector uses them only without "
+                               "the stamps or the search probe. 0: none.")] = 0,
     data_query_eps: Annotated[float, typer.Option(
         "--data-query-eps", help="How far (L∞, pixels in [0, 1]) those queries may move "
                                  "from their starting images.")] = 0.1,

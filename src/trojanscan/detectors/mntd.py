@@ -101,9 +101,11 @@ MIXES: dict[str, tuple[str, ...]] = {
     "stamp_one_class_search": (STAMP, "one_class", SEARCH),
 }
 #: what ``auto`` takes: the first whose parts the bundle holds (the first two were tested
-#: in docs/benchmarks/mntd_prereg_s14.md, the third in mntd_prereg_s13.md)
+#: in docs/benchmarks/mntd_prereg_s14.md, the third in mntd_prereg_s13.md, where
+#: ``stamp_one_class`` ranked next to it)
 AUTO_ORDER = ("stamp_one_class_search", "stamp_qt_data_one_class_search",
-              "stamp_qt_data_one_class", "stamp_qt_data", DATA_ENSEMBLE, "qt")
+              "stamp_qt_data_one_class", "stamp_qt_data", "stamp_one_class", DATA_ENSEMBLE,
+              "qt")
 DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, SEARCH, *MIXES)
 #: the variants that sum several standardised meta-classifier outputs
 SUMMED = (COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
@@ -154,7 +156,8 @@ class MNTD(ModelDetector):
     name (``fashion-mnist``, ``digits``) or a path to a bundle (``.json``/``.safetensors``).
     ``variant``: ``auto`` (default: the first of :data:`AUTO_ORDER` whose parts the
     bundle holds: ``stamp_one_class_search``, ``stamp_qt_data_one_class_search``,
-    ``stamp_qt_data_one_class``, ``stamp_qt_data``, ``qt_data``, ``qt``),
+    ``stamp_qt_data_one_class``, ``stamp_qt_data``, ``stamp_one_class``, ``qt_data``,
+    ``qt``),
     ``qt`` (query tuning, the paper's), ``no_qt``, ``one_class``, ``combined`` (``qt`` +
     ``one_class``, standardised against the benign shadows), ``qt_data`` (the bundle's
     ensemble of data-started query-tuned members, summed the same way), ``stamp`` (its
