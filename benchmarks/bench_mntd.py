@@ -349,6 +349,11 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
                 kind: _auroc([y[i] for i in strong if targets[i][0]["kind"] in (kind, "clean")],
                              [raws[i] for i in strong if targets[i][0]["kind"] in (kind, "clean")])
                 for kind in ATTACKS}
+        if len({targets[i][0]["epochs"] for i in main}) > 1:  # --verify-asr sets
+            base = min(targets[i][0]["epochs"] for i in main)
+            idx = [i for i in main if targets[i][0]["epochs"] == base]
+            res["auroc_recipe_epochs_only"] = _auroc([y[i] for i in idx],
+                                                     [raws[i] for i in idx])
         if unseen:
             res["unseen_arch_auroc"] = _auroc([y[i] for i in unseen], [raws[i] for i in unseen])
         for kind in ATTACKS:
@@ -420,6 +425,15 @@ def stage_score(args: argparse.Namespace) -> dict[str, Any]:
                                  k: round(float(np.median([p["asr"] for p in main
                                                            if p["kind"] == k])), 3)
                                  for k in ATTACKS}}
+    tried = [p for p in main if p["tries"]]
+    if tried:  # a --verify-asr set: how many tries each backdoored model took
+        kept = [len(p["tries"]) for p in tried]
+        out["verification"] = {
+            "kept_try_counts": {str(n): kept.count(n) for n in sorted(set(kept))},
+            "never_took": sorted(p["key"] for p in tried if p["asr"] < min(EFFECTIVE_ASR)),
+            "epochs_counts": {str(e): sum(p["epochs"] == e for p in main)
+                              for e in sorted({p["epochs"] for p in main})}}
+        print(f"verification: {out['verification']}")
     acc = [p["accuracy"] for p in main]
     out["clean_accuracy"] = {"median": round(float(np.median(acc)), 4),
                              "min": round(float(np.min(acc)), 4)}
@@ -447,6 +461,9 @@ def print_score_table(out: dict[str, Any], res: dict[str, Any]) -> None:
     for floor in EFFECTIVE_ASR:
         line(f"all, backdoors with ASR ≥ {floor} only", "",
              lambda r, f=floor: r[f"auroc_asr_at_least_{f}"])
+    if "auroc_recipe_epochs_only" in v0:
+        line("models trained the recipe's epochs only", "",
+             lambda r: r["auroc_recipe_epochs_only"])
     for arch in v0["per_arch"]:
         line(f"arch {arch}", "", lambda r, a=arch: r["per_arch"][a])
     if "unseen_arch_auroc" in v0:
