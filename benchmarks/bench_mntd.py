@@ -430,7 +430,8 @@ def stage_score(args: argparse.Namespace) -> dict[str, Any]:
         kept = [len(p["tries"]) for p in tried]
         out["verification"] = {
             "kept_try_counts": {str(n): kept.count(n) for n in sorted(set(kept))},
-            "never_took": sorted(p["key"] for p in tried if p["asr"] < min(EFFECTIVE_ASR)),
+            "never_took": sorted(f"{p['set']}:{p['key']}" for p in tried
+                                 if p["asr"] < min(EFFECTIVE_ASR)),
             "epochs_counts": {str(e): sum(p["epochs"] == e for p in main)
                               for e in sorted({p["epochs"] for p in main})}}
         print(f"verification: {out['verification']}")
