@@ -9,7 +9,12 @@ Stages (run ``all`` or one at a time; trained targets are cached and reused):
              trained on its own random 5,000 images of the Fashion-MNIST training set
              *outside* the defender's 2% share, 12 epochs (``--target-samples``,
              ``--target-epochs``). One file set per model under
-             ``benchmarks/.cache/mntd/targets`` (resumable tasks).
+             ``benchmarks/.cache/mntd/targets`` (resumable tasks). With
+             ``--verify-asr 0.5`` (sets 27 on) the attacker checks the backdoor: a
+             backdoored model is retrained by :data:`VERIFY_TRIES` (longer, then
+             stronger poisoning) while its attack success rate stays below 0.5 (one that
+             never gets there stays in the set), and each clean model is trained as long
+             as its backdoored partner (``docs/benchmarks/mntd_prereg_s15.md``).
 ``score``    score every target with the shipped meta-classifier (all variants): AUROC
              overall, per attack type and per architecture, the verdicts' TPR/FPR at the
              shipped threshold, and the time to score one model.
