@@ -159,10 +159,11 @@ def test_bundle_entry_round_trips_and_reference_models_take_over(tiny: dict,
 
 
 @pytest.mark.parametrize("variant", ["stamp_qt_data_one_class_search",
-                                     "stamp_one_class_search"])
+                                     "stamp_one_class_search", "stamp_one_class_search_x2"])
 def test_shipped_search_mixes_sum_each_named_part_once(variant: str) -> None:
-    """Each named part weighs 1 in the sum (an ensemble's members 1/n each), every part
-    standardised against the held-out benign shadows, as for the other mixes."""
+    """Each named part weighs 1 in the sum (an ensemble's members 1/n each; in ``_x2`` the
+    search weighs 2), every part standardised against the held-out benign shadows, as for
+    the other mixes."""
     from trojanscan.archs import build
     from trojanscan.detectors.mntd import MIXES
     from trojanscan.mntd.pretrained import builtin_path
@@ -178,7 +179,8 @@ def test_shipped_search_mixes_sum_each_named_part_once(variant: str) -> None:
         names = bundle.ensembles.get(piece, (piece,))
         for n in names:
             b = np.asarray(bundle.calibration[n]["benign_raw"])
-            want += (got[n] - b.mean()) / b.std() / len(names)
+            weight = 2.0 if variant.endswith("_x2") and piece == SEARCH else 1.0
+            want += weight * (got[n] - b.mean()) / b.std() / len(names)
     assert set(got) == {n for p in MIXES[variant] for n in bundle.ensembles.get(p, (p,))}
     assert r.evidence["raw_score"] == pytest.approx(want, rel=1e-5)
     assert r.evidence["calibration"]["source"] == "reference_models"

@@ -99,7 +99,11 @@ MIXES: dict[str, tuple[str, ...]] = {
     "stamp_qt_data_one_class": (STAMP, DATA_ENSEMBLE, "one_class"),
     "stamp_qt_data_one_class_search": (STAMP, DATA_ENSEMBLE, "one_class", SEARCH),
     "stamp_one_class_search": (STAMP, "one_class", SEARCH),
+    "stamp_one_class_search_x2": (STAMP, "one_class", SEARCH),
 }
+#: a mix's named parts that weigh other than 1 (``_x2``: the search counts twice; chosen
+#: on sets 23-30 in docs/benchmarks/mntd_prereg_s15.md, question 2)
+MIX_WEIGHTS: dict[str, dict[str, float]] = {"stamp_one_class_search_x2": {SEARCH: 2.0}}
 #: what ``auto`` takes: the first whose parts the bundle holds (the first two were tested
 #: in docs/benchmarks/mntd_prereg_s14.md, the third in mntd_prereg_s13.md, where
 #: ``stamp_one_class`` ranked next to it)
@@ -311,7 +315,7 @@ class MNTD(ModelDetector):
             for piece in MIXES[variant]:
                 sub, _ = MNTD._parts(bundle, piece)
                 names += sub
-                weights += [1.0 / len(sub)] * len(sub)
+                weights += [MIX_WEIGHTS.get(variant, {}).get(piece, 1.0) / len(sub)] * len(sub)
             return tuple(names), tuple(weights)
         if variant in ENSEMBLES:
             members = bundle.members(variant)
