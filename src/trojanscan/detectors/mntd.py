@@ -27,7 +27,8 @@ members' mean z-score to that of ``qt_data`` / ``qt`` / ``one_class``
 itself, each class's cost read against clean reference models; about half a second per
 small CNN on one CPU thread. ``stamp_one_class_search`` and
 ``stamp_qt_data_one_class_search`` add its z-score to ``stamp_one_class`` and
-``stamp_qt_data_one_class``. The default ``auto`` takes the first whose parts the bundle
+``stamp_qt_data_one_class`` (``stamp_one_class_search_x2``: the search weighed twice).
+The default ``auto`` takes the first whose parts the bundle
 holds of ``stamp_one_class_search`` (the shipped Fashion-MNIST one: 256 benign and 256
 jumbo shadows, and 64 clean reference models), ``stamp_qt_data_one_class_search``,
 ``stamp_qt_data_one_class``, ``stamp_qt_data``, ``qt_data`` and the paper's ``qt``. On
@@ -170,7 +171,8 @@ class MNTD(ModelDetector):
     (the stamp members' mean z-score plus that of ``qt_data`` / ``qt`` / ``one_class`` /
     both ``qt_data`` and ``one_class``), ``search`` (the per-class trigger search) or
     ``stamp_qt_data_one_class_search`` / ``stamp_one_class_search`` (that plus the
-    stamps, ``qt_data`` if named, and ``one_class``).
+    stamps, ``qt_data`` if named, and ``one_class``), ``stamp_one_class_search_x2`` (the
+    same with the search weighed twice).
     ``threshold``: raw-output threshold overriding the bundle's (for the summed variants:
     in units of the summed z-scores).
     ``calibration``: the null distribution of threshold, p-value and score — ``auto``
