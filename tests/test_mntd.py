@@ -1108,11 +1108,12 @@ def test_shipped_fashion_mnist_default_adds_the_search_probe_on_the_reference_nu
         ) -> None:
     """``auto`` scores with the three stamp members, the one-class meta-classifier and the
     trigger-search probe (adopted in session 14, docs/benchmarks/mntd_prereg_s14.md:
-    within 256 shadows per kind), against the 64 reference models."""
+    within 256 shadows per kind; weighed twice since session 15, mntd_prereg_s15.md),
+    against the 64 reference models."""
     model = archs.build("lenet", (1, 28, 28), 10)
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
     r = MNTD().fit(model, shape_only)
-    assert r.evidence["variant"] == "stamp_one_class_search"
+    assert r.evidence["variant"] == "stamp_one_class_search_x2"
     parts = r.evidence["component_raw_scores"]
     assert set(parts) == {"stamp.0", "stamp.1", "stamp.2", "one_class", "search"}
     assert r.evidence["calibration"]["source"] == "reference_models"
