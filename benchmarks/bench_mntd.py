@@ -233,14 +233,13 @@ def stage_targets(args: argparse.Namespace) -> dict[str, Any]:
     shared = (args.device, args.target_samples, args.target_epochs, args.target_batch_size,
               args.verify_asr)
     # with --verify-asr the clean models wait for their backdoored partners' epochs
-    phases = ([[p for p in plan if p["kind"] != "clean"], [p for p in plan
-                                                          if p["kind"] == "clean"]]
-              if args.verify_asr is not None else [plan])
+    backdoored = [p for p in plan if p["kind"] != "clean"]
+    phases = [backdoored, [p for p in plan if p["kind"] == "clean"]] \
+        if args.verify_asr is not None else [plan]
     seconds, ran, skipped = 0.0, 0, 0
-    for phase in phases:
-        if args.verify_asr is not None and phase and phase[0]["kind"] == "clean":
-            for p in phase:
-                p["epochs"] = partner_epochs(folder, plan, p)
+    for i, phase in enumerate(phases):
+        if i == 1:
+            set_partner_epochs(folder, backdoored, phase)
         # the sidecar JSON is written last by save_model: its presence means "done"
         tasks = [Task(p["key"], folder / f"{p['key']}.json", (p,)) for p in phase]
         run = run_tasks(target_task, tasks, shared=shared, backend=args.backend,
@@ -259,16 +258,18 @@ def stage_targets(args: argparse.Namespace) -> dict[str, Any]:
             "targets_backend": run.backend, "targets_workers": run.workers}
 
 
-def partner_epochs(folder: Path, plan: list[dict[str, Any]], p: dict[str, Any]) -> int:
-    """Epochs of the backdoored model paired with clean model ``p``: the j-th clean model
-    of a set with the j-th backdoored one (the same architecture by construction)."""
-    clean = [q["key"] for q in plan if q["kind"] == "clean" and q["key"][0] == p["key"][0]]
-    backdoored = [q for q in plan if q["kind"] != "clean" and q["key"][0] == p["key"][0]]
-    partner = backdoored[clean.index(p["key"])]
-    if partner["arch"] != p["arch"]:
-        raise RuntimeError(f"{p['key']} and {partner['key']} differ in architecture")
-    meta = json.loads((folder / f"{partner['key']}.json").read_text())
-    return int(meta["train_config"]["epochs"])
+def set_partner_epochs(folder: Path, backdoored: list[dict[str, Any]],
+                       clean: list[dict[str, Any]]) -> None:
+    """Give each clean model the epochs of its backdoored partner: the j-th clean model of
+    a set (key prefix) with the j-th backdoored one, the same architecture by construction."""
+    for prefix in dict.fromkeys(p["key"][0] for p in clean):
+        pairs = zip([p for p in backdoored if p["key"][0] == prefix],
+                    [p for p in clean if p["key"][0] == prefix], strict=True)
+        for partner, p in pairs:
+            if partner["arch"] != p["arch"]:
+                raise RuntimeError(f"{p['key']} and {partner['key']} differ in architecture")
+            meta = json.loads((folder / f"{partner['key']}.json").read_text())
+            p["epochs"] = int(meta["train_config"]["epochs"])
 
 
 # -- scoring --------------------------------------------------------------------------
@@ -435,6 +436,8 @@ def stage_score(args: argparse.Namespace) -> dict[str, Any]:
         kept = [len(p["tries"]) for p in tried]
         out["verification"] = {
             "kept_try_counts": {str(n): kept.count(n) for n in sorted(set(kept))},
+            # below the --verify-asr floor the sets were built with (0.5, the lower
+            # EFFECTIVE_ASR) after the last try
             "never_took": sorted(f"{p['set']}:{p['key']}" for p in tried
                                  if p["asr"] < min(EFFECTIVE_ASR)),
             "epochs_counts": {str(e): sum(p["epochs"] == e for p in main)

@@ -31,7 +31,8 @@ small CNN on one CPU thread. ``stamp_one_class_search`` and
 The default ``auto`` takes the first whose parts the bundle
 holds of ``stamp_one_class_search_x2`` (the shipped Fashion-MNIST one: 256 benign and
 256 jumbo shadows, and 64 clean reference models), ``stamp_qt_data_one_class_search``,
-``stamp_qt_data_one_class``, ``stamp_qt_data``, ``qt_data`` and the paper's ``qt``. On
+``stamp_qt_data_one_class``, ``stamp_qt_data``, ``stamp_one_class``, ``qt_data`` and
+the paper's ``qt``. On
 fresh sets 23 + 24 (144 Fashion-MNIST models, docs/benchmarks/mntd.md, Session 14) AUROC
 is 0.820 (qt), 0.738 (one_class), 0.823 (qt_data), 0.882 (stamp_qt_data_one_class), 0.920
 (stamp_qt_data_one_class_search) and 0.934 (stamp_one_class_search; 0.980 on the
