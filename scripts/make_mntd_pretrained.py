@@ -187,9 +187,8 @@ def add_search(name: str, args: argparse.Namespace) -> Path:
     reference models (which the probe is then read against); rewrites it in place."""
     from dataclasses import replace
 
-    from trojanscan.mntd.pipeline import fit_search_entry
+    from trojanscan.mntd.pipeline import fit_search_entries
     from trojanscan.mntd.pretrained import load_bundle
-    from trojanscan.mntd.search import SEARCH
 
     preset = PRESETS[name]
     stem = Path(args.out) / (args.stem or preset["stem"])
@@ -197,13 +196,17 @@ def add_search(name: str, args: argparse.Namespace) -> Path:
     data = load_dataset(preset["data"])
     share = defender_share(data, preset["share"], seed=args.seed)
     t0 = time.perf_counter()
-    probe, cal = fit_search_entry(Path(args.workdir) / name / "shadows", preset["settings"],
-                                  share, data.num_classes, seed=args.seed)
-    bundle = replace(bundle, variants={**bundle.variants, SEARCH: probe},
-                     calibration={**bundle.calibration, SEARCH: cal})
+    entries = fit_search_entries(Path(args.workdir) / name / "shadows", preset["settings"],
+                                 share, data.num_classes, seed=args.seed)
+    bundle = replace(bundle, variants={**bundle.variants,
+                                       **{k: p for k, (p, _) in entries.items()}},
+                     calibration={**bundle.calibration,
+                                  **{k: c for k, (_, c) in entries.items()}})
     sidecar = save_bundle(stem, bundle)[1]
-    print(f"{name}: search probe on {cal['normalised_count']} + {len(cal['benign_raw'])} "
-          f"benign shadows, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    cal = next(iter(entries.values()))[1]
+    print(f"{name}: search probes ({', '.join(entries)}) on {cal['normalised_count']} + "
+          f"{len(cal['benign_raw'])} benign shadows, {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr, flush=True)
     return add_references(name, args) if num_references(preset, args) else sidecar
 
 

@@ -85,7 +85,7 @@ from ..mntd.pretrained import (
     find_builtin,
     resolve,
 )
-from ..mntd.search import SEARCH
+from ..mntd.search import SEARCH, SEARCH_FLOW, SearchProbe, shared_respond
 from ..mntd.stamps import STAMP
 from ..utils import pick_device
 from .base import ModelDetector, ModelScanResult, borrow_model
@@ -104,17 +104,23 @@ MIXES: dict[str, tuple[str, ...]] = {
     "stamp_qt_data_one_class_search": (STAMP, DATA_ENSEMBLE, "one_class", SEARCH),
     "stamp_one_class_search": (STAMP, "one_class", SEARCH),
     "stamp_one_class_search_x2": (STAMP, "one_class", SEARCH),
+    "stamp_one_class_search_flow": (STAMP, "one_class", SEARCH, SEARCH_FLOW),
 }
 #: a mix's named parts that weigh other than 1 (``_x2``: the search counts twice; chosen
-#: on sets 23-30 in docs/benchmarks/mntd_prereg_s15.md, question 2)
-MIX_WEIGHTS: dict[str, dict[str, float]] = {"stamp_one_class_search_x2": {SEARCH: 2.0}}
+#: on sets 23-30 in docs/benchmarks/mntd_prereg_s15.md, question 2; ``_flow``: both
+#: readouts of the search count twice, chosen on sets 23-34 in mntd_prereg_s16.md)
+MIX_WEIGHTS: dict[str, dict[str, float]] = {
+    "stamp_one_class_search_x2": {SEARCH: 2.0},
+    "stamp_one_class_search_flow": {SEARCH: 2.0, SEARCH_FLOW: 2.0},
+}
 #: what ``auto`` takes: the first whose parts the bundle holds (the first was tested in
 #: docs/benchmarks/mntd_prereg_s15.md, the next two in mntd_prereg_s14.md, the fourth in
 #: mntd_prereg_s13.md, where ``stamp_one_class`` ranked next to it)
 AUTO_ORDER = ("stamp_one_class_search_x2", "stamp_qt_data_one_class_search",
               "stamp_qt_data_one_class", "stamp_qt_data", "stamp_one_class", DATA_ENSEMBLE,
               "qt")
-DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, SEARCH, *MIXES)
+DETECTOR_VARIANTS = (AUTO, *VARIANTS, COMBINED, DATA_ENSEMBLE, STAMP, SEARCH, SEARCH_FLOW,
+                     *MIXES)
 #: the variants that sum several standardised meta-classifier outputs
 SUMMED = (COMBINED, DATA_ENSEMBLE, STAMP, *MIXES)
 #: the bundle ensembles a variant of the same name scores
@@ -224,12 +230,14 @@ class MNTD(ModelDetector):
             parts, weights = self._parts(bundle, variant)
             raws: dict[str, float] = {}
             cals = {}
+            memo: dict[str, torch.Tensor] = {}  # the search's two readouts: one search
             for v in parts:
                 meta, cals[v] = bundle.variant(v)
                 if dev.type != "cpu":
                     meta = copy.deepcopy(meta).to(dev)
                 with torch.no_grad():
-                    responses = meta.respond(model)
+                    responses = (shared_respond(meta, model, memo)
+                                 if isinstance(meta, SearchProbe) else meta.respond(model))
                     raws[v] = float(meta.head(responses.unsqueeze(0))[0])
                 if v == parts[0]:
                     shown = meta

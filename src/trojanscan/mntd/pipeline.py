@@ -51,7 +51,7 @@ from .jumbo import POISONINGS, check_options
 from .meta import DATA_ENSEMBLE, VARIANTS, MetaClassifier, MetaConfig, fit_meta, raw_scores
 from .pretrained import MetaBundle
 from .regime import check_regime
-from .search import SEARCH, SearchProbe, fit_search_probe
+from .search import SearchProbe, fit_search_probes
 from .shadows import (
     ShadowData,
     ShadowSpec,
@@ -97,8 +97,9 @@ class TrainSettings:
     stamp_epochs: int = 20
     stamp_family: str = "paper"  # the jumbo triggers the stamp members train against
     stamp_normalise: bool = False  # their gains as z-scores against the benign shadows'
-    #: the per-class trigger-search probe (search.py; read against the benign training
-    #: shadows, then against reference models when the bundle is calibrated on them)
+    #: the per-class trigger-search probe and its flow readout (search.py; read against
+    #: the benign training shadows, then against reference models when the bundle is
+    #: calibrated on them)
     search_probe: bool = False
     fpr: float = 0.05  # threshold: at most this share of held-out benign shadows flagged
 
@@ -401,13 +402,15 @@ def _fit_stamp_member(j: _VariantJob, train: LoadedShadows, val: LoadedShadows, 
     return _fitted(fit.meta, calibration, k, fit.history, train, val)
 
 
-def fit_search_entry(folder: str | Path, settings: TrainSettings, data: ImageDataset,
-                     num_classes: int, *, seed: int = 0) -> tuple[SearchProbe, dict[str, Any]]:
-    """The trigger-search probe (search.py) with anchors from ``data`` (the defender's
-    share), read against the benign training shadows in ``folder`` and calibrated on the
-    held-out ones, as a bundle entry and its calibration."""
+def fit_search_entries(folder: str | Path, settings: TrainSettings, data: ImageDataset,
+                       num_classes: int, *, seed: int = 0,
+                       ) -> dict[str, tuple[SearchProbe, dict[str, Any]]]:
+    """The trigger-search probe and its flow readout (search.py) with anchors from
+    ``data`` (the defender's share), read against the benign training shadows in
+    ``folder`` and calibrated on the held-out ones: bundle entries and their
+    calibrations, by entry name (``search``, ``search_flow``)."""
     train, val = load_shadow_split(folder, settings, seed)
-    return fit_search_probe(
+    return fit_search_probes(
         data.x, data.labels(), num_classes, seed=seed, fpr=settings.fpr,
         normalise_on=[m for m, y in zip(train.models, train.labels) if y == 0],
         held_out_benign=[m for m, y in zip(val.models, val.labels) if y == 0])
@@ -486,8 +489,9 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
         **(extra_info or {}),
     }
     if settings.search_probe:
-        variants[SEARCH], calibration[SEARCH] = fit_search_entry(folder, settings, data, k,
-                                                                 seed=seed)
+        for kind, (probe, cal) in fit_search_entries(folder, settings, data, k,
+                                                     seed=seed).items():
+            variants[kind], calibration[kind] = probe, cal
     ensembles = {DATA_ENSEMBLE: settings.member_names()} if settings.data_members else {}
     if settings.stamp_members:
         ensembles[STAMP] = settings.stamp_names()

@@ -8,8 +8,8 @@ benign and trojaned shadow models, the decision threshold), the SHA-256 of the w
 file and how it was trained. No pickles anywhere. A bundle may also hold *ensembles*
 (``"ensembles": {"qt_data": ["qt_data.0", …]}`` in the JSON): named groups of entries
 whose meta-classifier kind (``"kind"``: ``qt``, ``no_qt``, ``one_class``, ``stamp`` —
-trojanscan.mntd.stamps — or ``search`` — trojanscan.mntd.search; an entry without it is
-named after its kind) the detector scores together. Bundles without
+trojanscan.mntd.stamps — or ``search`` / ``search_flow`` — trojanscan.mntd.search; an
+entry without it is named after its kind) the detector scores together. Bundles without
 ensembles (format version 1) load unchanged.
 
 Shipped bundles (``trojanscan/data/``, made by ``scripts/make_mntd_pretrained.py``):
@@ -32,16 +32,16 @@ import torch
 from ..exceptions import IncompatibleError, ModelError, ParameterError
 from ..utils import atomic_path, atomic_write_text, sha256_file
 from .meta import VARIANTS, MetaClassifier
-from .search import SEARCH, SearchProbe
+from .search import SEARCH, SEARCH_FLOW, FlowProbe, SearchProbe
 from .stamps import STAMP, StampMeta
 
 #: a bundle entry: one of MNTD's meta-classifiers, a stamp-probing one or a search probe
 Meta = MetaClassifier | StampMeta | SearchProbe
 #: entry kinds a bundle may hold
-KINDS = (*VARIANTS, STAMP, SEARCH)
+KINDS = (*VARIANTS, STAMP, SEARCH, SEARCH_FLOW)
 #: the entry kinds whose module is not a MetaClassifier
-_OWN_CLASS: Mapping[str, type[StampMeta] | type[SearchProbe]] = {STAMP: StampMeta,
-                                                                  SEARCH: SearchProbe}
+_OWN_CLASS: Mapping[str, type[StampMeta] | type[SearchProbe]] = {
+    STAMP: StampMeta, SEARCH: SearchProbe, SEARCH_FLOW: FlowProbe}
 
 FORMAT = "trojanscan-mntd-meta"
 FORMAT_VERSION = 2  # 2: entries may carry "kind"; optional "ensembles"
@@ -67,8 +67,9 @@ class MetaBundle:
         return f"{'×'.join(map(str, self.input_shape))} → {self.num_classes}"
 
     def variant(self, name: str) -> tuple[Meta, Mapping[str, Any]]:
-        if name == SEARCH and name not in self.variants:
-            raise ModelError(f"MNTD: {self.name} has no trigger-search probe; train a bundle "
+        if name in (SEARCH, SEARCH_FLOW) and name not in self.variants:
+            what = "trigger-search probe" if name == SEARCH else "search flow readout"
+            raise ModelError(f"MNTD: {self.name} has no {what}; train a bundle "
                              "with 'trojanscan mntd train' (it adds one unless "
                              "--no-search-probe) or add one with "
                              "scripts/make_mntd_pretrained.py --search-only")
@@ -104,7 +105,7 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
             tensors[f"{name}.{k}"] = v.detach().cpu().contiguous().float()
         cal = dict(bundle.calibration.get(name, {}))
         kind = cal.pop("kind", name)
-        if kind not in KINDS or not isinstance(meta, _OWN_CLASS.get(kind, MetaClassifier)):
+        if kind not in KINDS or type(meta) is not _OWN_CLASS.get(kind, MetaClassifier):
             raise ParameterError(f"invalid bundle entry {name!r}: expected a variant name "
                                  f"({', '.join(KINDS)}) or a 'kind' in its calibration "
                                  "that matches its meta-classifier")

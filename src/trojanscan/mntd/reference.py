@@ -179,11 +179,12 @@ def with_references(bundle: MetaBundle, models: Sequence[torch.nn.Module],
                         "costs against them)", len(models))
     calibration = {}
     variants = dict(bundle.variants)
+    memos: list[dict[str, torch.Tensor]] = [{} for _ in models]  # one search per model
     with torch.no_grad():
         for name, meta in bundle.variants.items():
             if isinstance(meta, SearchProbe):  # read against the reference models too
                 variants[name], calibration[name] = with_reference_models(
-                    meta, dict(bundle.calibration.get(name, {})), list(models))
+                    meta, dict(bundle.calibration.get(name, {})), list(models), memos)
                 continue
             raws = raw_scores(meta, list(models))
             if not np.all(np.isfinite(raws)):

@@ -18,14 +18,24 @@ class and without a target:
   each cost is read as a z-score against clean *reference* models' costs
   (:meth:`SearchProbe.fit_reference`); the raw output is the largest ``−z``.
 
-Nothing is trained on shadows: the probe's only fitted values are the reference mean and
-standard deviation per class. The search is seeded (:attr:`SearchConfig.seed`), so a
-model's score is the same on every run on one device.
+A second readout of the same search, :class:`FlowProbe` (session 16), asks *where* each
+class went: a backdoor sends a source's stamped anchors to its target, a class clean
+models seldom reach from there (sandal from shirt), where a clean model's cheapest way
+out leads to a look-alike (T-shirt). Its response is the ``K×K`` matrix of mean class
+probabilities on each class's stamped anchors; its raw output is the largest
+off-diagonal ``+z`` against the clean reference models' matrices. Both readouts come
+from one search (:func:`shared_respond` runs it once per model).
+
+Nothing is trained on shadows: the probes' only fitted values are the reference mean and
+standard deviation per class (or class pair). The search is seeded
+(:attr:`SearchConfig.seed`), so a model's score is the same on every run on one device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import math
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -38,6 +48,12 @@ from ..exceptions import ModelError, bad_param
 
 #: the bundle entry kind (and detector variant) of the probe
 SEARCH = "search"
+#: the bundle entry kind (and detector variant) of the flow readout (:class:`FlowProbe`)
+SEARCH_FLOW = "search_flow"
+#: added to each class pair's reference spread of flows (probabilities), so that a pair
+#: no clean model ever takes (spread ~0) does not turn noise into a huge z-score;
+#: chosen on seen sets 23-34 (docs/benchmarks/mntd_prereg_s16.md)
+FLOW_SPREAD_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -82,10 +98,13 @@ class SearchConfig:
         return cls(**kw)  # type: ignore[arg-type]
 
 
-def source_costs(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor,
-                 num_classes: int, config: SearchConfig = SearchConfig()) -> torch.Tensor:
-    """The cheapest found cost of leaving each class (``K``; NaN for a class without
-    anchors). ``model`` is not changed and gets no gradients."""
+def search_outcome(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor,
+                   num_classes: int, config: SearchConfig = SearchConfig(),
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cheapest found cost of leaving each class (``K``) and where its stamped anchors
+    went: the mean class probabilities on them at the end of the search (``K×K``, row =
+    the anchors' class). A class without anchors gives NaN (cost and row). ``model`` is
+    not changed and gets no gradients."""
     k = int(num_classes)
     dev = anchors.device
     c, h, w = anchors.shape[1:]
@@ -98,7 +117,7 @@ def source_costs(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor,
     counts = onehot.sum(1)
     opt = torch.optim.Adam([a, b], lr=float(config.lr))
 
-    def costs() -> torch.Tensor:
+    def costs() -> tuple[torch.Tensor, torch.Tensor]:
         m = torch.sigmoid(a)
         # each anchor's class's mask and pattern, gathered (and scattered back in the
         # backward pass) by matmuls rather than indexing, whose CUDA backward is not
@@ -110,18 +129,31 @@ def source_costs(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor,
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(y), k):
             raise ModelError(f"MNTD: expected outputs of shape {(len(y), k)} on the search "
                              f"anchors, got {tuple(getattr(out, 'shape', ()))}")
-        own = F.softmax(out, dim=1).gather(1, y[:, None])[:, 0]
+        probs = F.softmax(out, dim=1)
+        own = probs.gather(1, y[:, None])[:, 0]
         leave = -torch.log((1 - own).clamp_min(1e-6))
-        return (onehot @ leave) / counts.clamp_min(1) + config.mask_cost * m.flatten(1).sum(1)
+        cost = (onehot @ leave) / counts.clamp_min(1) + config.mask_cost * m.flatten(1).sum(1)
+        return cost, probs
 
     with torch.enable_grad():
         for _ in range(int(config.steps)):
-            ga, gb = torch.autograd.grad(costs().sum(), [a, b])
+            ga, gb = torch.autograd.grad(costs()[0].sum(), [a, b])
             a.grad, b.grad = ga, gb
             opt.step()
     with torch.no_grad():
-        final = costs().detach()
-    return torch.where(counts > 0, final, torch.full_like(final, float("nan")))
+        final, probs = costs()
+        flows = (onehot @ probs.detach()) / counts.clamp_min(1)[:, None]
+    have = counts > 0
+    nan = float("nan")
+    return (torch.where(have, final.detach(), torch.full_like(final, nan)),
+            torch.where(have[:, None], flows, torch.full_like(flows, nan)))
+
+
+def source_costs(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor,
+                 num_classes: int, config: SearchConfig = SearchConfig()) -> torch.Tensor:
+    """The cheapest found cost of leaving each class (``K``; NaN for a class without
+    anchors): :func:`search_outcome`'s first half."""
+    return search_outcome(model, anchors, labels, num_classes, config)[0]
 
 
 def low_z(costs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -130,8 +162,20 @@ def low_z(costs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (-z).nan_to_num(nan=float("-inf")).max(dim=-1).values
 
 
+def high_flow_z(flows: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``max_{s≠t} (flows_st − mean_st) / std_st`` per row of ``B×K²`` flattened flows
+    (NaN rows skipped; the diagonal, a class staying itself, is not read)."""
+    k = math.isqrt(flows.shape[-1])
+    if k * k != flows.shape[-1]:
+        raise ValueError(f"flows must be K×K flattened, got {flows.shape[-1]} values")
+    z = (flows - mean) / std
+    off = ~torch.eye(k, dtype=torch.bool, device=flows.device).flatten()
+    return z[..., off].nan_to_num(nan=float("-inf")).max(dim=-1).values
+
+
 class SearchProbe(nn.Module):
-    """Per-class trigger search on fixed anchors, read against clean reference models."""
+    """Per-class trigger search on fixed anchors, read against clean reference models:
+    the cost of leaving each class (:class:`FlowProbe`: where it went)."""
 
     anchors: torch.Tensor
     anchor_labels: torch.Tensor
@@ -139,6 +183,10 @@ class SearchProbe(nn.Module):
     ref_std: torch.Tensor
     settings: torch.Tensor
     one_class = True  # calibrated on clean models only, as MNTD's one-class variant
+    #: the bundle entry kind
+    kind = SEARCH
+    #: where a calibration keeps the held-out benign shadows' responses
+    responses_key = "benign_costs"
 
     def __init__(self, anchors: torch.Tensor, anchor_labels: torch.Tensor, num_classes: int,
                  config: SearchConfig = SearchConfig()) -> None:
@@ -152,8 +200,8 @@ class SearchProbe(nn.Module):
         self.input_shape = (int(c), int(h), int(w))
         self.register_buffer("anchors", anchors.float().clone())
         self.register_buffer("anchor_labels", anchor_labels.long().clone())
-        self.register_buffer("ref_mean", torch.zeros(self.num_classes))
-        self.register_buffer("ref_std", torch.ones(self.num_classes))
+        self.register_buffer("ref_mean", torch.zeros(self.response_width))
+        self.register_buffer("ref_std", torch.ones(self.response_width))
         self.register_buffer("settings", config.as_tensor())
 
     @classmethod
@@ -164,6 +212,11 @@ class SearchProbe(nn.Module):
         return probe
 
     @property
+    def response_width(self) -> int:
+        """Values per model response: one cost per class."""
+        return self.num_classes
+
+    @property
     def config(self) -> SearchConfig:
         return SearchConfig.from_tensor(self.settings)
 
@@ -172,42 +225,110 @@ class SearchProbe(nn.Module):
         """Inputs the model answers per scan: the anchors at every search step."""
         return int(self.anchors.shape[0]) * (int(self.config.steps) + 1)
 
+    def search_key(self) -> str:
+        """Equal for two probes whose searches are the same (anchors and settings):
+        :func:`shared_respond` runs such a search once per model."""
+        h = hashlib.sha256()
+        for t in (self.anchors, self.anchor_labels, self.settings):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def preview(self) -> torch.Tensor:
         """One anchor per class (the search itself depends on the model)."""
         first = [int(torch.nonzero(self.anchor_labels == c)[0]) for c in
                  torch.unique(self.anchor_labels).tolist()]
         return self.anchors[first]
 
+    def run(self, model: nn.Module) -> torch.Tensor:
+        """The whole search outcome: ``K`` costs, then the ``K×K`` flows flattened."""
+        costs, flows = search_outcome(model, self.anchors, self.anchor_labels,
+                                      self.num_classes, self.config)
+        return torch.cat([costs, flows.flatten()])
+
+    def select(self, outcome: torch.Tensor) -> torch.Tensor:
+        """This probe's response in outcome(s) of :meth:`run`: the costs."""
+        return outcome[..., :self.num_classes]
+
     def respond(self, model: nn.Module) -> torch.Tensor:
-        """The model's per-class search costs (``K``)."""
-        return source_costs(model, self.anchors, self.anchor_labels, self.num_classes,
-                            self.config)
+        """The model's response (``response_width`` values)."""
+        return self.select(self.run(model))
+
+    def readout(self, responses: torch.Tensor, mean: torch.Tensor,
+                std: torch.Tensor) -> torch.Tensor:
+        """Raw suspicion per row of ``responses`` against these statistics."""
+        return low_z(responses, mean, std)
+
+    def spread(self, std: torch.Tensor) -> torch.Tensor:
+        """The reference spread as stored (guarded against zero)."""
+        return std.clamp_min(1e-3)
 
     def head(self, responses: torch.Tensor) -> torch.Tensor:
-        """Raw suspicion per model from stacked costs ``B×K``."""
-        return low_z(responses, self.ref_mean, self.ref_std)
+        """Raw suspicion per model from stacked responses ``B×response_width``."""
+        return self.readout(responses, self.ref_mean, self.ref_std)
 
     def forward(self, models: Sequence[nn.Module]) -> torch.Tensor:
         return self.head(torch.stack([self.respond(m) for m in models]))
 
-    def fit_reference(self, costs: torch.Tensor) -> np.ndarray:
-        """Set the per-class mean and standard deviation to those of reference models'
-        costs (``R×K``, R ≥ 3) and return each reference model's raw output with itself
-        left out of the statistics (so that they spread as an unseen clean model's)."""
-        costs = costs.to(self.ref_mean)
-        r = costs.shape[0]
-        if costs.dim() != 2 or costs.shape[1] != self.num_classes or r < 3:
-            raise bad_param("reference costs", f"R×{self.num_classes} with R >= 3",
-                            tuple(costs.shape))
+    def fit_reference(self, responses: torch.Tensor) -> np.ndarray:
+        """Set the mean and spread per value to those of reference models' responses
+        (``R×response_width``, R ≥ 3) and return each reference model's raw output with
+        itself left out of the statistics (so that they spread as an unseen clean
+        model's)."""
+        responses = responses.to(self.ref_mean)
+        r = responses.shape[0]
+        if responses.dim() != 2 or responses.shape[1] != self.response_width or r < 3:
+            raise bad_param("reference responses", f"R×{self.response_width} with R >= 3",
+                            tuple(responses.shape))
         with torch.no_grad():
-            self.ref_mean.copy_(costs.nanmean(0).nan_to_num(0.0))
-            self.ref_std.copy_(_nanstd(costs).clamp_min(1e-3))
+            self.ref_mean.copy_(responses.nanmean(0).nan_to_num(0.0))
+            self.ref_std.copy_(self.spread(_nanstd(responses)))
             loo = []
             for i in range(r):
-                rest = torch.cat([costs[:i], costs[i + 1:]])
-                loo.append(float(low_z(costs[i:i + 1], rest.nanmean(0).nan_to_num(0.0),
-                                       _nanstd(rest).clamp_min(1e-3))[0]))
+                rest = torch.cat([responses[:i], responses[i + 1:]])
+                loo.append(float(self.readout(responses[i:i + 1],
+                                              rest.nanmean(0).nan_to_num(0.0),
+                                              self.spread(_nanstd(rest)))[0]))
         return np.asarray(loo, dtype=np.float64)
+
+
+class FlowProbe(SearchProbe):
+    """The same search read for where each class's stamped anchors went: the largest
+    off-diagonal z-score of the ``K×K`` mean probabilities against clean reference
+    models (a backdoor sends a source to a class clean models seldom reach from it)."""
+
+    kind = SEARCH_FLOW
+    responses_key = "benign_flows"
+
+    @classmethod
+    def from_probe(cls, probe: SearchProbe) -> FlowProbe:
+        """A flow readout of ``probe``'s search (same anchors and settings; not yet read
+        against reference models)."""
+        return cls(probe.anchors.detach().cpu(), probe.anchor_labels.detach().cpu(),
+                   probe.num_classes, probe.config)
+
+    @property
+    def response_width(self) -> int:
+        return self.num_classes * self.num_classes
+
+    def select(self, outcome: torch.Tensor) -> torch.Tensor:
+        return outcome[..., self.num_classes:]
+
+    def readout(self, responses: torch.Tensor, mean: torch.Tensor,
+                std: torch.Tensor) -> torch.Tensor:
+        return high_flow_z(responses, mean, std)
+
+    def spread(self, std: torch.Tensor) -> torch.Tensor:
+        return std + FLOW_SPREAD_FLOOR
+
+
+def shared_respond(probe: SearchProbe, model: nn.Module,
+                   memo: MutableMapping[str, torch.Tensor]) -> torch.Tensor:
+    """``probe.respond(model)``, running the search only if no probe with the same
+    search has run it on this ``model`` before (``memo``: one per model)."""
+    key = probe.search_key()
+    if key not in memo:
+        memo[key] = probe.run(model)
+    return probe.select(memo[key])
 
 
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
@@ -216,32 +337,46 @@ def _nanstd(x: torch.Tensor) -> torch.Tensor:
     return (((x - mean) ** 2).nansum(0) / (n - 1)).sqrt().nan_to_num(1.0)
 
 
-def model_costs(probe: SearchProbe, models: Sequence[nn.Module]) -> torch.Tensor:
-    """Stacked per-class costs (``R×K``) of ``models``."""
+def model_costs(probe: SearchProbe, models: Sequence[nn.Module],
+                memos: Sequence[MutableMapping[str, torch.Tensor]] | None = None,
+                ) -> torch.Tensor:
+    """Stacked responses (``R×response_width``: per-class costs, or a
+    :class:`FlowProbe`'s flows) of ``models``; with ``memos`` (one per model, see
+    :func:`shared_respond`) a search already run on a model is not run again."""
     if not models:
         raise bad_param("models", "at least one model", 0)
-    return torch.stack([probe.respond(m).detach().cpu() for m in models])
+    if memos is not None and len(memos) != len(models):
+        raise bad_param("memos", f"one per model ({len(models)})", len(memos))
+    if memos is None:
+        return torch.stack([probe.respond(m).detach().cpu() for m in models])
+    return torch.stack([shared_respond(probe, m, memo).detach().cpu()
+                        for m, memo in zip(models, memos)])
 
 
-def _entry_calibration(probe: SearchProbe, benign_costs: torch.Tensor, *, fpr: float,
+def _entry_calibration(probe: SearchProbe, benign_responses: torch.Tensor, *, fpr: float,
                        normalised_on: str, count: int) -> dict[str, Any]:
     from .calibration import threshold_at_fpr
 
-    benign_raw = probe.head(benign_costs).numpy().astype(np.float64)
-    return {"kind": SEARCH, "normalised_on": normalised_on, "normalised_count": count,
-            "benign_costs": [[round(float(v), 6) for v in row] for row in benign_costs],
+    benign_raw = probe.head(benign_responses).numpy().astype(np.float64)
+    return {"kind": probe.kind, "normalised_on": normalised_on, "normalised_count": count,
+            probe.responses_key: [[round(float(v), 6) for v in row]
+                                  for row in benign_responses],
             "benign_raw": [round(float(v), 6) for v in benign_raw],
             "threshold": float(threshold_at_fpr(benign_raw, fpr)), "fpr": fpr}
 
 
-def fit_search_probe(images: torch.Tensor, image_labels: torch.Tensor, num_classes: int, *,
-                     normalise_on: Sequence[nn.Module], held_out_benign: Sequence[nn.Module],
-                     config: SearchConfig = SearchConfig(), seed: int = 0,
-                     fpr: float = 0.05) -> tuple[SearchProbe, dict[str, Any]]:
-    """A probe whose anchors are drawn from the defender's ``images`` and whose costs are
+def fit_search_probes(images: torch.Tensor, image_labels: torch.Tensor, num_classes: int, *,
+                      normalise_on: Sequence[nn.Module],
+                      held_out_benign: Sequence[nn.Module],
+                      config: SearchConfig = SearchConfig(), seed: int = 0,
+                      fpr: float = 0.05, flow: bool = True,
+                      ) -> dict[str, tuple[SearchProbe, dict[str, Any]]]:
+    """The search probe (and with ``flow`` its :class:`FlowProbe` readout, from the same
+    searches), by entry kind: anchors drawn from the defender's ``images``, responses
     read against ``normalise_on`` (clean models: the benign training shadows until
-    :func:`with_reference_models` replaces them), with its bundle calibration: the
-    ``held_out_benign`` shadows' costs and raw outputs, and the threshold at ``fpr``."""
+    :func:`with_reference_models` replaces them), each with its bundle calibration: the
+    ``held_out_benign`` shadows' responses and raw outputs, and the threshold at
+    ``fpr``."""
     from .stamps import pick_anchors
 
     config.validate()
@@ -251,25 +386,46 @@ def fit_search_probe(images: torch.Tensor, image_labels: torch.Tensor, num_class
     gen = torch.Generator().manual_seed(int(seed))
     anchors, labels = pick_anchors(images, image_labels, config.anchors_per_class, gen)
     probe = SearchProbe(anchors, labels, num_classes, config)
-    probe.fit_reference(model_costs(probe, normalise_on))
-    cal = _entry_calibration(probe, model_costs(probe, held_out_benign), fpr=fpr,
-                             normalised_on="benign_shadows", count=len(normalise_on))
-    return probe, cal
+    probes = [probe, FlowProbe.from_probe(probe)] if flow else [probe]
+    norm_memos: list[dict[str, torch.Tensor]] = [{} for _ in normalise_on]
+    held_memos: list[dict[str, torch.Tensor]] = [{} for _ in held_out_benign]
+    out = {}
+    for p in probes:
+        p.fit_reference(model_costs(p, normalise_on, norm_memos))
+        out[p.kind] = (p, _entry_calibration(
+            p, model_costs(p, held_out_benign, held_memos), fpr=fpr,
+            normalised_on="benign_shadows", count=len(normalise_on)))
+    return out
+
+
+def fit_search_probe(images: torch.Tensor, image_labels: torch.Tensor, num_classes: int, *,
+                     normalise_on: Sequence[nn.Module], held_out_benign: Sequence[nn.Module],
+                     config: SearchConfig = SearchConfig(), seed: int = 0,
+                     fpr: float = 0.05) -> tuple[SearchProbe, dict[str, Any]]:
+    """:func:`fit_search_probes` without the flow readout: the cost probe and its
+    calibration."""
+    return fit_search_probes(images, image_labels, num_classes, normalise_on=normalise_on,
+                             held_out_benign=held_out_benign, config=config, seed=seed,
+                             fpr=fpr, flow=False)[SEARCH]
 
 
 def with_reference_models(probe: SearchProbe, calibration: dict[str, Any],
-                          models: Sequence[nn.Module]) -> tuple[SearchProbe, dict[str, Any]]:
+                          models: Sequence[nn.Module],
+                          memos: Sequence[MutableMapping[str, torch.Tensor]] | None = None,
+                          ) -> tuple[SearchProbe, dict[str, Any]]:
     """A copy of ``probe`` read against clean reference ``models`` and its calibration:
-    the held-out benign shadows' raw outputs recomputed from their stored costs, and
-    ``reference_raw``, each reference model's output with itself left out."""
+    the held-out benign shadows' raw outputs recomputed from their stored responses, and
+    ``reference_raw``, each reference model's output with itself left out. ``memos``
+    (one per model) share the searches between probes of the same search."""
     import copy
 
-    if "benign_costs" not in calibration:
-        raise ModelError("MNTD: the search entry's calibration has no benign_costs")
+    key = probe.responses_key
+    if key not in calibration:
+        raise ModelError(f"MNTD: the {probe.kind} entry's calibration has no {key}")
     new = copy.deepcopy(probe)
-    loo = new.fit_reference(model_costs(new, models))
+    loo = new.fit_reference(model_costs(new, models, memos))
     cal = {**calibration, **_entry_calibration(
-        new, torch.tensor(calibration["benign_costs"], dtype=torch.float32),
+        new, torch.tensor(calibration[key], dtype=torch.float32),
         fpr=float(calibration.get("fpr", 0.05)), normalised_on="reference_models",
         count=len(models))}
     cal["reference_raw"] = [round(float(v), 6) for v in loo]
