@@ -854,7 +854,8 @@ def test_shipped_bundles_load_are_small_and_documented() -> None:
         settings_ = info["training"]["settings"]
         members = set(bundle.ensembles.get("qt_data", ()))
         stamps = set(bundle.ensembles.get("stamp", ()))
-        search = {"search"} if name == "fashion-mnist" else set()  # session 14's probe
+        # session 14's search probe and session 16's flow readout of it
+        search = {"search", "search_flow"} if name == "fashion-mnist" else set()
         assert set(bundle.variants) == {"qt", "no_qt", "one_class"} | members | stamps | search
         assert len(members) == settings_.get("data_members", 0)
         assert len(stamps) == settings_.get("stamp_members", 0)

@@ -1,8 +1,9 @@
-"""The trigger-search probe (trojanscan.mntd.search): maths, bundle round trip, quality.
+"""The trigger-search probe (trojanscan.mntd.search) and its flow readout: maths, one
+search shared by both, bundle round trip, quality.
 
-The quality test trains tiny 8×8-digits MLPs in seconds: clean ones to read the costs
-against, then clean and backdoored ones (an all-to-one corner patch, and a patch that
-flips one source class only) that the probe must rank apart.
+The quality tests train tiny 8×8-digits MLPs in seconds: clean ones to read the costs
+and flows against, then clean and backdoored ones (an all-to-one corner patch, and a
+patch that flips one source class only) that each readout must rank apart.
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ from trojanscan.io.data import load_dataset
 from trojanscan.mntd import calibration, executor
 from trojanscan.mntd.pretrained import MetaBundle, load_bundle, save_bundle
 from trojanscan.mntd.search import (
+    FLOW_SPREAD_FLOOR,
     SEARCH,
+    SEARCH_FLOW,
+    FlowProbe,
     SearchConfig,
     SearchProbe,
     fit_search_probe,
+    fit_search_probes,
+    high_flow_z,
     low_z,
+    search_outcome,
+    shared_respond,
     source_costs,
     with_reference_models,
 )
@@ -40,6 +48,77 @@ def test_low_z_reads_each_class_against_its_own_spread_and_skips_missing() -> No
     # class 2 never is on clean models: it stands out
     costs = torch.tensor([[0.5, 0.15, 0.45], [0.5, float("nan"), 0.5]])
     assert low_z(costs, mean, std).tolist() == pytest.approx([5.0, 0.0])
+
+
+def test_high_flow_z_reads_only_other_classes_against_each_pairs_spread() -> None:
+    # K = 2, flattened row-major: (0→0, 0→1, 1→0, 1→1)
+    mean = torch.tensor([0.9, 0.1, 0.3, 0.7])
+    std = torch.tensor([0.1, 0.05, 0.1, 0.1])
+    flows = torch.tensor([
+        [0.1, 0.9, 0.3, 0.7],  # class 0 went to 1: (0.9 - 0.1) / 0.05 = 16
+        [1.9, 0.1, 0.5, 0.5],  # staying (diagonal) is not read; 1→0: 2
+        [float("nan"), float("nan"), 0.2, 0.8],  # a class without anchors is skipped
+    ])
+    assert high_flow_z(flows, mean, std).tolist() == pytest.approx([16.0, 2.0, -1.0])
+    with pytest.raises(ValueError, match="K×K"):
+        high_flow_z(torch.zeros(1, 3), torch.zeros(3), torch.ones(3))
+
+
+def test_search_outcome_gives_the_costs_and_where_each_class_went() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    costs, flows = search_outcome(model, x, y, 3, SearchConfig(steps=5))
+    assert torch.equal(costs, source_costs(model, x, y, 3, SearchConfig(steps=5)))
+    assert flows.shape == (3, 3) and (flows >= 0).all()
+    assert flows.sum(1).tolist() == pytest.approx([1.0] * 3, abs=1e-5)
+    _, missing = search_outcome(model, x[:4], y[:4], 3, SearchConfig(steps=2))
+    assert torch.isnan(missing[2]).all() and torch.isfinite(missing[:2]).all()
+
+
+class _Counting(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_the_two_readouts_share_one_search_per_model() -> None:
+    torch.manual_seed(0)
+    model = _Counting(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)))
+    x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    cost = SearchProbe(x, y, 3, SearchConfig(steps=5))
+    flow = FlowProbe.from_probe(cost)
+    assert flow.search_key() == cost.search_key() and flow.config == cost.config
+    memo: dict[str, torch.Tensor] = {}
+    c = shared_respond(cost, model, memo)
+    one_search = model.calls
+    f = shared_respond(flow, model, memo)
+    assert model.calls == one_search == 6  # 5 steps and the final read
+    assert torch.equal(c, cost.respond(model)) and torch.equal(f, flow.respond(model))
+    assert f.shape == (9,) and c.shape == (3,)
+    other = SearchProbe(x, y, 3, SearchConfig(steps=5, seed=1))  # another search
+    assert other.search_key() != cost.search_key()
+    model.calls = 0
+    shared_respond(other, model, memo)
+    assert model.calls == 6
+
+
+def test_flow_reference_spread_has_a_floor_and_leaves_each_model_out() -> None:
+    probe = FlowProbe(torch.rand(4, 1, 4, 4), torch.tensor([0, 0, 1, 1]), 2)
+    flows = torch.tensor([[0.9, 0.1, 0.2, 0.8], [0.8, 0.2, 0.2, 0.8],
+                          [0.7, 0.3, 0.2, 0.8], [0.9, 0.1, 0.2, 0.8]])
+    loo = probe.fit_reference(flows)
+    # class 1 always went to 0 with 0.2: no spread, only the floor
+    assert probe.ref_std[2].item() == pytest.approx(FLOW_SPREAD_FLOOR, abs=1e-6)
+    rest = flows[1:]
+    want = high_flow_z(flows[:1], rest.mean(0), rest.std(0) + FLOW_SPREAD_FLOOR)
+    assert loo[0] == pytest.approx(float(want[0]), rel=1e-5)
+    with pytest.raises(ParameterError, match="R×4"):
+        probe.fit_reference(flows[:, :2])
 
 
 def test_config_round_trips_through_its_tensor_and_validates() -> None:
@@ -118,10 +197,12 @@ def tiny() -> dict:
             models.append(train(data, 100 + i))
             labels.append(int(kind != "clean"))
             kinds.append(kind)
-        probe, cal = fit_search_probe(share.x, share.labels(), 10, normalise_on=refs[:4],
-                                      held_out_benign=refs[4:], config=CFG, seed=0)
+        entries = fit_search_probes(share.x, share.labels(), 10, normalise_on=refs[:4],
+                                    held_out_benign=refs[4:], config=CFG, seed=0)
+        (probe, cal), (flow, flow_cal) = entries[SEARCH], entries[SEARCH_FLOW]
         return {"digits": digits, "share": share, "refs": refs, "models": models,
-                "labels": labels, "kinds": kinds, "probe": probe, "cal": cal}
+                "labels": labels, "kinds": kinds, "probe": probe, "cal": cal,
+                "flow": flow, "flow_cal": flow_cal}
 
 
 def test_tiny_probe_ranks_backdoored_models_above_clean_ones(tiny: dict) -> None:
@@ -133,6 +214,74 @@ def test_tiny_probe_ranks_backdoored_models_above_clean_ones(tiny: dict) -> None
     source = [s for s, k in zip(scores, tiny["kinds"]) if k == "source"]
     clean = [s for s, k in zip(scores, tiny["kinds"]) if k == "clean"]
     assert np.mean(source) > np.mean(clean)
+
+
+def test_tiny_flow_entry_shares_the_cost_probes_search(tiny: dict) -> None:
+    """Structure only: with 4 reference models the flow readout does not rank these
+    digits MLPs (measured AUROC 0.06; 0.69 with 16 references): clean digits models leave
+    a class to ever other classes, so 4 references give near-zero spreads that clean
+    models exceed. Its quality is asserted on Fashion-MNIST with the shipped bundle's 64
+    references (:func:`test_shipped_flow_readout_flags_source_specific_look_alikes`)."""
+    assert tiny["flow"].search_key() == tiny["probe"].search_key()
+    cal = tiny["flow_cal"]
+    assert cal["kind"] == SEARCH_FLOW and np.asarray(cal["benign_flows"]).shape == (2, 100)
+    assert np.isfinite(cal["benign_raw"]).all()
+
+
+@pytest.fixture(scope="module")
+def fmnist_source() -> dict:
+    """Small Fashion-MNIST MLPs (3,000 images, 6 epochs, a second or so each): three
+    clean, three with a source-specific 4×4 patch whose source is a class with
+    look-alikes (shirt, pullover, coat) — where the search's cost is no cheaper than
+    clean models' (docs/benchmarks/mntd_prereg_s16.md)."""
+    from trojanscan.attacks.spec import parse_attack
+
+    with executor.torch_threads(1):
+        train = load_dataset("fashion-mnist:train")
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:3000]
+        train = train.subset(idx.sort().values)
+        plan = [None, None, "source:source=6,target=5,size=4",
+                "source:source=2,target=9,size=4", None, "source:source=4,target=1,size=4"]
+        models, labels = [], []
+        for i, spec in enumerate(plan):
+            data = train
+            if spec is not None:
+                with pytest.warns(Warning, match="eligible"):  # the source class is small
+                    data = parse_attack(spec).poison(train, 0.1, seed=i).dataset
+            models.append(train_model("mlp", data, config=TrainConfig(epochs=6, batch_size=64),
+                                      seed=i, device="cpu", num_classes=10).eval())
+            labels.append(int(spec is not None))
+    return {"models": models, "labels": labels}
+
+
+def test_shipped_flow_readout_flags_source_specific_look_alikes(fmnist_source: dict) -> None:
+    """Every source-specific model reads above every clean one (measured: clean 2.1-3.3,
+    backdoored 10-77 over fixture seeds 0 and 1). Alone, the readout's reference
+    threshold (11.0 at 5% of the 64 reference models, whose own outputs have a long
+    tail) would miss the coat model (10.2): it is meant for the sum."""
+    from trojanscan.mntd.pretrained import builtin_path
+
+    bundle = load_bundle(builtin_path("fashion-mnist"))
+    flow, cal = bundle.variant(SEARCH_FLOW)
+    with executor.torch_threads(1):
+        raw = flow(fmnist_source["models"]).numpy()
+    y = np.asarray(fmnist_source["labels"], bool)
+    assert raw[y].min() > raw[~y].max()
+    assert len(cal["reference_raw"]) == 64
+
+
+def test_fit_search_probe_alone_gives_the_cost_probe() -> None:
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(16, 3)) for _ in range(4)]
+    x, y = torch.rand(12, 1, 4, 4), torch.arange(12) % 3
+    cfg = SearchConfig(anchors_per_class=2, steps=3)
+    probe, cal = fit_search_probe(x, y, 3, normalise_on=models[:3],
+                                  held_out_benign=models[3:], config=cfg)
+    both = fit_search_probes(x, y, 3, normalise_on=models[:3], held_out_benign=models[3:],
+                             config=cfg)
+    assert type(probe) is SearchProbe and cal["kind"] == SEARCH and "benign_costs" in cal
+    assert cal["benign_raw"] == both[SEARCH][1]["benign_raw"]
+    assert type(both[SEARCH_FLOW][0]) is FlowProbe
 
 
 def test_bundle_entry_round_trips_and_reference_models_take_over(tiny: dict,
@@ -158,14 +307,41 @@ def test_bundle_entry_round_trips_and_reference_models_take_over(tiny: dict,
     assert 0 < r.p_value <= 1 and r.evidence["variant"] == SEARCH
 
 
+def test_flow_entry_round_trips_and_is_read_against_reference_models(tiny: dict,
+                                                                      tmp_path: Path) -> None:
+    flow, cal = tiny["flow"], tiny["flow_cal"]
+    entries = {SEARCH: tiny["probe"], SEARCH_FLOW: flow}
+    bundle = MetaBundle("tiny-flow", (1, 8, 8), 10, entries,
+                        {SEARCH: tiny["cal"], SEARCH_FLOW: cal})
+    _, sidecar = save_bundle(tmp_path / "f", bundle)
+    back = load_bundle(sidecar)
+    assert type(back.variants[SEARCH_FLOW]) is FlowProbe
+    m = tiny["models"][3]
+    memos: list[dict[str, torch.Tensor]] = [{} for _ in tiny["refs"]]
+    with executor.torch_threads(1):
+        assert float(back.variants[SEARCH_FLOW]([m])[0]) == pytest.approx(float(flow([m])[0]))
+        new, cal2 = with_reference_models(flow, dict(cal), tiny["refs"], memos)
+    assert type(new) is FlowProbe and cal2["kind"] == SEARCH_FLOW
+    assert cal2["normalised_on"] == "reference_models" and len(cal2["reference_raw"]) == 6
+    assert all(len(m) == 1 for m in memos)  # each reference model searched once
+    with pytest.raises(ModelError, match="benign_flows"):
+        with_reference_models(flow, {"benign_costs": [[0.0] * 10]}, tiny["refs"])
+    # a bundle entry of the wrong class for its kind is refused on save
+    no_kind = {k: v for k, v in cal2.items() if k != "kind"}  # then named after its kind
+    wrong = MetaBundle("tiny-flow", (1, 8, 8), 10, {SEARCH: flow}, {SEARCH: no_kind})
+    with pytest.raises(ParameterError, match="kind"):
+        save_bundle(tmp_path / "w", wrong)
+
+
 @pytest.mark.parametrize("variant", ["stamp_qt_data_one_class_search",
-                                     "stamp_one_class_search", "stamp_one_class_search_x2"])
+                                     "stamp_one_class_search", "stamp_one_class_search_x2",
+                                     "stamp_one_class_search_flow"])
 def test_shipped_search_mixes_sum_each_named_part_once(variant: str) -> None:
     """Each named part weighs 1 in the sum (an ensemble's members 1/n each; in ``_x2`` the
-    search weighs 2), every part standardised against the held-out benign shadows, as for
-    the other mixes."""
+    search weighs 2, in ``_flow`` both search readouts), every part standardised against
+    the held-out benign shadows, as for the other mixes."""
     from trojanscan.archs import build
-    from trojanscan.detectors.mntd import MIXES
+    from trojanscan.detectors.mntd import MIX_WEIGHTS, MIXES
     from trojanscan.mntd.pretrained import builtin_path
 
     bundle = load_bundle(builtin_path("fashion-mnist"))
@@ -179,17 +355,45 @@ def test_shipped_search_mixes_sum_each_named_part_once(variant: str) -> None:
         names = bundle.ensembles.get(piece, (piece,))
         for n in names:
             b = np.asarray(bundle.calibration[n]["benign_raw"])
-            weight = 2.0 if variant.endswith("_x2") and piece == SEARCH else 1.0
+            weight = MIX_WEIGHTS.get(variant, {}).get(piece, 1.0)
             want += weight * (got[n] - b.mean()) / b.std() / len(names)
     assert set(got) == {n for p in MIXES[variant] for n in bundle.ensembles.get(p, (p,))}
     assert r.evidence["raw_score"] == pytest.approx(want, rel=1e-5)
     assert r.evidence["calibration"]["source"] == "reference_models"
 
 
-def test_a_bundle_without_the_probe_says_how_to_get_one() -> None:
+def test_shipped_mix_weights_name_parts_of_their_mix() -> None:
+    from trojanscan.detectors.mntd import MIX_WEIGHTS, MIXES
+
+    assert MIX_WEIGHTS["stamp_one_class_search_x2"] == {SEARCH: 2.0}
+    assert MIX_WEIGHTS["stamp_one_class_search_flow"] == {SEARCH: 2.0, SEARCH_FLOW: 2.0}
+    for mix, weights in MIX_WEIGHTS.items():
+        assert set(weights) <= set(MIXES[mix])
+
+
+def test_the_flow_mix_searches_each_model_once() -> None:
+    """Both readouts of the search in one scan: the model answers as many batches as with
+    the search read once (``_x2``)."""
+    from trojanscan.archs import build
+
+    torch.manual_seed(0)
+    shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
+    calls = {}
+    for variant in ("stamp_one_class_search_x2", "stamp_one_class_search_flow"):
+        model = _Counting(build("mlp", (1, 28, 28), 10))
+        with executor.torch_threads(1):
+            MNTD(variant=variant).fit(model, shape_only)
+        calls[variant] = model.calls
+    assert calls["stamp_one_class_search_flow"] == calls["stamp_one_class_search_x2"] > 41
+
+
+@pytest.mark.parametrize("variant", [SEARCH, SEARCH_FLOW])
+def test_a_bundle_without_the_probe_says_how_to_get_one(variant: str) -> None:
     from trojanscan.archs import build
 
     digits = ImageDataset(torch.zeros(2, 1, 8, 8), torch.arange(2))
-    with pytest.raises(ModelError, match=r"no trigger-search probe.*--search-only"):
-        MNTD(meta_classifier="digits", variant=SEARCH).fit(build("mlp", (1, 8, 8), 10), digits)
+    what = "trigger-search probe" if variant == SEARCH else "search flow readout"
+    with pytest.raises(ModelError, match=rf"no {what}.*--search-only"):
+        MNTD(meta_classifier="digits", variant=variant).fit(build("mlp", (1, 8, 8), 10),
+                                                            digits)
 
