@@ -99,16 +99,36 @@ def test_training_on_cuda_learns_the_backdoor(tiny: Any) -> None:
 
 
 def test_mntd_search_costs_on_cuda_match_cpu(tiny: Any) -> None:
-    from trojanscan.mntd.search import SearchConfig, source_costs
+    from trojanscan.mntd.search import SearchConfig, search_outcome
 
     cfg = SearchConfig(steps=20)
     x, y = tiny.test.x[:100], tiny.test.labels()[:100]
-    cpu = source_costs(tiny.backdoored, x, y, 10, cfg)
+    cpu, cpu_flows = search_outcome(tiny.backdoored, x, y, 10, cfg)
     model = copy.deepcopy(tiny.backdoored).cuda()
-    gpu1 = source_costs(model, x.cuda(), y.cuda(), 10, cfg)
-    gpu2 = source_costs(model, x.cuda(), y.cuda(), 10, cfg)
-    assert torch.equal(gpu1, gpu2)  # seeded and deterministic on the GPU too
+    gpu1, flows1 = search_outcome(model, x.cuda(), y.cuda(), 10, cfg)
+    gpu2, flows2 = search_outcome(model, x.cuda(), y.cuda(), 10, cfg)
+    # seeded and deterministic on the GPU too
+    assert torch.equal(gpu1, gpu2) and torch.equal(flows1, flows2)
     torch.testing.assert_close(gpu1.cpu(), cpu, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(flows1.cpu(), cpu_flows, rtol=0.05, atol=0.05)
+
+
+def test_mntd_flow_mix_on_cuda_shares_its_search_and_matches_cpu() -> None:
+    """The shipped bundle's two search readouts on a model on the GPU: one search (the
+    probes' keys do not depend on the device), the same parts as on the CPU."""
+    from trojanscan.archs import build
+    from trojanscan.dataset import ImageDataset
+    from trojanscan.detectors.mntd import MNTD
+
+    torch.manual_seed(0)
+    model = build("mlp", (1, 28, 28), 10).eval()
+    shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
+    det = MNTD(variant="stamp_one_class_search_flow")
+    cpu = det.fit(copy.deepcopy(model), shape_only).evidence["component_raw_scores"]
+    gpu = det.fit(copy.deepcopy(model).cuda(), shape_only).evidence["component_raw_scores"]
+    assert set(cpu) == set(gpu)
+    for k in cpu:
+        assert gpu[k] == pytest.approx(cpu[k], rel=0.05, abs=0.05), k
 
 
 def test_scan_cli_on_cuda(capsys: pytest.CaptureFixture[str], tiny: Any,

@@ -86,7 +86,8 @@ def train(
         "--search-probe/--no-search-probe",
         help="Also add the trigger-search probe (beyond the paper): per class, the cheapest "
              "mask and pattern that move your images out of it, found on the model under "
-             "test and read against clean reference models (or the benign shadows).")] = True,
+             "test and read against clean reference models (or the benign shadows), "
+             "both for its cost and for where each class went (search_flow).")] = True,
     reference_models: Annotated[int, typer.Option(
         "--reference-models", help="Clean reference models, trained on DATA outside the "
                                    "shadows' share with varied recipes (in OUT/references, "

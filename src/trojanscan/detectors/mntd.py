@@ -28,6 +28,10 @@ itself, each class's cost read against clean reference models; about half a seco
 small CNN on one CPU thread. ``stamp_one_class_search`` and
 ``stamp_qt_data_one_class_search`` add its z-score to ``stamp_one_class`` and
 ``stamp_qt_data_one_class`` (``stamp_one_class_search_x2``: the search weighed twice).
+``search_flow`` (beyond the paper, session 16): the same search read for where each
+class's stamped anchors went, against the reference models (no second search);
+``stamp_one_class_search_flow`` adds both readouts, each weighed twice, to
+``stamp_one_class``.
 The default ``auto`` takes the first whose parts the bundle
 holds of ``stamp_one_class_search_x2`` (the shipped Fashion-MNIST one: 256 benign and
 256 jumbo shadows, and 64 clean reference models), ``stamp_qt_data_one_class_search``,
@@ -181,7 +185,9 @@ class MNTD(ModelDetector):
     both ``qt_data`` and ``one_class``), ``search`` (the per-class trigger search) or
     ``stamp_qt_data_one_class_search`` / ``stamp_one_class_search`` (that plus the
     stamps, ``qt_data`` if named, and ``one_class``), ``stamp_one_class_search_x2`` (the
-    same with the search weighed twice).
+    same with the search weighed twice), ``search_flow`` (where the search sent each
+    class) or ``stamp_one_class_search_flow`` (``stamp_one_class`` plus both readouts of
+    the search, each weighed twice).
     ``threshold``: raw-output threshold overriding the bundle's (for the summed variants:
     in units of the summed z-scores).
     ``calibration``: the null distribution of threshold, p-value and score — ``auto``
