@@ -1110,15 +1110,24 @@ def test_shipped_fashion_mnist_default_adds_the_search_probe_on_the_reference_nu
     """``auto`` scores with the three stamp members, the one-class meta-classifier and the
     trigger-search probe (adopted in session 14, docs/benchmarks/mntd_prereg_s14.md:
     within 256 shadows per kind; weighed twice since session 15, mntd_prereg_s15.md),
-    against the 64 reference models."""
+    read for its cost and, since session 16 (mntd_prereg_s16.md), for where each class
+    went, against the 64 reference models. A bundle without the flow readout (made before
+    session 16) falls back to session 15's default."""
+    from trojanscan.detectors.mntd import AUTO_ORDER, holds
+
     model = archs.build("lenet", (1, 28, 28), 10)
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
     r = MNTD().fit(model, shape_only)
-    assert r.evidence["variant"] == "stamp_one_class_search_x2"
+    assert r.evidence["variant"] == "stamp_one_class_search_flow"
     parts = r.evidence["component_raw_scores"]
-    assert set(parts) == {"stamp.0", "stamp.1", "stamp.2", "one_class", "search"}
+    assert set(parts) == {"stamp.0", "stamp.1", "stamp.2", "one_class", "search",
+                          "search_flow"}
     assert r.evidence["calibration"]["source"] == "reference_models"
     assert r.evidence["calibration"]["reference_models"] == 64
     assert 0 <= r.score <= 1 and 1 / 65 <= r.p_value <= 1
+    shipped = load_bundle(builtin_path("fashion-mnist"))
+    older = dataclasses.replace(shipped, variants={
+        k: v for k, v in shipped.variants.items() if k != "search_flow"})
+    assert next(v for v in AUTO_ORDER if holds(older, v)) == "stamp_one_class_search_x2"
     cal = load_bundle(builtin_path("fashion-mnist")).calibration["search"]
     assert cal["normalised_on"] == "reference_models" and cal["normalised_count"] == 64
