@@ -1106,7 +1106,7 @@ def test_shipped_fashion_mnist_bundle_is_calibrated_on_reference_models() -> Non
 
 
 def test_shipped_fashion_mnist_default_adds_the_search_probe_on_the_reference_null(
-        ) -> None:
+        tmp_path: Path) -> None:
     """``auto`` scores with the three stamp members, the one-class meta-classifier and the
     trigger-search probe (adopted in session 14, docs/benchmarks/mntd_prereg_s14.md:
     within 256 shadows per kind; weighed twice since session 15, mntd_prereg_s15.md),
@@ -1127,7 +1127,12 @@ def test_shipped_fashion_mnist_default_adds_the_search_probe_on_the_reference_nu
     assert 0 <= r.score <= 1 and 1 / 65 <= r.p_value <= 1
     shipped = load_bundle(builtin_path("fashion-mnist"))
     older = dataclasses.replace(shipped, variants={
-        k: v for k, v in shipped.variants.items() if k != "search_flow"})
+        k: v for k, v in shipped.variants.items() if k != "search_flow"}, calibration={
+        k: v for k, v in shipped.calibration.items() if k != "search_flow"})
     assert next(v for v in AUTO_ORDER if holds(older, v)) == "stamp_one_class_search_x2"
+    _, sidecar = save_bundle(tmp_path / "older", older)  # as a bundle file of session 15
+    r_old = MNTD(meta_classifier=str(sidecar)).fit(model, shape_only)
+    assert r_old.evidence["variant"] == "stamp_one_class_search_x2"
+    assert r_old.evidence["component_raw_scores"]["search"] == pytest.approx(parts["search"])
     cal = load_bundle(builtin_path("fashion-mnist")).calibration["search"]
     assert cal["normalised_on"] == "reference_models" and cal["normalised_count"] == 64

@@ -105,7 +105,8 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
             tensors[f"{name}.{k}"] = v.detach().cpu().contiguous().float()
         cal = dict(bundle.calibration.get(name, {}))
         kind = cal.pop("kind", name)
-        if kind not in KINDS or type(meta) is not _OWN_CLASS.get(kind, MetaClassifier):
+        if kind not in KINDS or not isinstance(meta, _OWN_CLASS.get(kind, MetaClassifier)) or (
+                getattr(meta, "kind", kind) != kind):  # a FlowProbe is a SearchProbe
             raise ParameterError(f"invalid bundle entry {name!r}: expected a variant name "
                                  f"({', '.join(KINDS)}) or a 'kind' in its calibration "
                                  "that matches its meta-classifier")

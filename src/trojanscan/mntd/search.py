@@ -167,7 +167,7 @@ def high_flow_z(flows: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     (NaN rows skipped; the diagonal, a class staying itself, is not read)."""
     k = math.isqrt(flows.shape[-1])
     if k * k != flows.shape[-1]:
-        raise ValueError(f"flows must be K×K flattened, got {flows.shape[-1]} values")
+        raise bad_param("flows", "K×K values flattened", flows.shape[-1])
     z = (flows - mean) / std
     off = ~torch.eye(k, dtype=torch.bool, device=flows.device).flatten()
     return z[..., off].nan_to_num(nan=float("-inf")).max(dim=-1).values
@@ -228,8 +228,10 @@ class SearchProbe(nn.Module):
     def search_key(self) -> str:
         """Equal for two probes whose searches are the same (anchors and settings):
         :func:`shared_respond` runs such a search once per model."""
-        h = hashlib.sha256()
-        for t in (self.anchors, self.anchor_labels, self.settings):
+        h = hashlib.sha256(str(self.num_classes).encode())
+        # the settings the search runs with (the stored ones, read back), so that a probe
+        # rebuilt from another's config has the same key
+        for t in (self.anchors, self.anchor_labels, self.config.as_tensor()):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
