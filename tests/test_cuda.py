@@ -116,18 +116,10 @@ def test_mntd_search_costs_on_cuda_match_cpu(tiny: Any) -> None:
 def test_mntd_flow_mix_on_cuda_shares_its_search_and_matches_cpu() -> None:
     """The shipped bundle's two search readouts on a model on the GPU: one search (the
     probes' keys do not depend on the device), the same parts as on the CPU."""
+    from tests.test_mntd_search import _Counting as Counting
     from trojanscan.archs import build
     from trojanscan.dataset import ImageDataset
     from trojanscan.detectors.mntd import MNTD
-
-    class Counting(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner, self.calls = inner, 0
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.calls += 1
-            return self.inner(x)
 
     torch.manual_seed(0)
     model = build("mlp", (1, 28, 28), 10).eval()

@@ -221,10 +221,11 @@ def test_tiny_probe_ranks_backdoored_models_above_clean_ones(tiny: dict) -> None
 
 def test_tiny_flow_entry_shares_the_cost_probes_search(tiny: dict) -> None:
     """Structure only: with 4 reference models the flow readout does not rank these
-    digits MLPs (measured AUROC 0.06; 0.69 with 16 references): clean digits models leave
-    a class to ever other classes, so 4 references give near-zero spreads that clean
-    models exceed. Its quality is asserted on Fashion-MNIST with the shipped bundle's 64
-    references (:func:`test_shipped_flow_readout_flags_source_specific_look_alikes`)."""
+    digits MLPs (measured AUROC 0.06; 0.69 with 16 references in an exploratory run):
+    clean digits models leave a class for varying other classes, so 4 references give
+    near-zero spreads that clean models exceed. Its quality is asserted on Fashion-MNIST
+    with the shipped bundle's 64 references
+    (:func:`test_shipped_flow_readout_flags_source_specific_look_alikes`)."""
     assert tiny["flow"].search_key() == tiny["probe"].search_key()
     cal = tiny["flow_cal"]
     assert cal["kind"] == SEARCH_FLOW and np.asarray(cal["benign_flows"]).shape == (2, 100)
