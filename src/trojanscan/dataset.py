@@ -9,6 +9,10 @@ import torch
 
 from .exceptions import DataError
 
+#: Largest class index a label may hold (2^24 - 1): per-class arrays of more classes would
+#: not fit in memory, so a larger label is a data error, not a class.
+MAX_CLASS_INDEX = (1 << 24) - 1
+
 
 @dataclass(frozen=True)
 class ImageDataset:
@@ -45,6 +49,9 @@ class ImageDataset:
                 )
             if y.numel() and int(y.min()) < 0:
                 raise DataError(f"{self.source}: labels must be >= 0, got {int(y.min())}")
+            if y.numel() and int(y.max()) > MAX_CLASS_INDEX:
+                raise DataError(f"{self.source}: label {int(y.max())} is out of range: class "
+                                f"indices must be integers from 0 to {MAX_CLASS_INDEX}")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

@@ -32,6 +32,14 @@ built-in data sets (:data:`BUILTINS`)
 An existing file or folder always wins over a built-in of the same name (write ``./digits``
 or not — a folder called ``digits`` in the working directory is loaded as a folder).
 
+Memory is bounded (:mod:`trojanscan.io.limits`): each loader reads the header first (the
+``.npy`` member headers inside the zip, the IDX dimensions, the first image's size), checks
+it against the zip directory or the file's size, and refuses, before allocating, a data set
+whose decoded arrays would exceed the data budget (4 GiB by default; the environment
+variable ``TROJANSCAN_MAX_DATA_BYTES`` or ``load_dataset(..., max_bytes=...)`` change it).
+With ``max_samples`` the payload is streamed and only the selected rows are kept, as stored
+(``uint8`` stays ``uint8``) until they are converted to float32.
+
 Every problem is a :class:`~trojanscan.exceptions.DataError` (or its subclass
 :class:`~trojanscan.exceptions.UnknownFormatError`) naming the file, what is wrong and what
 was expected. Input files are only ever read.
@@ -41,9 +49,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
-import zlib
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
@@ -55,12 +63,16 @@ from ..exceptions import DataError, UnknownFormatError, bad_param
 from ..utils import atomic_path, sha256_file, sha256_tree
 from . import idx as idx_io
 from .images import IMAGE_EXTENSIONS, read_image_folder
+from .limits import MAX_CLASS_INDEX, check_budget, check_max_samples, resolve_budget, select_rows
+from .npz import NpyMember, NpzReader
 
 __all__ = [
     "BUILTINS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_ENV",
+    "check_image_header",
+    "check_label_header",
     "digits_test_mask",
     "images_to_tensor",
     "labels_to_tensor",
@@ -88,11 +100,44 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 _FLOAT_TOLERANCE = 1e-6
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
 _FORMATS = ("an .npz file with x (and y)", "a folder of class sub-folders of images",
             "a folder of MNIST-style IDX files", "a built-in (" + ", ".join(BUILTINS) + ")")
 
 
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """What a loader keeps: at most ``max_samples`` rows (seeded), ``budget`` bytes."""
+
+    max_samples: int | None
+    seed: int
+    budget: int
+
+
 # --------------------------------------------------------------------------- arrays
+
+def check_image_header(shape: tuple[int, ...], dtype: np.dtype, *, name: str) -> None:
+    """Refuse, from the header alone, images whose shape or dtype
+    :func:`images_to_tensor` would not accept (the same messages, before any reading)."""
+    ndim = len(shape)
+    if ndim == 4:
+        if shape[1] not in (1, 3) and shape[3] not in (1, 3):
+            raise DataError(
+                f"{name}: cannot find the channel axis in shape {tuple(shape)}: expected "
+                "N×C×H×W or N×H×W×C with C = 1 (grayscale) or 3 (RGB)"
+            )
+    elif ndim != 3:
+        raise DataError(
+            f"{name}: expected images of shape N×C×H×W, N×H×W or N×H×W×C, got {ndim} "
+            f"dimension(s) {tuple(shape)}"
+        )
+    if not (dtype == np.uint8 or dtype.kind == "f"):
+        raise DataError(
+            f"{name}: unsupported dtype {dtype}; expected uint8 (0–255) or float in [0, 1]"
+        )
+
 
 def images_to_tensor(x: np.ndarray, *, name: str) -> torch.Tensor:
     """Images in any accepted layout/dtype as a float32 ``N×C×H×W`` tensor in [0, 1].
@@ -101,27 +146,17 @@ def images_to_tensor(x: np.ndarray, *, name: str) -> torch.Tensor:
     dimension 1 is not 1 or 3); ``uint8`` (scaled by 1/255) or float in [0, 1]. Converts to
     float32 once. ``name`` (file and array) appears in error messages.
     """
+    check_image_header(x.shape, x.dtype, name=name)
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4:
-        if x.shape[1] not in (1, 3):
-            if x.shape[3] not in (1, 3):
-                raise DataError(
-                    f"{name}: cannot find the channel axis in shape {x.shape}: expected "
-                    "N×C×H×W or N×H×W×C with C = 1 (grayscale) or 3 (RGB)"
-                )
-            x = x.transpose(0, 3, 1, 2)
-    else:
-        raise DataError(
-            f"{name}: expected images of shape N×C×H×W, N×H×W or N×H×W×C, got {x.ndim} "
-            f"dimension(s) {x.shape}"
-        )
+    elif x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
     if x.shape[0] == 0 or 0 in x.shape[2:]:
         raise DataError(f"{name}: the data is empty (shape {x.shape})")
     if x.dtype == np.uint8:
         out = np.ascontiguousarray(x, dtype=np.float32)
         out /= 255.0
-    elif x.dtype.kind == "f":
+    else:
         lo, hi = float(x.min()), float(x.max())
         if not (np.isfinite(lo) and np.isfinite(hi)):
             bad = int(np.count_nonzero(~np.isfinite(x)))
@@ -140,42 +175,59 @@ def images_to_tensor(x: np.ndarray, *, name: str) -> torch.Tensor:
             out = out.copy()
         if lo < 0 or hi > 1:
             np.clip(out, 0.0, 1.0, out=out)
-    else:
-        raise DataError(
-            f"{name}: unsupported dtype {x.dtype}; expected uint8 (0–255) or float in [0, 1]"
-        )
     return torch.from_numpy(out)
 
 
-def labels_to_tensor(y: np.ndarray, n: int, *, name: str) -> torch.Tensor:
-    """Class indices (any integer dtype, or whole-number floats) as an int64 vector of ``n``."""
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        hint = " (one-hot? store y.argmax(1))" if y.ndim == 2 else ""
-        raise DataError(f"{name}: expected a vector of N class indices, got shape {y.shape}{hint}")
-    if y.shape[0] != n:
-        raise DataError(f"{name}: has {y.shape[0]} labels but there are {n} images; "
+def check_label_header(shape: tuple[int, ...], dtype: np.dtype, n: int, *, name: str) -> None:
+    """Refuse, from the header alone, labels :func:`labels_to_tensor` would not accept."""
+    if len(shape) == 2 and shape[1] == 1:
+        shape = shape[:1]
+    if len(shape) != 1:
+        hint = " (one-hot? store y.argmax(1))" if len(shape) == 2 else ""
+        raise DataError(f"{name}: expected a vector of N class indices, got shape "
+                        f"{tuple(shape)}{hint}")
+    if shape[0] != n:
+        raise DataError(f"{name}: has {shape[0]} labels but there are {n} images; "
                         "expected one label per image")
-    if y.dtype.kind in "iu":
-        if y.dtype == np.uint64 and y.size and int(y.max()) > np.iinfo(np.int64).max:
-            raise DataError(f"{name}: label {int(y.max())} is too large")
-        y64 = y.astype(np.int64)
-    elif y.dtype.kind == "f":
+    if dtype.kind not in "iuf":
+        raise DataError(f"{name}: unsupported label dtype {dtype}; expected integer class "
+                        "indices")
+
+
+def _label_out_of_range(value: float | int, index: int, *, name: str) -> DataError:
+    shown = f"{value:.15g}" if isinstance(value, float) else str(value)
+    return DataError(f"{name}: label {shown} at index {index} is out of range: class indices "
+                     f"must be integers from 0 to {MAX_CLASS_INDEX}")
+
+
+def labels_to_tensor(y: np.ndarray, n: int, *, name: str) -> torch.Tensor:
+    """Class indices (any integer dtype, or whole-number floats) as an int64 vector of ``n``.
+
+    Labels must be whole numbers from 0 to :data:`~trojanscan.io.limits.MAX_CLASS_INDEX`;
+    the message names the first one that is not, and where it is.
+    """
+    check_label_header(y.shape, y.dtype, n, name=name)
+    if y.ndim == 2:
+        y = y[:, 0]
+    if y.dtype.kind == "f":
         if not np.isfinite(y).all():
             raise DataError(f"{name}: contains NaN or infinite labels; expected class indices")
         frac = np.flatnonzero(y != np.round(y))
         if frac.size:
             raise DataError(f"{name}: labels must be whole numbers (class indices), got "
                             f"{float(y[frac[0]]):g} at index {int(frac[0])}")
-        y64 = y.astype(np.int64)
-    else:
-        raise DataError(f"{name}: unsupported label dtype {y.dtype}; expected integer class "
-                        "indices")
-    if y64.size and (neg := np.flatnonzero(y64 < 0)).size:
-        raise DataError(f"{name}: labels must be >= 0, got {int(y64[neg[0]])} at index "
+        if (neg := np.flatnonzero(y < 0)).size:
+            raise DataError(f"{name}: labels must be >= 0, got {float(y[neg[0]]):g} at index "
+                            f"{int(neg[0])}")
+        if (big := np.flatnonzero(y > MAX_CLASS_INDEX)).size:
+            raise _label_out_of_range(float(y[big[0]]), int(big[0]), name=name)
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    if y.dtype.kind == "i" and (neg := np.flatnonzero(y < 0)).size:
+        raise DataError(f"{name}: labels must be >= 0, got {int(y[neg[0]])} at index "
                         f"{int(neg[0])}")
-    return torch.from_numpy(np.ascontiguousarray(y64))
+    if (big := np.flatnonzero(y > MAX_CLASS_INDEX)).size:
+        raise _label_out_of_range(int(y[big[0]]), int(big[0]), name=name)
+    return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
 
 
 def _combined_sha256(digests: dict[str, str]) -> str:
@@ -192,57 +244,63 @@ def _combined_sha256(digests: dict[str, str]) -> str:
 
 # --------------------------------------------------------------------------- npz
 
-def _npz_array(z: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
-    try:
-        return np.asarray(z[key])
-    except ValueError as exc:
-        if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
-            raise DataError(f"{path}: array {key!r} holds Python objects (dtype=object), which "
-                            "would need unpickling; expected a numeric array") from exc
-        raise DataError(f"{path}: cannot read array {key!r} ({exc})") from exc
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
-        raise DataError(f"{path}: corrupt .npz archive, cannot read {key!r} ({exc})") from exc
-
-
-def _npz_arrays(z: np.lib.npyio.NpzFile, path: Path, need_labels: bool
-                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    keys = set(z.files)
+def _npz_members(z: NpzReader, path: Path, need_labels: bool
+                 ) -> tuple[NpyMember, NpyMember | None, NpyMember | None]:
+    keys = set(z.keys)
     if "x" not in keys:
         raise DataError(f"{path}: has no array 'x' (found: {', '.join(sorted(keys)) or 'none'}"
                         "); expected images in 'x' and labels in 'y'")
     if need_labels and "y" not in keys:
         raise DataError(f"{path}: has no array 'y' but labels are needed (found: "
                         f"{', '.join(sorted(keys))}); expected class indices in 'y'")
-    x_np = _npz_array(z, "x", path)
-    y_np = _npz_array(z, "y", path) if "y" in keys else None
-    names_np = _npz_array(z, "class_names", path) if "class_names" in keys else None
-    return x_np, y_np, names_np
+    hx = z.header("x")
+    check_image_header(hx.shape, hx.dtype, name=f"{path}: x")
+    hy = z.header("y") if "y" in keys else None
+    if hy is not None:
+        check_label_header(hy.shape, hy.dtype, hx.shape[0], name=f"{path}: y")
+    hn = z.header("class_names") if "class_names" in keys else None
+    if hn is not None and (len(hn.shape) != 1 or hn.dtype.kind != "U"):
+        raise DataError(f"{path}: class_names must be a vector of strings, got "
+                        f"{hn.dtype} {hn.shape}")
+    return hx, hy, hn
 
 
-def _load_npz(path: Path, source: str, need_labels: bool) -> ImageDataset:
+def _member_bytes(m: NpyMember, keep: np.ndarray | None, out_itemsize: int) -> int:
+    n = m.shape[0]
+    rows = n if keep is None else len(keep)
+    items = int(np.prod(m.shape[1:], dtype=object))
+    stored = n if m.fortran_order else rows
+    return stored * items * m.dtype.itemsize + rows * items * out_itemsize
+
+
+def _load_npz(path: Path, source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
     try:
-        # our own handle, so that it is closed even when numpy fails half-way
         with open(path, "rb") as fh:
-            try:
-                obj = np.load(fh, allow_pickle=False)
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-                raise DataError(f"{path}: not a readable .npz archive ({exc}); expected a file "
-                                "written by numpy.savez with arrays x (and y)") from exc
-            if not isinstance(obj, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: is a single .npy array, not an .npz archive; "
-                                "expected numpy.savez(path, x=images, y=labels)")
-            with obj as z:
-                x_np, y_np, names_np = _npz_arrays(z, path, need_labels)
+            head = fh.read(len(_NPY_MAGIC))
     except OSError as exc:
         raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    if head == _NPY_MAGIC:
+        raise DataError(f"{path}: is a single .npy array, not an .npz archive; "
+                        "expected numpy.savez(path, x=images, y=labels)")
+    with NpzReader(path) as z:
+        hx, hy, hn = _npz_members(z, path, need_labels)
+        n = hx.shape[0]
+        keep = select_rows(n, lim.max_samples, lim.seed)
+        rows = n if keep is None else len(keep)
+        need = (_member_bytes(hx, keep, 4) + (0 if keep is None else 8 * n)
+                + (0 if hy is None else _member_bytes(hy, keep, 8))
+                + (0 if hn is None else hn.payload_bytes))
+        shape = "×".join(map(str, hx.shape[1:]))
+        check_budget(need, lim.budget, name=str(path),
+                     what=f"{rows:,} of its {n:,} samples ({shape}, {hx.dtype})")
+        x_np = z.read(hx, keep)
+        y_np = None if hy is None else z.read(hy, keep)
+        names_np = None if hn is None else z.read(hn, None)
     x = images_to_tensor(x_np, name=f"{path}: x")
     del x_np
     y = None if y_np is None else labels_to_tensor(y_np, x.shape[0], name=f"{path}: y")
     class_names = None
     if names_np is not None:
-        if names_np.ndim != 1 or names_np.dtype.kind != "U":
-            raise DataError(f"{path}: class_names must be a vector of strings, got "
-                            f"{names_np.dtype} {names_np.shape}")
         class_names = tuple(str(s) for s in names_np)
         if y is not None and int(y.max()) >= len(class_names):
             raise DataError(f"{path}: label {int(y.max())} has no entry in class_names "
@@ -253,38 +311,55 @@ def _load_npz(path: Path, source: str, need_labels: bool) -> ImageDataset:
 
 # --------------------------------------------------------------------------- IDX
 
-def _read_idx_hashed(path: Path, digests: dict[str, str]) -> np.ndarray:
-    """Read an IDX file once: record its SHA-256 in ``digests`` and decode it."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read IDX file ({exc.strerror or exc})") from exc
-    digests[path.name] = hashlib.sha256(data).hexdigest()
-    return idx_io.parse_idx(data, name=str(path))
-
-
-def _load_idx_pair(pair: idx_io.IdxPair, source: str, need_labels: bool, *, fmt: str = "idx",
-                   class_names: tuple[str, ...] | None = None) -> ImageDataset:
-    digests: dict[str, str] = {}
-    x_np = _read_idx_hashed(pair.images, digests)
-    if x_np.ndim not in (3, 4):
-        raise DataError(f"{pair.images}: IDX images file has shape {x_np.shape}; expected "
-                        "3 dimensions N×H×W (or 4 with a channel axis)")
+def _load_idx_pair(pair: idx_io.IdxPair, source: str, need_labels: bool, lim: _Limits, *,
+                   fmt: str = "idx", class_names: tuple[str, ...] | None = None
+                   ) -> ImageDataset:
+    with ExitStack() as stack:
+        xs = stack.enter_context(idx_io.IdxStream(pair.images))
+        hx = xs.header
+        if len(hx.shape) not in (3, 4):
+            raise DataError(f"{pair.images}: IDX images file has shape {hx.shape}; expected "
+                            "3 dimensions N×H×W (or 4 with a channel axis)")
+        check_image_header(hx.shape, hx.dtype.newbyteorder("="), name=str(pair.images))
+        if pair.labels is None and need_labels:
+            raise DataError(f"{pair.images}: no labels file beside it (expected "
+                            f"{pair.split + '-' if pair.split else ''}labels-idx1-ubyte[.gz] "
+                            f"in {pair.images.parent}) but labels are needed")
+        n = hx.shape[0]
+        ys = None
+        if pair.labels is not None:
+            ys = stack.enter_context(idx_io.IdxStream(pair.labels))
+            if len(ys.header.shape) != 1:
+                raise DataError(f"{pair.labels}: IDX labels file has shape {ys.header.shape}; "
+                                "expected 1 dimension (one label per image)")
+            check_label_header(ys.header.shape, ys.header.dtype, n,
+                               name=f"{pair.labels} (for {pair.images.name})")
+        keep = select_rows(n, lim.max_samples, lim.seed)
+        rows = n if keep is None else len(keep)
+        items = int(np.prod(hx.shape[1:], dtype=object))
+        need = rows * items * (hx.dtype.itemsize + 4) + (0 if keep is None else 8 * n)
+        if ys is not None:
+            need += rows * (ys.header.dtype.itemsize + 8)
+        shape = "×".join(map(str, hx.shape[1:]))
+        check_budget(need, lim.budget, name=str(pair.images),
+                     what=f"{rows:,} of its {n:,} samples ({shape}, {hx.dtype.name})")
+        x_np = xs.read(keep)
+        y_np = None if ys is None else ys.read(keep)
     x = images_to_tensor(x_np, name=str(pair.images))
     del x_np
     y = None
-    if pair.labels is not None:
-        y_np = _read_idx_hashed(pair.labels, digests)
-        if y_np.ndim != 1:
-            raise DataError(f"{pair.labels}: IDX labels file has shape {y_np.shape}; "
-                            "expected 1 dimension (one label per image)")
+    if y_np is not None:
         y = labels_to_tensor(y_np, x.shape[0], name=f"{pair.labels} (for {pair.images.name})")
-    elif need_labels:
-        raise DataError(f"{pair.images}: no labels file beside it (expected "
-                        f"{pair.split + '-' if pair.split else ''}labels-idx1-ubyte[.gz] in "
-                        f"{pair.images.parent}) but labels are needed")
+    digests = {p.name: _sha256(p) for p in (pair.images, pair.labels) if p is not None}
     return ImageDataset(x, y, source=source, format=fmt, sha256=_combined_sha256(digests),
                         class_names=class_names)
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
 
 
 def _idx_pairs(folder: Path) -> dict[str, idx_io.IdxPair]:
@@ -294,20 +369,20 @@ def _idx_pairs(folder: Path) -> dict[str, idx_io.IdxPair]:
         raise DataError(f"{folder}: cannot list folder ({exc.strerror or exc})") from exc
 
 
-def _load_idx_file(path: Path, source: str, need_labels: bool) -> ImageDataset:
+def _load_idx_file(path: Path, source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
     split = idx_io.split_name(path.name) or ""
     pair = _idx_pairs(path.parent).get(split)
     labels = pair.labels if pair is not None else None
-    return _load_idx_pair(idx_io.IdxPair(split, path, labels), source, need_labels)
+    return _load_idx_pair(idx_io.IdxPair(split, path, labels), source, need_labels, lim)
 
 
 # --------------------------------------------------------------------------- folders
 
-def _load_folder(folder: Path, source: str, need_labels: bool) -> ImageDataset:
+def _load_folder(folder: Path, source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
     pairs = _idx_pairs(folder)
     if pairs:
         pair = idx_io.select_pair(pairs, None, folder=str(folder))
-        return _load_idx_pair(pair, source, need_labels)
+        return _load_idx_pair(pair, source, need_labels, lim)
     try:
         entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
     except OSError as exc:
@@ -317,7 +392,8 @@ def _load_folder(folder: Path, source: str, need_labels: bool) -> ImageDataset:
                         "or MNIST-style IDX files")
     if any(idx_io.is_idx_labels_name(p.name) for p in entries):
         raise DataError(f"{folder}: holds IDX labels files but no *images-idx3-ubyte[.gz] file")
-    data = read_image_folder(folder)
+    data = read_image_folder(folder, max_samples=lim.max_samples, seed=lim.seed,
+                             max_bytes=lim.budget)
     if data.y is None and need_labels:
         raise DataError(f"{folder}: holds images but no class sub-folders, and labels are "
                         "needed; expected one sub-folder per class (e.g. 0/, 1/, …)")
@@ -327,9 +403,9 @@ def _load_folder(folder: Path, source: str, need_labels: bool) -> ImageDataset:
                         class_names=data.class_names)
 
 
-def _load_file(path: Path, source: str, need_labels: bool) -> ImageDataset:
+def _load_file(path: Path, source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
     if idx_io.is_idx_images_name(path.name):
-        return _load_idx_file(path, source, need_labels)
+        return _load_idx_file(path, source, need_labels, lim)
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -337,7 +413,7 @@ def _load_file(path: Path, source: str, need_labels: bool) -> ImageDataset:
         raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
     suffix = path.suffix.lower()
     if suffix == ".npz" or head in _ZIP_MAGIC:
-        return _load_npz(path, source, need_labels)
+        return _load_npz(path, source, need_labels, lim)
     if idx_io.is_idx_labels_name(path.name):
         hint = "give the images file (*images-idx3-ubyte[.gz]) or the folder instead"
     elif suffix == ".npy":
@@ -351,7 +427,7 @@ def _load_file(path: Path, source: str, need_labels: bool) -> ImageDataset:
 
 # --------------------------------------------------------------------------- built-ins
 
-def _fashion_mnist(split: str, source: str) -> ImageDataset:
+def _fashion_mnist(split: str, source: str, lim: _Limits) -> ImageDataset:
     env = os.environ.get(FASHION_MNIST_ENV, "").strip()
     folder = Path(env).expanduser() if env else FASHION_MNIST_DIR
     where = f"{FASHION_MNIST_ENV}={env}" if env else str(FASHION_MNIST_DIR)
@@ -363,7 +439,8 @@ def _fashion_mnist(split: str, source: str) -> ImageDataset:
     if pair is None or pair.labels is None:
         raise DataError(f"{source}: Fashion-MNIST files for split {split!r} not found in "
                         f"{where}; {how}")
-    return _load_idx_pair(pair, source, True, fmt="builtin", class_names=FASHION_MNIST_CLASSES)
+    return _load_idx_pair(pair, source, True, lim, fmt="builtin",
+                          class_names=FASHION_MNIST_CLASSES)
 
 
 def digits_test_mask(y: np.ndarray) -> np.ndarray:
@@ -374,7 +451,7 @@ def digits_test_mask(y: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _digits(split: str | None, source: str) -> ImageDataset:
+def _digits(split: str | None, source: str, lim: _Limits) -> ImageDataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -389,34 +466,48 @@ def _digits(split: str | None, source: str) -> ImageDataset:
     y = np.ascontiguousarray(target)
     h = hashlib.sha256(x.tobytes())
     h.update(y.tobytes())
+    rows = select_rows(len(y), lim.max_samples, lim.seed)
+    if rows is not None:
+        x, y = x[rows], y[rows]
     return ImageDataset(torch.from_numpy(x), torch.from_numpy(y), source=source,
                         format="builtin", sha256=h.hexdigest(),
                         class_names=tuple(str(i) for i in range(10)))
 
 
-def _load_builtin(name: str, source: str) -> ImageDataset:
+def _load_builtin(name: str, source: str, lim: _Limits) -> ImageDataset:
     family, _, split = name.partition(":")
     if family == "fashion-mnist":
-        return _fashion_mnist("train" if split == "train" else "t10k", source)
-    return _digits(split or None, source)
+        return _fashion_mnist("train" if split == "train" else "t10k", source, lim)
+    return _digits(split or None, source, lim)
 
 
 # --------------------------------------------------------------------------- public
 
 def load_dataset(spec: str | os.PathLike[str], *, need_labels: bool = True,
-                 min_classes: int = 1) -> ImageDataset:
+                 min_classes: int = 1, max_samples: int | None = None, seed: int = 0,
+                 max_bytes: int | None = None) -> ImageDataset:
     """Load a data set from a file, a folder or a built-in name (see the module docstring).
 
     ``need_labels``: labels are required (otherwise they are still read when present).
     ``min_classes``: with ``need_labels``, the labels must cover at least this many distinct
     classes (use 2 where several are needed). The result's ``source`` is ``spec`` as given.
+
+    ``max_samples``: keep at most this many samples, chosen by
+    :func:`~trojanscan.io.limits.select_rows` with ``seed`` (the selection ``--max-samples``
+    makes); only those rows are decoded and checked. ``max_bytes``: the data budget (see
+    :mod:`trojanscan.io.limits`; default ``TROJANSCAN_MAX_DATA_BYTES`` or 4 GiB) — a data
+    set whose decoded arrays would exceed it is refused from its header, before reading.
     """
     if isinstance(min_classes, bool) or not isinstance(min_classes, int) or min_classes < 1:
         raise bad_param("min_classes", "an integer >= 1", min_classes)
+    check_max_samples(max_samples)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise bad_param("seed", "an integer", seed)
+    lim = _Limits(max_samples, int(seed), resolve_budget(max_bytes))
     source = os.fspath(spec)
     if not isinstance(source, str) or not source.strip():
         raise DataError(f"no data given (got {spec!r}); expected " + "; ".join(_FORMATS))
-    ds = _load(source, need_labels)
+    ds = _load(source, need_labels, lim)
     if need_labels:
         ds.labels()
         if min_classes > 1:
@@ -424,15 +515,15 @@ def load_dataset(spec: str | os.PathLike[str], *, need_labels: bool = True,
     return ds
 
 
-def _load(source: str, need_labels: bool) -> ImageDataset:
+def _load(source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
     path = Path(source).expanduser()
     if path.is_dir():
-        return _load_folder(path, source, need_labels)
+        return _load_folder(path, source, need_labels, lim)
     if path.exists():
-        return _load_file(path, source, need_labels)
+        return _load_file(path, source, need_labels, lim)
     key = source.strip().lower()
     if key in BUILTINS:
-        return _load_builtin(key, source)
+        return _load_builtin(key, source, lim)
     base, sep, selector = source.rpartition(":")
     if sep and base and selector and Path(base).expanduser().is_dir():
         pairs = _idx_pairs(Path(base).expanduser())
@@ -440,7 +531,7 @@ def _load(source: str, need_labels: bool) -> ImageDataset:
             raise DataError(f"{source}: ':{selector}' selects a split of a folder of IDX files, "
                             f"but {base} holds no *images-idx3-ubyte[.gz] file")
         pair = idx_io.select_pair(pairs, selector, folder=base)
-        return _load_idx_pair(pair, source, need_labels)
+        return _load_idx_pair(pair, source, need_labels, lim)
     families = {b.partition(":")[0] for b in BUILTINS}
     if key.partition(":")[0] in families:
         raise UnknownFormatError(f"unknown built-in data set {source!r}; expected one of "

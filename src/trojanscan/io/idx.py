@@ -17,27 +17,35 @@ lets a folder that holds several splits be loaded one split at a time
 (``folder:train``, ``folder:t10k``; ``test`` also selects ``t10k``), see
 :func:`select_pair`.
 
-Everything here except :func:`read_idx` and :func:`find_idx_pairs` is a pure
-function on bytes and arrays. Errors are :class:`~trojanscan.exceptions.DataError`
-naming the file and what was expected.
+Everything here except :class:`IdxStream`, :func:`read_idx` and :func:`find_idx_pairs`
+is a pure function on bytes and arrays. Files are streamed: the header is checked against
+the file's size before the payload is read, and only the selected rows are kept. Errors
+are :class:`~trojanscan.exceptions.DataError` naming the file and what was expected.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
+import os
 import re
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from ..exceptions import DataError
+from .limits import DEFLATE_MAX_RATIO
+from .stream import ShortRead, read_rows
 
 __all__ = [
     "IDX_DTYPES",
+    "IdxHeader",
     "IdxPair",
+    "IdxStream",
     "encode_idx",
     "find_idx_pairs",
     "is_idx_images_name",
@@ -66,49 +74,158 @@ _LABELS_RE = re.compile(r"^(?P<split>.*?)[-_.]?labels[-.]idx1[-.]ubyte(?P<gz>\.g
 _ALIASES = {"test": "t10k", "t10k": "test"}
 
 
-def parse_idx(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
-    """Decode an IDX file's bytes (gzip-compressed or not) into a NumPy array.
+@dataclass(frozen=True)
+class IdxHeader:
+    """An IDX header: the array's shape and (big-endian) dtype, and the header's length."""
 
-    The array has the file's shape and a native-endian version of its dtype; it may be
-    a read-only view of ``data``. ``name`` only appears in error messages.
-    """
-    if data[:2] == _GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(f"{name}: corrupt or truncated gzip data ({exc})") from exc
-    if len(data) < 4:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    header_bytes: int
+
+    @property
+    def payload_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=object)) * self.dtype.itemsize
+
+
+def _decode_header(head: bytes, *, name: str, total: int | None) -> IdxHeader:
+    """Parse the header at the start of ``head`` (``total``: the whole file's length when
+    known, for the messages)."""
+    if len(head) < 4:
         raise DataError(
-            f"{name}: not an IDX file: {len(data)} bytes, shorter than the 4-byte header"
+            f"{name}: not an IDX file: {len(head)} bytes, shorter than the 4-byte header"
         )
-    zero, code, ndim = struct.unpack(">HBB", data[:4])
+    zero, code, ndim = struct.unpack(">HBB", head[:4])
     if zero != 0 or code not in IDX_DTYPES:
         raise DataError(
-            f"{name}: not an IDX file: bad magic number 0x{data[:4].hex()} (expected "
+            f"{name}: not an IDX file: bad magic number 0x{head[:4].hex()} (expected "
             "0x0000 then a type code in "
             + ", ".join(f"0x{c:02x}" for c in IDX_DTYPES) + " and the number of dimensions)"
         )
     if not 1 <= ndim <= _MAX_DIMS:
         raise DataError(f"{name}: IDX header declares {ndim} dimensions, expected 1 to {_MAX_DIMS}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
+    size = 4 + 4 * ndim
+    if len(head) < size:
+        found = len(head) if total is None else total
         raise DataError(
-            f"{name}: truncated IDX header: {len(data)} bytes, expected at least {header}"
+            f"{name}: truncated IDX header: {found} bytes, expected at least {size}"
         )
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    got = len(data) - header
-    if got != expected:
-        what = "truncated" if got < expected else "has trailing bytes"
-        raise DataError(
-            f"{name}: IDX file {what}: shape {shape} of {dtype.name} needs {expected} data "
-            f"bytes, found {got}"
-        )
-    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-    if dtype.itemsize > 1:
-        arr = arr.astype(dtype.newbyteorder("="))
-    return arr
+    shape = tuple(int(s) for s in struct.unpack(f">{ndim}I", head[4:size]))
+    return IdxHeader(shape, IDX_DTYPES[code], size)
+
+
+def _read_upto(src: BinaryIO, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        piece = src.read(n - len(out))
+        if not piece:
+            break
+        out += piece
+    return out
+
+
+class IdxStream:
+    """An IDX file (or bytes) opened for streaming: the header is read and checked on
+    opening, the payload by :meth:`read`. Use as a context manager.
+
+    Checked before any payload is read: a plain file must be exactly as long as its
+    header says; a gzip file cannot declare more than
+    :data:`~trojanscan.io.limits.DEFLATE_MAX_RATIO` times its compressed size.
+    """
+
+    def __init__(self, source: str | Path | bytes, *, name: str | None = None) -> None:
+        if isinstance(source, bytes):
+            self.name = name or "<bytes>"
+            self._raw: BinaryIO = io.BytesIO(source)
+            size = len(source)
+        else:
+            self.name = name or str(source)
+            try:
+                self._raw = open(source, "rb")  # noqa: SIM115 - closed in close()
+                size = os.fstat(self._raw.fileno()).st_size
+            except OSError as exc:
+                raise DataError(
+                    f"{self.name}: cannot read IDX file ({exc.strerror or exc})") from exc
+        self.compressed_size = size
+        try:
+            self.gzip = self._raw.read(2) == _GZIP_MAGIC
+            self._raw.seek(0)
+            self._src: BinaryIO = (gzip.GzipFile(fileobj=self._raw, mode="rb")  # type: ignore[assignment]
+                                   if self.gzip else self._raw)
+            self.header = self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> IdxStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        src = getattr(self, "_src", None)
+        if src is not None and src is not self._raw:
+            src.close()
+        self._raw.close()
+
+    def _gzip_error(self, exc: BaseException) -> DataError:
+        return DataError(f"{self.name}: corrupt or truncated gzip data ({exc})")
+
+    def _read_header(self) -> IdxHeader:
+        name = self.name
+        try:
+            head = _read_upto(self._src, 4)
+            if len(head) == 4 and head[:2] == b"\0\0" and head[2] in IDX_DTYPES:
+                head += _read_upto(self._src, 4 * head[3])
+        except (OSError, EOFError, zlib.error) as exc:
+            raise self._gzip_error(exc) from exc
+        h = _decode_header(head, name=name, total=None if self.gzip else self.compressed_size)
+        total = h.header_bytes + h.payload_bytes
+        if not self.gzip and total != self.compressed_size:
+            got = self.compressed_size - h.header_bytes
+            what = "truncated" if got < h.payload_bytes else "has trailing bytes"
+            raise DataError(
+                f"{name}: IDX file {what}: shape {h.shape} of {h.dtype.name} needs "
+                f"{h.payload_bytes} data bytes, found {got}"
+            )
+        if self.gzip and total > DEFLATE_MAX_RATIO * self.compressed_size + 1024:
+            raise DataError(
+                f"{name}: IDX file truncated or forged: shape {h.shape} of {h.dtype.name} "
+                f"needs {h.payload_bytes} data bytes, more than a gzip file of "
+                f"{self.compressed_size} bytes can hold (deflate expands at most "
+                f"{DEFLATE_MAX_RATIO}:1)"
+            )
+        return h
+
+    def read(self, keep: np.ndarray | None = None) -> np.ndarray:
+        """The payload (rows ``keep`` only, all when ``None``) in native byte order."""
+        h = self.header
+        try:
+            arr = read_rows(self._src, h.shape, h.dtype, keep)
+            trailing = self._src.read(1)
+        except ShortRead as exc:
+            raise DataError(
+                f"{self.name}: IDX file truncated: shape {h.shape} of {h.dtype.name} needs "
+                f"{h.payload_bytes} data bytes, found {exc.got}"
+            ) from exc
+        except (OSError, EOFError, zlib.error) as exc:
+            raise self._gzip_error(exc) from exc
+        if trailing:
+            raise DataError(f"{self.name}: IDX file has trailing bytes after the "
+                            f"{h.payload_bytes} data bytes of shape {h.shape}")
+        if h.dtype.itemsize > 1:
+            arr = arr.astype(h.dtype.newbyteorder("="))
+        return arr
+
+
+def parse_idx(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
+    """Decode an IDX file's bytes (gzip-compressed or not) into a NumPy array.
+
+    The array has the file's shape and a native-endian version of its dtype. ``name`` only
+    appears in error messages.
+    """
+    with IdxStream(bytes(data), name=name) as s:
+        return s.read()
 
 
 def encode_idx(array: np.ndarray, *, compress: bool = False) -> bytes:
@@ -130,12 +247,8 @@ def encode_idx(array: np.ndarray, *, compress: bool = False) -> bytes:
 
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (gzip-compressed or not) from disk; see :func:`parse_idx`."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{p}: cannot read IDX file ({exc.strerror or exc})") from exc
-    return parse_idx(data, name=str(p))
+    with IdxStream(Path(path)) as s:
+        return s.read()
 
 
 def is_idx_images_name(name: str) -> bool:

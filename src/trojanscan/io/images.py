@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..exceptions import DataError
+from .limits import check_budget, resolve_budget, select_rows
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -111,21 +112,49 @@ def image_to_array(img: Image.Image, *, name: str) -> np.ndarray:
     return arr
 
 
-def _open(path: Path) -> np.ndarray:
+def _channels(mode: str) -> int | None:
+    if mode in _GRAY_MODES or mode in _GRAY16_MODES:
+        return 1
+    if mode in _RGB_MODES:
+        return 3
+    return None
+
+
+def _open(path: Path, *, budget: int, size: tuple[int, int] | None = None,
+          first: Path | None = None) -> np.ndarray:
+    """Decode one image; its header is checked first: the decoded float32 image must fit
+    ``budget``, and its size must be ``size`` (that of ``first``) when given."""
     try:
         with Image.open(path) as img:
+            channels = _channels(img.mode) or 4
+            w, h = img.size
+            check_budget(w * h * channels * 4, budget, name=str(path),
+                         what=f"a {w}×{h} image")
+            if size is not None and (w, h) != size and first is not None:
+                raise DataError(
+                    f"{path}: image is {w}×{h} but {first} is {size[0]}×{size[1]}; expected "
+                    "all images to have the same size and channels (resize or convert them "
+                    "first)"
+                )
             img.load()
             return image_to_array(img, name=str(path))
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
             Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from exc
 
 
-def read_image_folder(folder: str | Path) -> ImageFolderData:
-    """Read every image under ``folder`` into one float32 array (layout in the module docstring)."""
+def read_image_folder(folder: str | Path, *, max_samples: int | None = None, seed: int = 0,
+                      max_bytes: int | None = None) -> ImageFolderData:
+    """Read the images under ``folder`` into one float32 array (layout in the module docstring).
+
+    ``max_samples``/``seed``: decode only the files :func:`~trojanscan.io.limits.select_rows`
+    picks. ``max_bytes``: the data budget (:mod:`trojanscan.io.limits`); the first image's
+    header × the number of images is checked against it before the array is allocated.
+    """
     folder = Path(folder)
+    budget = resolve_budget(max_bytes)
     try:
         files, labels, class_names = list_images(folder)
     except OSError as exc:
@@ -136,11 +165,20 @@ def read_image_folder(folder: str | Path) -> ImageFolderData:
             f"{folder}: no images found in {where} (looked for "
             + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
         )
-    first = _open(files[0])
+    n = len(files)
+    keep = select_rows(n, max_samples, seed)
+    if keep is not None:
+        files = [files[i] for i in keep]
+        labels = None if labels is None else [labels[i] for i in keep]
+    first = _open(files[0], budget=budget)
+    need = len(files) * first.nbytes + (0 if keep is None else 8 * n)
+    c, h, w = first.shape
+    check_budget(need, budget, name=str(folder),
+                 what=f"{len(files):,} of its {n:,} images ({w}×{h}, {c} channel(s), float32)")
     x = np.empty((len(files), *first.shape), dtype=np.float32)
     x[0] = first
     for i, f in enumerate(files[1:], start=1):
-        arr = _open(f)
+        arr = _open(f, budget=budget, size=(w, h), first=files[0])
         if arr.shape != first.shape:
             raise DataError(
                 f"{f}: image is {_describe(arr.shape)} but {files[0]} is "
