@@ -13,15 +13,19 @@ from ..exceptions import ParameterError
 
 def load_inputs(model: Path, data: str | None, *, arch: str | None, trust_pickle: bool,
                 device: str, need_labels: bool = True, min_classes: int = 1,
+                max_samples: int | None = None, seed: int = 0,
                 ) -> tuple[Any, ImageDataset | None]:
-    """Load the model and (optionally) a data set, and check they fit together."""
+    """Load the model and (optionally) a data set, and check they fit together.
+
+    ``max_samples``/``seed``: read only the samples :func:`subsample` would keep."""
     from ..io.data import load_dataset
     from ..io.models import check_compatible, load_model
 
     if not Path(model).exists():
         raise ParameterError(f"invalid MODEL: expected an existing file, got {str(model)!r}")
     ds = None if data is None else load_dataset(data, need_labels=need_labels,
-                                                min_classes=min_classes)
+                                                min_classes=min_classes,
+                                                max_samples=max_samples, seed=seed)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, device=device,
                         input_shape=None if ds is None else ds.input_shape)
     if ds is not None:
@@ -30,15 +34,12 @@ def load_inputs(model: Path, data: str | None, *, arch: str | None, trust_pickle
 
 
 def subsample(ds: ImageDataset, max_samples: int | None, seed: int) -> ImageDataset:
-    """At most ``max_samples`` samples, chosen with a seeded permutation (order kept)."""
-    import torch
+    """At most ``max_samples`` samples, chosen with a seeded permutation (order kept):
+    :func:`trojanscan.io.limits.select_rows`, the selection the loaders apply."""
+    from ..io.limits import select_rows
 
-    if max_samples is None or len(ds) <= max_samples:
-        return ds
-    if max_samples < 1:
-        raise ParameterError(f"invalid max_samples: expected an integer >= 1, got {max_samples}")
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-    return ds.subset(perm[:max_samples].sort().values)
+    keep = select_rows(len(ds), max_samples, seed)
+    return ds if keep is None else ds.subset(keep)
 
 
 def emit_json(path: Path) -> None:

@@ -73,7 +73,7 @@ def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, 
                                  "--param neural_cleanse.reference=..., not both")
         det_params.setdefault("neural_cleanse", {})["reference"] = refs
     loaded, clean = load_inputs(model, data, arch=arch, trust_pickle=trust_pickle,
-                                device=device, min_classes=2)
+                                device=device, min_classes=2, max_samples=max_samples, seed=seed)
     assert clean is not None
     clean = subsample(clean, max_samples, seed)
     result = scan_model(loaded.module, clean, detectors=detectors, seed=seed,
