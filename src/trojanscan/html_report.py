@@ -31,8 +31,23 @@ _BAD = {"backdoored", "poisoned", "triggered"}
 _GOOD = {"clean"}
 
 
+def _is_bad(verdict: Any) -> bool:
+    return isinstance(verdict, str) and verdict in _BAD
+
+
+def _number(value: Any, fmt: str) -> str:
+    """``value`` formatted as a number, or empty when it is not one (or not a float's size)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    try:
+        return format(float(value), fmt)
+    except OverflowError:
+        return ""
+
+
 def _verdict_html(verdict: Any) -> str:
-    cls = "bad" if verdict in _BAD else "good" if verdict in _GOOD else "na"
+    good = isinstance(verdict, str) and verdict in _GOOD
+    cls = "bad" if _is_bad(verdict) else "good" if good else "na"
     return f'<div class="verdict {cls}">Verdict: {esc(verdict)}</div>'
 
 
@@ -52,12 +67,13 @@ def _detector_table(detectors: dict[str, Any]) -> str:
             continue
         verdict = d.get("verdict", "")
         flagged = d.get("suspected_targets", d.get("num_flagged", ""))
-        note = d.get("reason", "") or "; ".join(d.get("warnings", []) or [])
-        score = d.get("score")
-        score_s = f"{score:.3f}" if isinstance(score, (int, float)) else ""
-        seconds = d.get("seconds")
-        sec_s = f"{seconds:.1f}" if isinstance(seconds, (int, float)) else ""
-        cls = ' class="suspect"' if verdict in _BAD else ""
+        warnings = d.get("warnings") or []
+        if not isinstance(warnings, (list, tuple)):
+            warnings = [warnings]
+        note = d.get("reason", "") or "; ".join(str(w) for w in warnings)
+        score_s = _number(d.get("score"), ".3f")
+        sec_s = _number(d.get("seconds"), ".1f")
+        cls = ' class="suspect"' if _is_bad(verdict) else ""
         rows.append(f"<tr{cls}><td>{esc(name)}</td><td>{esc(verdict)}</td><td>{score_s}</td>"
                     f"<td>{esc(flagged)}</td><td>{sec_s}</td><td>{esc(note)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"

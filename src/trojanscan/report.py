@@ -13,8 +13,11 @@ import datetime as _dt
 import html
 import io
 import json
+import math
+import os
 import platform
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +152,7 @@ class Report:
         }
         doc.update({k: v for k, v in self.data.items() if k != "verdict"})
         doc["detectors"] = dict(self._detectors)
-        return _jsonable(doc)
+        return json_safe(_jsonable(doc))
 
     def write(self, seconds: float | None = None) -> Path:
         """Write assets, ``report.json`` and ``report.html`` atomically; return the JSON path."""
@@ -162,8 +165,60 @@ class Report:
             tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         from .html_report import render_html
 
-        atomic_write_text(self.out_dir / "report.html", render_html(doc, self))
+        atomic_write_text(self.out_dir / "report.html", utf8_safe(render_html(doc, self)))
         return json_path
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with characters UTF-8 cannot encode (lone surrogates, as file names with
+    non-UTF-8 bytes give) written as backslash escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _text(value: Any) -> str:
+    try:
+        return utf8_safe(str(value))
+    except ValueError:  # an integer too long to print
+        return f"<integer of {value.bit_length()} bits>"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` (already through ``_jsonable``) as strict JSON: NaN -> null, ±inf and
+    integers beyond a float's range -> ±1e308, strings UTF-8-safe, sets sorted, bytes as
+    hex, paths and any other object as their text."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if value.bit_length() > 1023:
+            return 1e308 if value > 0 else -1e308
+        return int(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return float(value) if math.isfinite(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, str):
+        return utf8_safe(value)
+    if isinstance(value, Mapping):
+        return {_text(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        items = [json_safe(v) for v in value]
+        try:
+            return sorted(items)
+        except TypeError:
+            return sorted(items, key=repr)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, (np.generic, np.ndarray)):
+        return json_safe(_jsonable(value))
+    if isinstance(value, os.PathLike):
+        return _text(os.fspath(value))
+    return _text(value)
 
 
 def _safe(name: str) -> str:
