@@ -189,25 +189,58 @@ def guard(
     model: Annotated[Path, typer.Argument(help="Model file.")],
     calibrate: Annotated[str, typer.Option("--calibrate", help="Clean data for the "
                                            "threshold.")],
-    frr: Annotated[float, typer.Option("--frr")] = 0.01,
+    frr: Annotated[float, typer.Option("--frr", help="Target false-rejection rate.")] = 0.01,
     detector: Annotated[str, typer.Option("--detector", help="strip or scale_up.")] = "strip",
     param: Annotated[list[str] | None, typer.Option(
         "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. blend=max, "
                         "threshold_method=empirical, n_overlays=50).")] = None,
-    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8080,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but "
+                                      "loopback needs a token (or --insecure-no-auth).")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port; 0 takes a free one (printed "
+                                      "on stderr).")] = 8080,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch per "
                                            "request.")] = 256,
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", help="File holding the bearer token clients must send "
+                             "(Authorization: Bearer <token>; at least 16 characters, "
+                             "trailing newline ignored; keep it chmod 600).")] = None,
+    token_env: Annotated[str | None, typer.Option(
+        "--token-env", help="NAME of an environment variable holding the token (default: "
+                            "TROJANSCAN_GUARD_TOKEN when set). The token itself is never "
+                            "taken on the command line.")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="Serve a non-loopback --host without any token (anyone "
+                                   "who reaches the port can use the model; warned on "
+                                   "stderr even with --quiet).")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(
+        "--tls-cert", help="PEM certificate: serve HTTPS (with --tls-key).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        "--tls-key", help="PEM private key of --tls-cert (unencrypted).")] = None,
+    body_timeout: Annotated[float, typer.Option(
+        "--body-timeout", help="Seconds a request body may take to arrive (slower: "
+                               "408).")] = 30.0,
+    docs: Annotated[bool, typer.Option("--docs", help="Serve /docs, /redoc and "
+                                       "/openapi.json (off by default).")] = False,
     seed: Seed = 0,
     device: Device = "auto",
     arch: Arch = None,
     trust_pickle: TrustPickle = False,
-    quiet: Quiet = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary "
+                                        "(warnings about exposure still print).")] = False,
 ) -> None:
-    """Serve predictions over HTTP and reject triggered inputs."""
+    """Serve predictions over HTTP and reject triggered inputs.
+
+    Binds 127.0.0.1 by default. Options are checked and the port is bound before the
+    model is loaded (errors: one line, exit 2). With a token, POST /predict and GET
+    /metrics need 'Authorization: Bearer <token>'; GET /healthz answers liveness to
+    anyone and details to token holders.
+    """
     _run("guard", model=model, calibrate=calibrate, frr=frr, detector=detector, host=host,
          port=port, max_batch=max_batch, seed=seed, device=device, arch=arch,
-         trust_pickle=trust_pickle, quiet=quiet, param=param)
+         trust_pickle=trust_pickle, quiet=quiet, param=param, token_file=token_file,
+         token_env=token_env, insecure_no_auth=insecure_no_auth, tls_cert=tls_cert,
+         tls_key=tls_key, body_timeout=body_timeout, docs=docs)
 
 
 @app.command(context_settings={"allow_extra_args": False})
