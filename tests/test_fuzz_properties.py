@@ -385,3 +385,41 @@ def test_report_html_odd_detector_entries(tmp_path: Path, det: dict[str, Any]) -
     rep.write()
     page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert "<x-evil" not in page and "odd" in page
+
+
+def test_member_names_with_control_characters_stay_on_one_line(tmp_path: Path) -> None:
+    """Found by fuzzing: an archive member named with a line break or an escape sequence was
+    echoed raw, splitting the one-line error (and reaching the terminal unescaped)."""
+    f = tmp_path / "d.npz"
+    with zipfile.ZipFile(f, "w") as z:
+        z.writestr("evil\n\x1b[31mname", b"")
+    with pytest.raises(TrojanscanError) as info:
+        load_dataset(f)
+    msg = str(info.value)
+    assert "\n" not in msg and "\x1b" not in msg and "evil\\n\\x1b[31mname" in msg
+
+
+def test_file_names_with_line_breaks_stay_on_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    (folder / "cls").mkdir(parents=True)
+    (folder / "cls" / "bad\nname.png").write_bytes(b"not a png")
+    with pytest.raises(TrojanscanError) as info:
+        load_dataset(folder)
+    assert "\n" not in str(info.value) and "bad\\nname.png" in str(info.value)
+
+
+@pytest.mark.parametrize("header", [
+    b"{'descr': '|u1', 'fortran_order': False, 'shape': (2, 3",
+    b"{'descr': '|u1', 'fortran_order': False, 'shape': " + b"(" * 3000,
+])
+def test_npy_header_that_does_not_tokenize(tmp_path: Path, header: bytes) -> None:
+    """Found by fuzzing: an .npy header with an unclosed bracket made numpy's header parser
+    raise tokenize.TokenError, which escaped as an internal error (np.load did the same)."""
+    header = header + b" " * (-(len(header) + 11) % 64) + b"\n"
+    blob = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
+    f = tmp_path / "d.npz"
+    with zipfile.ZipFile(f, "w") as z:
+        z.writestr("x.npy", blob)
+    with pytest.raises(TrojanscanError) as info:
+        load_dataset(f, need_labels=False)
+    assert "'x'" in str(info.value) and "\n" not in str(info.value)

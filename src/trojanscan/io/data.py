@@ -77,6 +77,7 @@ __all__ = [
     "images_to_tensor",
     "labels_to_tensor",
     "load_dataset",
+    "printable",
     "save_npz",
 ]
 
@@ -230,6 +231,14 @@ def labels_to_tensor(y: np.ndarray, n: int, *, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
 
 
+def printable(text: str) -> str:
+    """``text`` on one line, safe for a terminal: characters that are not printable (line
+    breaks, escape sequences, lone surrogates from non-UTF-8 file names) as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _combined_sha256(digests: dict[str, str]) -> str:
     """Hash several files (name -> hex digest) as :func:`~trojanscan.utils.sha256_tree`
     hashes a folder holding just them; a single file keeps its own digest."""
@@ -248,11 +257,13 @@ def _npz_members(z: NpzReader, path: Path, need_labels: bool
                  ) -> tuple[NpyMember, NpyMember | None, NpyMember | None]:
     keys = set(z.keys)
     if "x" not in keys:
-        raise DataError(f"{path}: has no array 'x' (found: {', '.join(sorted(keys)) or 'none'}"
-                        "); expected images in 'x' and labels in 'y'")
+        found = ", ".join(repr(k) for k in sorted(keys)) or "none"
+        raise DataError(f"{path}: has no array 'x' (found: {found}); expected images in 'x' "
+                        "and labels in 'y'")
     if need_labels and "y" not in keys:
-        raise DataError(f"{path}: has no array 'y' but labels are needed (found: "
-                        f"{', '.join(sorted(keys))}); expected class indices in 'y'")
+        found = ", ".join(repr(k) for k in sorted(keys))
+        raise DataError(f"{path}: has no array 'y' but labels are needed (found: {found}); "
+                        "expected class indices in 'y'")
     hx = z.header("x")
     check_image_header(hx.shape, hx.dtype, name=f"{path}: x")
     hy = z.header("y") if "y" in keys else None
@@ -507,7 +518,14 @@ def load_dataset(spec: str | os.PathLike[str], *, need_labels: bool = True,
     source = os.fspath(spec)
     if not isinstance(source, str) or not source.strip():
         raise DataError(f"no data given (got {spec!r}); expected " + "; ".join(_FORMATS))
-    ds = _load(source, need_labels, lim)
+    try:
+        ds = _load(source, need_labels, lim)
+    except DataError as exc:
+        text = str(exc)
+        shown = printable(text)
+        if shown == text:
+            raise
+        raise type(exc)(shown) from exc
     if need_labels:
         ds.labels()
         if min_classes > 1:

@@ -18,6 +18,7 @@ file and the array.
 from __future__ import annotations
 
 import lzma
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -128,7 +129,8 @@ class NpzReader:
                                     f"{major}.{minor}; expected 1.0 or 2.0 (numpy.savez)")
             except DataError:
                 raise
-            except (ValueError, SyntaxError, TypeError, KeyError, OverflowError) as exc:
+            except (ValueError, SyntaxError, TypeError, KeyError, OverflowError,
+                    tokenize.TokenError, RecursionError) as exc:
                 raise DataError(f"{where}: cannot read array {key!r} ({_one_line(exc)})"
                                 ) from exc
         dtype = np.dtype(dtype)
@@ -144,12 +146,12 @@ class NpzReader:
         declared = info.file_size
         if declared != m.header_bytes + m.payload_bytes:
             raise DataError(
-                f"{where}: the archive declares {declared} bytes for {info.filename} but its "
+                f"{where}: the archive declares {declared} bytes for {info.filename!r} but its "
                 f"header describes {m.header_bytes + m.payload_bytes} (shape {shape} of "
                 f"{dtype}); the archive is corrupt or forged"
             )
         if info.compress_type == zipfile.ZIP_STORED and info.compress_size != declared:
-            raise DataError(f"{where}: stored member {info.filename} declares {declared} bytes "
+            raise DataError(f"{where}: stored member {info.filename!r} declares {declared} bytes "
                             f"but holds {info.compress_size}; the archive is corrupt")
         if info.compress_type == zipfile.ZIP_DEFLATED \
                 and declared > DEFLATE_MAX_RATIO * info.compress_size + 1024:
@@ -190,5 +192,6 @@ def _skip_exact(f: IO[bytes], n: int) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] or type(exc).__name__
+    """A foreign exception's text on one printable line (zip member names are untrusted)."""
+    text = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
