@@ -265,3 +265,39 @@ def test_ray_backend_resumes_a_finished_build(tmp_path: Path, monkeypatch: Any) 
         ray.shutdown()
     assert summary["trained"] == 0 and summary["skipped"] == 2
     assert {s["name"]: s for s in zoo.load_sidecars(tmp_path)} == before
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def test_wild_metrics() -> None:
+    from benchmarks.wild import metrics
+
+    assert metrics.auroc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert metrics.auroc([0.1], [0.9]) == 0.0
+    assert metrics.auroc([0.5, 0.5], [0.5]) == 0.5  # ties count half
+    assert metrics.auroc([], [0.1]) is None
+    assert metrics.recall_precision([1, 2, 3, 9], [1, 2, 5, 6]) == (0.5, 0.5)
+    assert metrics.recall_precision([], [1]) == (0.0, None)
+    far, frr = metrics.filter_rates([True, False, False, True], [True, True, False, False])
+    assert (far, frr) == (0.5, 0.5)
+
+
+def test_run_plans_whole_pairs_at_every_level() -> None:
+    from benchmarks.wild import run
+
+    def side(i: int, bd: bool, split: str = "heldout") -> dict[str, Any]:
+        name = f"w{i:03d}-{'bd' if bd else 'clean'}"
+        return {"name": name, "pair": f"w{i:03d}", "backdoored": bd, "split": split,
+                "partner": f"w{i:03d}-{'clean' if bd else 'bd'}"}
+
+    sides = [side(i, b, "dev" if i == 1 else "heldout") for i in range(4) for b in (True, False)]
+    sides = [s for s in sides if s["name"] != "w003-clean"]  # a pair still building
+    chosen = run.select(sides, "heldout", None)
+    assert [bd["pair"] for bd, _ in chosen] == ["w000", "w002"]
+    variants = [(lv, "default", []) for lv in run.LEVELS]
+    jobs = run.plan_jobs(chosen, list(run.LEVELS), variants, (2, 1),
+                         lambda lv, n, e, s: (lv, s["name"]))  # type: ignore[arg-type,return-value]
+    assert jobs == [("scan", "w000-bd"), ("scan", "w000-clean"), ("scan-data", "w000-bd"),
+                    ("scan-data", "w000-clean"), ("filter", "w000-bd"),
+                    ("scan", "w002-bd"), ("scan", "w002-clean"), ("scan-data", "w002-bd"),
+                    ("filter", "w002-bd")]

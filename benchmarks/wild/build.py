@@ -48,6 +48,9 @@ def run_ray(specs: list[dict[str, Any]], cache: Path, workers: int, address: str
     import ray
 
     started = False
+    # Ray runs its workers at niceness 15 unless told otherwise: on a shared machine the
+    # build would then get only the CPU nobody else wants
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if not ray.is_initialized():
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
