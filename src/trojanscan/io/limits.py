@@ -102,8 +102,8 @@ def check_budget(need: int, budget: int, *, name: str, what: str) -> None:
     if need > budget:
         raise DataError(
             f"{name}: {what} would take {format_bytes(need)} of memory, over the data budget "
-            f"of {format_bytes(budget)}; read fewer samples (--max-samples) or raise the "
-            f"budget with {MAX_DATA_ENV} (bytes, e.g. 8G)"
+            f"of {format_bytes(budget)}; use fewer samples (--max-samples, where the command "
+            f"has it) or raise the budget with {MAX_DATA_ENV} (bytes, e.g. 8G)"
         )
 
 
