@@ -159,6 +159,52 @@ def scan_data(
          quiet=quiet, json_out=json_out)
 
 
+@app.command("scan-zoo")
+def scan_zoo(
+    source: Annotated[Path, typer.Argument(help="A folder of model files (searched "
+                                           "recursively) or a manifest (.csv with a path "
+                                           "column, optional arch and label; or .jsonl).")],
+    data: Annotated[str, typer.Option("--data", help="Clean data, as for scan.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Zoo folder: zoo.json, zoo.csv, "
+                                      "zoo.html and models/<name>/ reports.")],
+    workers: Annotated[int | None, typer.Option(
+        "--workers", help="Local Ray workers (default: the number of cores); 0 scans in "
+                          "this process without Ray.")] = None,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="Join a running Ray cluster (e.g. auto, ray://head:10001).")
+    ] = None,
+    labels: Annotated[Path | None, typer.Option(
+        "--labels", help="Ground truth: CSV with header path,label (path relative to "
+                         "SOURCE; label 1/0 or backdoored/clean).")] = None,
+    detectors: Annotated[str | None, typer.Option("--detectors", help="As for scan.")] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="DETECTOR.KEY=VALUE, as for scan. Repeatable.")] = None,
+    nc_reference: Annotated[list[Path] | None, typer.Option(
+        "--nc-reference", help="Neural Cleanse references, as for scan. Repeatable.")
+    ] = None,
+    model_timeout: Annotated[float | None, typer.Option(
+        "--model-timeout", help="Seconds one model may take; past it the model is "
+                                "recorded as failed.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume/--no-resume", help="Keep reports of unchanged models from an earlier "
+                                     "run into OUT (default) or scan everything again.")
+    ] = True,
+    seed: Seed = 0,
+    device: Device = "auto",
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    max_samples: Annotated[int | None, typer.Option("--max-samples", help="Use at most this "
+                                                   "many clean samples.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Scan every model of a folder or manifest on Ray (local or cluster), resumably."""
+    _run("scan_zoo", source=source, data=data, out=out, ray_workers=workers,
+         address=address, labels=labels, detectors=detectors, param=param,
+         nc_reference=nc_reference, model_timeout=model_timeout, resume=resume, seed=seed,
+         device=device, arch=arch, trust_pickle=trust_pickle, max_samples=max_samples,
+         quiet=quiet)
+
+
 @app.command("filter")
 def filter_(
     model: Annotated[Path, typer.Argument(help="Model file.")],
