@@ -210,18 +210,19 @@ def test_cli_refuses_to_overwrite_train_and_bad_eps(files: dict[str, Path],
     before = files["poisoned"].read_bytes()
     r = run_cli(capsys, "scan-data", str(files["poisoned"]), "--model", str(files["model"]),
                 "--out", str(tmp_path / "rep"), "--export-clean", str(files["poisoned"]))
-    assert r.code == 2 and "export_clean" in r.err
+    assert r.code == 2 and "--export-clean" in r.err and "TRAIN" in r.err
     assert files["poisoned"].read_bytes() == before
     r = run_cli(capsys, "scan-data", str(files["poisoned"]), "--model", str(files["model"]),
                 "--poison-rate-bound", "0.9", "--out", str(tmp_path / "rep"))
-    assert r.code == 2 and "poison_rate_bound" in r.err
+    assert r.code == 2 and ("poison-rate-bound" in r.err or "poison_rate_bound" in r.err)
 
 
 def test_cli_verify_retrains_and_reports(files: dict[str, Path],
                                          capsys: pytest.CaptureFixture[str],
                                          tmp_path: Path) -> None:
-    # a model with a sidecar (as `trojanscan train` writes): architecture, training
-    # settings and the attack (whose trigger gives ASR before/after)
+    # a model with a sidecar (as `trojanscan train` writes): training settings and the
+    # attack (whose trigger gives ASR before/after); the architecture is --arch's — the
+    # sidecar's is only quoted when --arch is missing
     model = tmp_path / "with_sidecar.pt"
     model.write_bytes(files["model"].read_bytes())
     sidecar = {"arch": "mlp", "attack": {"spec": "badnets:target=0,size=2,margin=0"},
@@ -231,6 +232,11 @@ def test_cli_verify_retrains_and_reports(files: dict[str, Path],
     out = tmp_path / "rep"
     r = run_cli(capsys, "scan-data", str(files["poisoned"]), "--model", str(model),
                 "--detectors", "spectre", "--verify", "--out", str(out), "--quiet")
+    assert r.code == 2 and "pass --arch mlp if you trust it" in r.err
+    assert not out.exists()
+    r = run_cli(capsys, "scan-data", str(files["poisoned"]), "--model", str(model),
+                "--detectors", "spectre", "--verify", "--arch", "mlp", "--out", str(out),
+                "--quiet")
     assert r.code == 1, r.err
     v = json.loads((out / "report.json").read_text())["verification"]
     assert v["arch"] == "mlp" and v["epochs"] == 3 and v["num_removed"] > 0

@@ -184,10 +184,11 @@ def fresh_model(model: Any, *, arch: str | Callable[..., nn.Module] | None,
     """A freshly initialised network of the model's architecture (for retraining).
 
     ``arch``: a built-in name (:mod:`trojanscan.archs`), ``package.module:factory``, or a
-    callable; without it a plain ``nn.Module`` is deep-copied and every submodule's
-    ``reset_parameters`` (and ``reset_running_stats``) is called. TorchScript and ONNX
-    models need ``arch`` (their Python class is not available):
-    :class:`DetectorNotApplicable` otherwise.
+    callable — the caller's own choice (``--arch``), never something read from beside the
+    model, since a factory is code that runs; without it a plain ``nn.Module`` is
+    deep-copied and every submodule's ``reset_parameters`` (and ``reset_running_stats``)
+    is called. TorchScript and ONNX models need ``arch`` (their Python class is not
+    available): :class:`DetectorNotApplicable` otherwise.
     """
     torch.manual_seed(seed)
     if callable(arch) and not isinstance(arch, str):
@@ -201,7 +202,7 @@ def fresh_model(model: Any, *, arch: str | Callable[..., nn.Module] | None,
         if isinstance(module, torch.jit.ScriptModule) or type(module).__name__ == "OnnxModule":
             raise DetectorNotApplicable(
                 "retraining needs the architecture: give --arch (a built-in name or "
-                "package.module:factory) or keep the model's sidecar JSON (arch) beside it")
+                "package.module:factory)")
         net = copy.deepcopy(module).cpu()
         for m in net.modules():
             reset = getattr(m, "reset_parameters", None)

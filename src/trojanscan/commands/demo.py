@@ -41,6 +41,7 @@ import torch
 
 from ..dataset import ImageDataset
 from ..exceptions import DataError, TrojanscanWarning
+from ..io.outputs import Output, check_outputs
 from ..progress import progress
 from ..training import TrainConfig
 from ..utils import seed_everything
@@ -101,12 +102,16 @@ def _cached_or_train(path: Path, quick: bool, plan_seed: int, spec: str | None, 
     """Load the model's sidecar when its settings match ``key``; else train and save.
     Returns the sidecar (accuracy, ASR, …). Runs in a worker: rebuilds the plan there."""
     from ..attacks import parse_attack
+    from ..utils import atomic_write_text
     from ..zoo import make_model, save_model, save_poisoned_data
 
     sidecar = path.with_suffix(".json")
     if path.exists() and sidecar.exists():
-        meta = json.loads(sidecar.read_text())
-        if meta.get("demo_key") == key:
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None  # an unreadable cache entry is retrained
+        if isinstance(meta, dict) and meta.get("demo_key") == key:
             return meta
     plan = _plan(quick, plan_seed)
     attack = None if spec is None else parse_attack(spec)
@@ -118,7 +123,7 @@ def _cached_or_train(path: Path, quick: bool, plan_seed: int, spec: str | None, 
         save_poisoned_data(trained, plan.train, path.parent / "poisoned_train.npz")
     meta = json.loads(sidecar.read_text())
     meta["demo_key"] = key
-    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -204,6 +209,9 @@ def run(*, out: Path, quick: bool, seed: int, device: str, cache: Path | None,
         raise bad_param("jobs", "an integer >= 1", jobs)
     seed_everything(seed)
     out = Path(out)
+    check_outputs([Output("--out", out, folder=True)]
+                  + ([] if cache is None else [Output("--cache", Path(cache), folder=True)]),
+                  [])
     models = Path(cache) if cache is not None else out / "models"
     data_dir = out / "data"
     models.mkdir(parents=True, exist_ok=True)

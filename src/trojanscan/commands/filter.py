@@ -20,6 +20,7 @@ import numpy as np
 from ..detectors import create
 from ..exceptions import bad_param
 from ..guard import RUNTIME_DETECTORS
+from ..io.outputs import Input, check_outputs, report_folder, sidecar_of
 from ..report import Report, esc
 from ..utils import seed_everything
 from ._common import emit_json, load_inputs, parse_params
@@ -93,6 +94,9 @@ def run(*, model: Path, inputs: str, calibrate: str, frr: float, detector: str, 
 
     t0 = time.perf_counter()
     seed_everything(seed)
+    check_outputs([report_folder("--out", out)],
+                  [Input("MODEL", model), Input("model sidecar", sidecar_of(model)),
+                   Input("INPUTS", inputs), Input("--calibrate", calibrate)])
     if detector not in RUNTIME_DETECTORS:
         raise bad_param("detector", RUNTIME_DETECTORS, detector)
     extra = parse_params(param)

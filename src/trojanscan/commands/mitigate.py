@@ -22,22 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..exceptions import ModelError, bad_param
+from ..exceptions import ModelError
+from ..io.outputs import Input, Output, check_outputs, report_folder, sidecar_of
 from ..report import Report
 from ..utils import atomic_path, seed_everything
 from ._common import emit_json, load_inputs, nc_references
 
 #: share of DATA held out to measure the mitigation
 HOLDOUT = 0.2
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return a.samefile(b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
 
 
 def _to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -72,11 +64,10 @@ def run(*, model: Path, data: str, out: Path, report: Path, seed: int, device: s
 
     t0 = time.perf_counter()
     model, out = Path(model), Path(out)
-    if _same_file(model, out):
-        raise bad_param("out", "a path other than the input MODEL (it is never overwritten)",
-                        str(out))
-    if out.exists() and out.is_dir():
-        raise bad_param("out", "a file path (not a folder)", str(out))
+    check_outputs([Output("--out", out), report_folder("--report", report)],
+                  [Input("MODEL", model), Input("model sidecar", sidecar_of(model)),
+                   Input("--data", data),
+                   *(Input("--nc-reference", r) for r in nc_reference or [])])
     cfg = UnlearnConfig(stamp_fraction=stamp_fraction, dilate=dilate, distill=distill,
                         refresh=refresh, epochs=unlearn_epochs)
     cfg.validate()  # bad settings fail before any work

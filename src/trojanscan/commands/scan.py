@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..exceptions import ParameterError
+from ..io.outputs import Input, check_outputs, report_folder, sidecar_of
 from ..report import Report
 from ..report_sections import model_result_section
 from ..scan import ScanResult, scan_model
@@ -65,6 +66,10 @@ def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, 
         param: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     seed_everything(seed)
+    check_outputs([report_folder("--out", out)],
+                  [Input("MODEL", model), Input("model sidecar", sidecar_of(model)),
+                   Input("--data", data),
+                   *(Input("--nc-reference", r) for r in nc_reference or [])])
     refs = nc_references(nc_reference)
     det_params = parse_detector_params(param)
     if refs:

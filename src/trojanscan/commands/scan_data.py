@@ -4,14 +4,16 @@ Loads TRAIN and the model trained on it, runs the data-level detectors on featur
 extracted once (:func:`trojanscan.data_scan.scan_data`), writes the contract's report
 (``scores.npy`` plus one ``scores_<detector>.npy`` each, per-class statistics, score
 histograms and cluster projections in the HTML), optionally exports TRAIN without the
-flagged samples and retrains on it to check that the backdoor is gone (``--verify``).
-Exit code 1 when samples are flagged, 0 when none are.
+flagged samples and retrains on it to check that the backdoor is gone (``--verify``;
+the network retrained is the one ``--arch`` names — files beside the model never choose
+code). Outputs are checked before any work. Exit code 1 when samples are flagged, 0 when
+none are.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -23,50 +25,126 @@ from ..data_scan import DataScan, Verification, export_clean, scan_data, verify_
 from ..dataset import ImageDataset
 from ..detectors.base import DataScanResult
 from ..exceptions import DetectorNotApplicable, ParameterError, TrojanscanWarning, bad_param
+from ..io.outputs import Input, Output, check_outputs, report_folder, sidecar_of
 from ..report import Report, esc
 from ..utils import seed_everything
 from ._common import emit_json
 
 #: built-in training sets and the held-out split ``--verify`` evaluates on
 TEST_SPLITS = {"fashion-mnist:train": "fashion-mnist:test", "digits:train": "digits:test"}
-WEIGHT_FORMATS = ("safetensors", "state_dict")
+#: formats whose architecture comes from ``--arch`` (``torch``: a state_dict file; a
+#: pickled whole module, only with ``--trust-pickle``, carries its own)
+WEIGHT_FORMATS = ("safetensors", "torch")
+#: a sidecar larger than this is not read (``trojanscan train`` writes a few kB)
+MAX_SIDECAR_BYTES = 4 << 20
+MAX_SPEC_CHARS = 2000
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
 def read_sidecar(model: Path) -> dict[str, Any]:
-    """The JSON written beside a model by ``trojanscan train`` (``MODEL.json``), if any."""
-    path = Path(model).with_suffix(".json")
+    """The JSON written beside a model by ``trojanscan train`` (``MODEL.json``), if any.
+
+    Untrusted, as the model is: its ``arch`` is never imported or called (only
+    ``--arch`` chooses code; :func:`sidecar_hint` may quote it in a message), its attack
+    spec is parsed into the built-in attack library only (:func:`sidecar_attack`), and
+    its training settings are used only when they are plain numbers in range
+    (:func:`sidecar_train_config`).
+    """
+    path = sidecar_of(model)
     if path == Path(model) or not path.is_file():
         return {}
     try:
+        if path.stat().st_size > MAX_SIDECAR_BYTES:
+            return {}
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def retrain_arch(arch: str | None, sidecar: dict[str, Any], loaded: Any) -> str | None:
-    """The architecture to retrain: ``--arch``, else the sidecar's, else the loader's."""
-    if arch:
-        return arch
+def sidecar_hint(sidecar: dict[str, Any]) -> str:
+    """A hint naming the sidecar's architecture for an error message (never imported):
+    printable, at most 80 characters, quoted."""
     name = sidecar.get("arch")
-    if isinstance(name, str) and name:
-        return name
-    return getattr(loaded, "arch", None)
+    if not isinstance(name, str) or not name.strip():
+        return ""
+    import shlex
+
+    shown = "".join(c if c.isprintable() else "?" for c in name.strip())[:80]
+    return (f"; the model's sidecar JSON names the architecture {shown!r}: pass --arch "
+            f"{shlex.quote(shown)} if you trust it (the sidecar never chooses code)")
 
 
-def _check_export_path(export: Path | None, train: str) -> None:
-    if export is None:
-        return
-    if Path(export).suffix.lower() != ".npz":
+def sidecar_attack(sidecar: dict[str, Any]) -> Any:
+    """The sidecar's attack (built-in attack library only), None when absent or not
+    usable (a warning says why; verification then reports no attack success rate)."""
+    from ..attacks import parse_attack
+
+    entry = sidecar.get("attack")
+    spec = entry.get("spec") if isinstance(entry, dict) else None
+    if not isinstance(spec, str):
+        return None
+    try:
+        if len(spec) > MAX_SPEC_CHARS:
+            raise ParameterError(f"longer than {MAX_SPEC_CHARS} characters")
+        return parse_attack(spec)
+    except Exception as exc:  # untrusted text: any failure means "no attack known"
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        warnings.warn(f"cannot use the sidecar's attack spec ({first}); verification "
+                      "reports no attack success rate", TrojanscanWarning, stacklevel=2)
+        return None
+
+
+#: sidecar training settings taken for ``--verify``: name -> (type, low, high)
+_TRAIN_FIELDS: dict[str, tuple[type, float, float]] = {
+    "epochs": (int, 1, 100), "batch_size": (int, 1, 4096), "lr": (float, 1e-8, 1.0),
+    "weight_decay": (float, 0.0, 1.0), "lr_decay": (bool, 0, 1)}
+
+
+def sidecar_train_config(sidecar: dict[str, Any]) -> Any:
+    """The sidecar's training settings as a ``TrainConfig`` (None when it has none).
+
+    A setting is taken only when it is a known key holding a plain number in range;
+    others keep their defaults, with a warning naming them: a sidecar must neither crash
+    verification nor make it run for days.
+    """
+    from ..training import TrainConfig
+
+    raw = sidecar.get("train_config")
+    if not isinstance(raw, dict):
+        return None
+    clean: dict[str, Any] = {}
+    ignored: list[str] = []
+    for key, value in raw.items():
+        spec = _TRAIN_FIELDS.get(key) if isinstance(key, str) else None
+        if spec is None:
+            ignored.append(str(key)[:40])
+            continue
+        kind, low, high = spec
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        else:
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) and low <= value <= high)
+        if ok:
+            clean[key] = kind(value)
+        else:
+            ignored.append(key)
+    if ignored:
+        shown = ", ".join(repr(k) for k in ignored[:5]) + (", ..." if len(ignored) > 5 else "")
+        warnings.warn(f"the sidecar's train_config settings {shown} are not plain settings "
+                      "in range; verification uses the defaults for them", TrojanscanWarning,
+                      stacklevel=2)
+    return TrainConfig(**clean)
+
+
+def _check_export_path(export: Path | None) -> None:
+    if export is not None and Path(export).suffix.lower() != ".npz":
         raise bad_param("export_clean", "a path ending in .npz", str(export))
-    src = Path(train).expanduser()
-    with contextlib.suppress(OSError):
-        if src.exists() and src.resolve() == Path(export).expanduser().resolve():
-            raise bad_param("export_clean", "a path other than TRAIN (never overwritten)",
-                            str(export))
 
 
 def _test_split(train_spec: str, cleaned: ImageDataset, seed: int
@@ -250,17 +328,27 @@ def run(*, train: str, model: Path, detectors: str | None, poison_rate_bound: fl
     t0 = time.perf_counter()
     seed_everything(seed)
     eps = check_rate("poison_rate_bound", poison_rate_bound)
-    _check_export_path(export_clean, train)
+    _check_export_path(export_clean)
     model = Path(model)
     if not model.is_file():
         raise ParameterError(f"invalid MODEL: expected an existing file, got {str(model)!r}")
-    ds = load_dataset(train, need_labels=True, min_classes=2)
+    check_outputs([report_folder("--out", out)]
+                  + ([] if export_clean is None else [Output("--export-clean", export_clean)]),
+                  [Input("TRAIN", train), Input("--model", model),
+                   Input("model sidecar", sidecar_of(model))])
     fmt = detect_format(model)
+    sidecar = read_sidecar(model)
+    if verify and arch is None and fmt in ("torchscript", "onnx"):
+        raise ParameterError(
+            "--verify retrains the model's architecture: give --arch (a built-in name such "
+            "as small_cnn, or package.module:factory)" + sidecar_hint(sidecar))
+    ds = load_dataset(train, need_labels=True, min_classes=2)
     loaded = load_model(model, arch=arch if fmt in WEIGHT_FORMATS else None,
                         trust_pickle=trust_pickle, device=device, input_shape=ds.input_shape)
     loaded = check_compatible(loaded, ds)
-    sidecar = read_sidecar(model)
-    retrain = retrain_arch(arch, sidecar, loaded)
+    # only --arch chooses the network that is retrained (Activation Clustering's
+    # reclassification, --verify); never the files beside the model
+    retrain = arch
     scan = scan_data(loaded.module, ds, detectors=detectors, poison_rate_bound=eps, seed=seed,
                      device=loaded.device, arch=retrain)
     rep = Report(command="scan-data", out_dir=out, seed=seed,
@@ -300,28 +388,12 @@ def _verify(loaded: Any, ds: ImageDataset, scan: DataScan, arch: str | None,
             sidecar: dict[str, Any], train: str, seed: int) -> Verification:
     import torch
 
-    from ..attacks import parse_attack
-    from ..training import TrainConfig
-
-    if arch is None and loaded.format not in ("pickle",):
+    if arch is None and loaded.format != "pickle":
         raise DetectorNotApplicable(
             "--verify retrains the model's architecture: give --arch (a built-in name such "
-            "as small_cnn, or package.module:factory) or keep the sidecar JSON "
-            f"({Path(loaded.path).with_suffix('.json').name}) beside the model")
-    attack = None
-    spec = (sidecar.get("attack") or {}).get("spec") if isinstance(sidecar.get("attack"),
-                                                                   dict) else None
-    if isinstance(spec, str):
-        try:
-            attack = parse_attack(spec)
-        except ParameterError as exc:
-            warnings.warn(f"cannot parse the sidecar's attack spec: {exc}", TrojanscanWarning,
-                          stacklevel=2)
-    cfg = None
-    raw = sidecar.get("train_config")
-    if isinstance(raw, dict):
-        with contextlib.suppress(TypeError):
-            cfg = TrainConfig(**raw)
+            "as small_cnn, or package.module:factory)" + sidecar_hint(sidecar))
+    attack = sidecar_attack(sidecar)
+    cfg = sidecar_train_config(sidecar)
     cleaned_mask = scan.flagged
     keep = torch.from_numpy(np.flatnonzero(~cleaned_mask))
     fit, test, test_source = _test_split(train, ds.subset(keep), seed)

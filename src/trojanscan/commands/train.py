@@ -9,6 +9,7 @@ import torch
 
 from ..dataset import ImageDataset
 from ..exceptions import bad_param
+from ..io.outputs import Input, Output, check_outputs
 from ..training import TrainConfig
 from ..utils import seed_everything
 
@@ -28,6 +29,15 @@ def split_holdout(ds: ImageDataset, fraction: float, seed: int) -> tuple[ImageDa
     return ds.subset(perm[n_test:].sort().values), ds.subset(perm[:n_test].sort().values)
 
 
+def model_outputs(out: Path) -> list[Output]:
+    """What ``--out`` makes: the TorchScript file and the weights and sidecar beside it."""
+    if out.suffix.lower() in (".json", ".safetensors"):
+        raise bad_param("out", "a file name with an extension other than .json/.safetensors "
+                        "(those are written beside it)", str(out))
+    return [Output("--out", out), Output("--out", out.with_suffix(".safetensors")),
+            Output("--out", out.with_suffix(".json"))]
+
+
 def run(*, dataset: str, out: Path, attack: str, poison_rate: float, arch: str,
         test_data: str | None, epochs: int | None, batch_size: int, lr: float,
         save_data: Path | None, seed: int, device: str, quiet: bool, json_out: bool) -> int:
@@ -36,6 +46,12 @@ def run(*, dataset: str, out: Path, attack: str, poison_rate: float, arch: str,
     from ..zoo import default_epochs, make_model, save_model, save_poisoned_data
 
     seed_everything(seed)
+    out = Path(out)
+    check_outputs(model_outputs(out) + ([] if save_data is None
+                                        else [Output("--save-data", Path(save_data))]),
+                  [Input("--dataset", dataset), Input("--test-data", test_data)])
+    if epochs is not None and epochs < 1:
+        raise bad_param("epochs", "an integer >= 1", epochs)
     atk = parse_attack(attack)
     train = load_dataset(dataset)
     train.require_classes(2)
@@ -43,10 +59,12 @@ def run(*, dataset: str, out: Path, attack: str, poison_rate: float, arch: str,
         test_data = TEST_SPLITS[dataset]
     if test_data is not None:
         test = load_dataset(test_data)
+        if test.input_shape != train.input_shape:
+            raise bad_param("test_data", "data of the training set's shape "
+                            + "×".join(map(str, train.input_shape)),
+                            "×".join(map(str, test.input_shape)))
     else:
         train, test = split_holdout(train, 0.1, seed)
-    if epochs is not None and epochs < 1:
-        raise bad_param("epochs", "an integer >= 1", epochs)
     cfg = TrainConfig(epochs=epochs or default_epochs(len(train)), batch_size=batch_size, lr=lr)
     trained = make_model(train, test, attack=atk, poison_rate=poison_rate, arch=arch,
                          seed=seed, config=cfg, device=device)

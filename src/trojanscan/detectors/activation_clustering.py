@@ -19,7 +19,10 @@ architecture is retrained (on at most ``reclassify_max_samples`` samples) withou
 suspect cluster, then classifies them. A cluster still classified as its own label
 (share ≥ ``min_own_share``, or more often than any other class) is a legitimate
 sub-population of the class and is released; a cluster classified as another class is
-confirmed poisonous (the most frequent prediction is its likely source class). A
+confirmed poisonous (the most frequent prediction is its likely source class). The
+network retrained is ``arch`` (a built-in name, ``package.module:factory`` or a callable:
+the user's ``--arch``, never anything read from beside the model), else a reset copy of
+a plain ``nn.Module``; TorchScript and ONNX models without ``arch`` skip this step. A
 distinct style of a class that resembles another class (a kind of sneaker next to
 ankle boots) is also classified as that class once excluded — reclassification does
 not release those, which is why the silhouette bar matters.
@@ -174,6 +177,10 @@ class ActivationClustering(FeatureDataDetector):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 100:
                 raise bad_param(name, "an integer >= 100", v)
+        if self.arch is not None and not isinstance(self.arch, str) and not callable(
+                self.arch):
+            raise bad_param("arch", "None, an architecture name, package.module:factory or "
+                            "a callable", type(self.arch).__name__)
         if self.reclassify_epochs is not None and (
                 isinstance(self.reclassify_epochs, bool)
                 or not isinstance(self.reclassify_epochs, int) or self.reclassify_epochs < 1):
