@@ -247,3 +247,19 @@ def test_cli_verify_retrains_and_reports(files: dict[str, Path],
     r = run_cli(capsys, "scan-data", str(files["poisoned"]), "--model", str(files["model"]),
                 "--detectors", "spectre", "--verify", "--out", str(out))
     assert r.code == 2 and "--arch" in r.err
+
+
+def test_cli_state_dict_model_takes_arch(files: dict[str, Path],
+                                         capsys: pytest.CaptureFixture[str],
+                                         tmp_path: Path) -> None:
+    """A torch.save state_dict (format "torch") is built with --arch, as safetensors are."""
+    from trojanscan import archs
+
+    weights = tmp_path / "weights.pt"
+    torch.save(archs.build("mlp", (1, 4, 4), 4).state_dict(), weights)
+    r = run_cli(capsys, "scan-data", str(files["poisoned"]), "--model", str(weights),
+                "--arch", "mlp", "--detectors", "spectre", "--out", str(tmp_path / "rep"),
+                "--quiet")
+    assert r.code in (0, 1), r.err
+    doc = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert doc["params"]["arch"] == "mlp"
