@@ -46,6 +46,10 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
 _STOP = ",()+"
+#: longest spec and deepest tuple nesting accepted (a spec is one line typed by a person or
+#: read from an untrusted sidecar: bounded so that parsing cannot exhaust the stack)
+MAX_SPEC_CHARS = 2000
+MAX_DEPTH = 4
 
 
 class _Parser:
@@ -54,6 +58,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
         self.i = 0
+        self.depth = 0
 
     # -- lexing ---------------------------------------------------------------
     def error(self, expected: str) -> ParameterError:
@@ -138,10 +143,14 @@ class _Parser:
 
     def value(self) -> Any:
         if self.eat("("):
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise self.error(f"a value (tuples nest at most {MAX_DEPTH} deep)")
             items = [self.value()]
             while self.eat(","):
                 items.append(self.value())
             self.expect(")")
+            self.depth -= 1
             return tuple(items)
         self.skip_ws()
         j = self.i
@@ -193,7 +202,14 @@ def build(name: str, settings: dict[str, Any]) -> Attack:
     for key in settings:
         if key not in allowed:
             raise bad_param(f"{cls.name} setting", allowed, key)
-    return cls(**settings)
+    try:
+        return cls(**settings)
+    except ParameterError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        # a value of the wrong kind that the attack's own checks did not name
+        shown = ", ".join(f"{k}={v!r}" for k, v in settings.items())[:200]
+        raise ParameterError(f"invalid {cls.name} settings ({shown}): {exc}") from exc
 
 
 def parse_attack(spec: str | None) -> Attack | None:
@@ -206,6 +222,9 @@ def parse_attack(spec: str | None) -> Attack | None:
         return None
     if not spec.strip():
         raise bad_param("attack spec", "an attack such as 'badnets:target=0' or 'none'", spec)
+    if len(spec) > MAX_SPEC_CHARS:
+        raise bad_param("attack spec", f"at most {MAX_SPEC_CHARS} characters",
+                        f"{len(spec)} characters")
     return _Parser(spec).top()
 
 
