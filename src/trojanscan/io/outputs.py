@@ -10,7 +10,8 @@ mistake costs nothing and never replaces a user's file:
 * an output that *is* an input (same path once ``~``, ``.``/``..`` and symbolic links
   are resolved, or the same file through a hard link) is refused; so is a folder output
   that would write one of its files over an input, and an output inside an input folder
-  (an image folder gains a class, a reference folder a report);
+  (an image folder gains a class, a reference folder a report); a data set named
+  ``FOLDER:split`` counts as its folder, and an IDX images file brings its labels file;
 * two outputs of one command that are the same file are refused;
 * a folder output that exists as a file, or a file output that exists as a folder, is
   refused;
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..exceptions import ParameterError
+from . import idx as idx_io
 
 #: what a report folder receives (relative paths; ``*`` patterns; a trailing ``/`` is a
 #: sub-folder and everything in it)
@@ -70,8 +72,7 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[Input]) -> None:
     """Raise :class:`ParameterError` (naming the option) unless every output can be
     written without touching an input or another output (module docstring)."""
     outs = [o for o in outputs if o.path is not None]
-    ins = [(i.option, Path(i.path)) for i in inputs
-           if i.path is not None and str(i.path) != "" and _exists(Path(i.path))]
+    ins = [(i.option, p) for i in inputs for p in _input_paths(i)]
     for out in outs:
         for option, src in ins:
             _check_against_input(out, option, src)
@@ -84,6 +85,31 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[Input]) -> None:
 
 
 # ----------------------------------------------------------------------------- paths
+
+
+def _input_paths(inp: Input) -> list[Path]:
+    """The existing files and folders an input reads: the path itself; for a data set
+    named ``FOLDER:split`` (a split of a folder of IDX files) the folder; for an IDX
+    images file also the labels file read with it. Built-in names give none."""
+    if inp.path is None or os.fspath(inp.path) == "":
+        return []
+    path = Path(inp.path)
+    if not _exists(path):
+        base, sep, selector = os.fspath(inp.path).rpartition(":")
+        folder = Path(base).expanduser()
+        if sep and base and selector and folder.is_dir():
+            return [Path(base)]
+        return []
+    found = [path]
+    if idx_io.is_idx_images_name(path.name) and path.expanduser().is_file():
+        try:
+            pair = idx_io.find_idx_pairs(path.expanduser().parent).get(
+                idx_io.split_name(path.name) or "")
+        except OSError:
+            pair = None
+        if pair is not None and pair.labels is not None:
+            found.append(pair.labels)
+    return found
 
 
 def _exists(p: Path) -> bool:
