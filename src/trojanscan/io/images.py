@@ -41,6 +41,11 @@ __all__ = [
 #: Lower-case file extensions read as images.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
+#: The only Pillow decoders tried, whatever a file's content claims: Pillow detects the
+#: format from the bytes, and some decoders run external programs (an EPS file named
+#: ``x.png`` would start Ghostscript).
+PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+
 _GRAY_MODES = {"1": "L", "L": "L", "LA": "L", "La": "L"}
 _RGB_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
 _GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -120,12 +125,18 @@ def _channels(mode: str) -> int | None:
     return None
 
 
+def _pillow_formats() -> list[str]:
+    """:data:`PILLOW_FORMATS` this Pillow build has a decoder for (JPEG covers MPO)."""
+    Image.init()
+    return [f for f in PILLOW_FORMATS if f in Image.OPEN]
+
+
 def _open(path: Path, *, budget: int, size: tuple[int, int] | None = None,
           first: Path | None = None) -> np.ndarray:
     """Decode one image; its header is checked first: the decoded float32 image must fit
     ``budget``, and its size must be ``size`` (that of ``first``) when given."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=_pillow_formats()) as img:
             channels = _channels(img.mode) or 4
             w, h = img.size
             check_budget(w * h * channels * 4, budget, name=str(path),
