@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -415,6 +416,13 @@ def _load_folder(folder: Path, source: str, need_labels: bool, lim: _Limits) -> 
 
 
 def _load_file(path: Path, source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    if not regular:  # a pipe with no writer would block forever; a device never ends
+        raise DataError(f"{path}: not a regular file (a pipe, socket or device); save the "
+                        "data to a file first")
     if idx_io.is_idx_images_name(path.name):
         return _load_idx_file(path, source, need_labels, lim)
     try:
