@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -77,6 +78,14 @@ def sidecar_hint(sidecar: dict[str, Any]) -> str:
             f"{shlex.quote(shown)} if you trust it (the sidecar never chooses code)")
 
 
+def spec_files(spec: str) -> list[str]:
+    """The values of an attack spec that name a file (a pattern the spec would read)."""
+    from ..attacks.patterns import FILE_SUFFIXES
+
+    words = (w.strip() for w in re.split(r"[,()+=:]", spec))
+    return [w for w in words if w.lower().endswith(FILE_SUFFIXES)]
+
+
 def sidecar_attack(sidecar: dict[str, Any]) -> Any:
     """The sidecar's attack (built-in attack library only), None when absent or not
     usable (a warning says why; verification then reports no attack success rate)."""
@@ -89,6 +98,10 @@ def sidecar_attack(sidecar: dict[str, Any]) -> Any:
     try:
         if len(spec) > MAX_SPEC_CHARS:
             raise ParameterError(f"longer than {MAX_SPEC_CHARS} characters")
+        named = spec_files(spec)
+        if named:  # a sidecar never makes this process open a file of its choosing
+            raise ParameterError(f"it names the file {named[0]!r}; pattern files are "
+                                 "read only from an attack spec given on the command line")
         return parse_attack(spec)
     except Exception as exc:  # untrusted text: any failure means "no attack known"
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
