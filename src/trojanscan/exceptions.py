@@ -10,8 +10,10 @@ Hierarchy::
     │   ├── DataError                    a data set cannot be read or is invalid
     │   │   └── UnknownFormatError       no loader recognises the file / name
     │   ├── ModelError                   a model cannot be loaded or called
-    │   │   └── UnsafeModelError         loading would unpickle (needs --trust-pickle)
+    │   │   ├── UnsafeModelError         loading would unpickle (needs --trust-pickle)
+    │   │   └── NotAClassifierError      outputs are not N×K finite logits with K ≥ 2
     │   ├── IncompatibleError            model and data (or meta-classifier) disagree
+    │   │   └── NotAClassifierError      (also one: the model cannot serve the command)
     │   └── ParameterError               a setting is out of range / unknown
     ├── DependencyError                  an optional extra is not installed
     └── DetectorNotApplicable            a detector cannot run on this model/data
@@ -52,6 +54,12 @@ class UnsafeModelError(ModelError):
 
 class IncompatibleError(InputError):
     """Two inputs disagree (input shape, number of classes, meta-classifier shape)."""
+
+
+class NotAClassifierError(ModelError, IncompatibleError):
+    """The model does not output ``N×K`` finite logits with ``K ≥ 2`` (a regressor, a
+    one-output scorer, NaN): every detector needs a classifier. Both a
+    :class:`ModelError` and an :class:`IncompatibleError`."""
 
 
 class ParameterError(InputError, ValueError):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..classifier import check_logits
 from ..dataset import ImageDataset
 from ..exceptions import IncompatibleError, ModelError, ParameterError, bad_param
 
@@ -178,8 +179,10 @@ def check_model_on(model: nn.Module, data: ImageDataset, *, what: str = "data") 
     """Probe ``model`` on two samples of ``data``; return its number of outputs ``K``.
 
     Raises :class:`IncompatibleError` when the model cannot process the data's input
-    shape, does not return ``N×K`` logits, or has fewer outputs than the labels need,
-    and :class:`ModelError` when it returns NaN or infinity.
+    shape or has fewer outputs than the labels need, and
+    :class:`~trojanscan.exceptions.NotAClassifierError` (a ``ModelError`` and an
+    ``IncompatibleError``) when it does not return ``N×K`` logits with ``K ≥ 2`` or
+    returns NaN or infinity (:func:`trojanscan.classifier.check_logits`).
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
@@ -196,16 +199,10 @@ def check_model_on(model: nn.Module, data: ImageDataset, *, what: str = "data") 
             raise IncompatibleError(
                 f"the model cannot process the {what}: input shape "
                 f"{tuple(data.x.shape[1:])} (C×H×W) failed with: {first}") from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise IncompatibleError(f"the model must map N×C×H×W to logits N×K; on {what} of "
-                                f"shape {tuple(x.shape)} it returned {shape}")
-    k = int(out.shape[1])
+    k = check_logits(out, int(x.shape[0]), what=f"the {what}")
     if data.y is not None and data.num_classes > k:
         raise IncompatibleError(f"the {what} has labels up to {data.num_classes - 1} but the "
                                 f"model has only {k} outputs")
-    if not torch.isfinite(out).all():
-        raise ModelError(f"the model returns NaN or infinite logits on the {what}")
     return k
 
 

@@ -79,6 +79,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..classifier import check_logits
 from ..dataset import ImageDataset
 from ..exceptions import DataError, ModelError, ParameterError, bad_param
 from ..maths import runtime as rt
@@ -99,7 +100,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)`` as an ``N×K`` float tensor, or a ModelError saying what went wrong."""
+    """``model(x)`` as an ``N×K`` float tensor (``K ≥ 2``), or a ModelError saying what
+    went wrong."""
     try:
         out = model(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -108,9 +110,8 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
                          ) from exc
     if isinstance(out, (tuple, list)) and out:
         out = out[0]
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        raise ModelError(f"the model must return N×K logits; for {x.shape[0]} inputs it "
-                         f"returned {tuple(getattr(out, 'shape', ())) or type(out).__name__}")
+    check_logits(out, int(x.shape[0]), what=f"a batch of shape {tuple(x.shape)}",
+                 finite=False)
     return out.float()
 
 

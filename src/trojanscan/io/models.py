@@ -37,10 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..classifier import check_logits
 from ..dataset import ImageDataset
 from ..exceptions import (
     IncompatibleError,
     ModelError,
+    NotAClassifierError,
     TrojanscanError,
     TrojanscanWarning,
     UnknownFormatError,
@@ -143,19 +145,89 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 def _zip_format(p: Path) -> str:
+    """``"torchscript"`` or ``"torch"`` for a PyTorch ZIP whose members all check out."""
     try:
         with zipfile.ZipFile(p) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+            if any(n.endswith("constants.pkl") or "/code/" in n or n.startswith("code/")
+                   for n in names):
+                kind = "torchscript"
+            elif any(n.endswith("data.pkl") for n in names):
+                kind = "torch"
+            else:
+                raise UnknownFormatError(f"{p}: a ZIP archive but not a PyTorch model (no "
+                                         f"data.pkl); supported: {_SUPPORTED}")
+            _verify_zip(p, z)
+    except TrojanscanError:
+        raise
+    except Exception as exc:  # BadZipFile, OSError, and what malformed headers raise
         raise ModelError(f"{p}: corrupt ZIP archive, cannot read it as a PyTorch model "
                          f"({_first_line(exc)})") from exc
-    if any(n.endswith("constants.pkl") or "/code/" in n or n.startswith("code/")
-           for n in names):
-        return "torchscript"
-    if any(n.endswith("data.pkl") for n in names):
-        return "torch"
-    raise UnknownFormatError(f"{p}: a ZIP archive but not a PyTorch model (no data.pkl); "
-                             f"supported: {_SUPPORTED}")
+    return kind
+
+
+#: a PyTorch ZIP stores its tensors uncompressed, so its members together hold about
+#: the file's size; more than this many times it plus ``_ZIP_SLACK`` is refused
+_ZIP_RATIO = 4
+_ZIP_SLACK = 256 << 20
+_ZIP_CHUNK = 1 << 20
+
+
+def _verify_zip(p: Path, z: zipfile.ZipFile) -> None:
+    """Check every member of the model ZIP ``z`` (read from ``p``) against its CRC-32.
+
+    ``torch.jit.load`` and ``torch.load`` do not check CRCs: a flipped byte in a weight
+    record loads silently as a different model. Each member is streamed in 1 MiB
+    chunks (memory stays bounded) and the total uncompressed size, declared and read,
+    is bounded by ``_ZIP_RATIO`` times the file's size plus ``_ZIP_SLACK`` (a ZIP bomb
+    is refused before it is inflated). Raises :class:`ModelError` naming the member.
+    """
+    infos = z.infolist()
+    limit = _ZIP_RATIO * p.stat().st_size + _ZIP_SLACK
+    declared = sum(max(0, i.file_size) for i in infos)
+    if declared > limit:
+        raise ModelError(f"{p}: model file is corrupt: its members declare {declared} bytes "
+                         f"uncompressed, more than the {limit} allowed for a file of "
+                         f"{p.stat().st_size} bytes")
+    total = 0
+    for info in infos:
+        try:
+            with z.open(info) as member:
+                while chunk := member.read(_ZIP_CHUNK):
+                    total += len(chunk)
+                    if total > limit:
+                        raise ModelError(f"{p}: model file is corrupt: its members inflate "
+                                         f"to more than {limit} bytes")
+        except TrojanscanError:
+            raise
+        except zipfile.BadZipFile as exc:
+            if "CRC" in str(exc):
+                raise ModelError(f"{p}: model file is corrupt: CRC mismatch in member "
+                                 f"{info.filename}") from exc
+            raise ModelError(f"{p}: model file is corrupt: cannot read member "
+                             f"{info.filename} ({_first_line(exc)})") from exc
+        except Exception as exc:  # truncated data, encrypted or unknown compression, ...
+            raise ModelError(f"{p}: model file is corrupt: cannot read member "
+                             f"{info.filename} ({type(exc).__name__}: {_first_line(exc)})"
+                             ) from exc
+    for info in infos:
+        if info.filename.endswith("pkl"):  # data.pkl, constants.pkl, *.debug_pkl
+            problem = _pickle_problem(z.read(info))
+            if problem is not None:
+                raise ModelError(f"{p}: model file is corrupt: malformed pickle in member "
+                                 f"{info.filename} ({problem})")
+
+
+def _pickle_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a well-formed pickle (None if it is), read opcode by opcode
+    without executing anything. PyTorch's C++ unpickler trusts the lengths in a pickle:
+    a string claiming 4 GiB makes it allocate 4 GiB before noticing the data is short."""
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except Exception as exc:  # ValueError for truncated arguments, unknown opcodes, ...
+        return _first_line(exc)
+    return None
 
 
 def _parses_as_onnx(p: Path) -> bool:
@@ -191,6 +263,27 @@ def _onnx2torch() -> Any | None:
     return onnx2torch
 
 
+def _non_utf8_field(message: Any, where: str = "model") -> str | None:
+    """The first string field of a protobuf ``message`` that is not valid UTF-8 (protobuf
+    hands those over as ``bytes``), as ``graph.node.op_type``; None when all are text."""
+    for field, value in message.ListFields():
+        name = f"{where}.{field.name}"
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:  # older protobuf
+            repeated = field.label == field.LABEL_REPEATED
+        values = value if repeated else [value]
+        if field.type == field.TYPE_STRING:
+            if any(not isinstance(v, str) for v in values):
+                return name
+        elif field.type == field.TYPE_MESSAGE:
+            for v in values:
+                if hasattr(v, "ListFields"):  # map entries arrive as plain values
+                    found = _non_utf8_field(v, name)
+                    if found is not None:
+                        return found
+    return None
+
+
 def _load_onnx(p: Path) -> tuple[nn.Module, str]:
     onnx = require("onnx", "onnx")
     from .onnx_torch import UnsupportedOnnxError
@@ -201,6 +294,9 @@ def _load_onnx(p: Path) -> tuple[nn.Module, str]:
         raise ModelError(f"{p}: not a valid ONNX model ({_first_line(exc)})") from exc
     if proto.ir_version <= 0 or not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise ModelError(f"{p}: not a valid ONNX model (no graph)")
+    bad_text = _non_utf8_field(proto)
+    if bad_text is not None:
+        raise ModelError(f"{p}: not a valid ONNX model ({bad_text} is not valid UTF-8)")
     try:
         return OnnxModule(proto), "builtin"
     except UnsupportedOnnxError as exc:
@@ -563,11 +659,10 @@ def _logits_dim(module: nn.Module, shape: Shape, device: torch.device, what: str
     except Exception as exc:
         raise IncompatibleError(f"{what}: the model fails on inputs of shape "
                                 f"N×{_fmt_shape(shape)} ({_first_line(exc)})") from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise IncompatibleError(f"{what}: the model must output logits N×K, got {got} for "
-                                f"N=2 inputs of shape {_fmt_shape(shape)}")
-    return int(out.shape[1])
+    try:  # zeros may legitimately give NaN (a model normalising by the input's spread)
+        return check_logits(out, 2, what=f"inputs of shape {_fmt_shape(shape)}", finite=False)
+    except NotAClassifierError as exc:
+        raise NotAClassifierError(f"{what}: {exc}") from exc
 
 
 def _check_shape(input_shape: Any) -> Shape | None:
@@ -595,9 +690,29 @@ def load_model(path: str | os.PathLike[str], *, arch: str | None = None,
     safetensors and state_dict files and ignored otherwise. ``trust_pickle`` allows
     unpickling a whole module (runs code from the file; a :class:`TrojanscanWarning`
     says so). ``input_shape``/``num_classes`` help build built-in architectures and
-    are checked against the model. The file is only read.
+    are checked against the model. The file is only read. Error messages are one line:
+    names taken from the file (keys, ONNX value names) have their control characters
+    escaped.
     """
-    p = Path(path)
+    try:
+        return _load_model(Path(path), arch=arch, trust_pickle=trust_pickle, device=device,
+                           input_shape=input_shape, num_classes=num_classes)
+    except TrojanscanError as exc:
+        text = str(exc)
+        clean = _printable(text)
+        if clean == text:
+            raise
+        raise type(exc)(clean) from exc
+
+
+def _printable(text: str) -> str:
+    """``text`` with newlines and other control characters escaped (``\\n``)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def _load_model(p: Path, *, arch: str | None, trust_pickle: bool,
+                device: str | torch.device | None, input_shape: tuple[int, int, int] | None,
+                num_classes: int | None) -> LoadedModel:
     shape = _check_shape(input_shape)
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise bad_param("num_classes", "a positive integer", num_classes)
@@ -676,9 +791,10 @@ def check_compatible(loaded: LoadedModel, dataset: ImageDataset, *, samples: int
                      ) -> LoadedModel:
     """Run the model on a few samples of ``dataset``; return it with shapes filled in.
 
-    Raises :class:`IncompatibleError` when the model fails on the data's input shape,
-    does not output ``N×K`` logits, has fewer logits than the labels' classes or
-    outputs NaN/inf.
+    Raises :class:`IncompatibleError` when the model fails on the data's input shape or
+    has fewer logits than the labels' classes, and :class:`NotAClassifierError` (an
+    ``IncompatibleError`` too) when it does not output ``N×K`` logits with ``K ≥ 2``
+    or outputs NaN/inf (:func:`trojanscan.classifier.check_logits`).
     """
     data_shape = dataset.input_shape
     src = dataset.source
@@ -705,15 +821,7 @@ def check_compatible(loaded: LoadedModel, dataset: ImageDataset, *, samples: int
     finally:
         for m, t in zip(module.modules(), training, strict=False):
             m.training = t
-    if not isinstance(out, torch.Tensor):
-        raise IncompatibleError(f"the model must return a logits tensor N×K, got a "
-                                f"{type(out).__name__}")
-    if out.dim() != 2 or out.shape[0] != n:
-        raise IncompatibleError(f"the model must output logits N×K, got shape "
-                                f"{tuple(out.shape)} for N={n} inputs from {src}")
-    k = int(out.shape[1])
-    if not bool(torch.isfinite(out).all()):
-        raise IncompatibleError(f"the model outputs NaN or infinite logits on {src}")
+    k = check_logits(out, n, what=f"inputs from {src}")
     if dataset.y is not None:
         need = dataset.num_classes
         if k < need:

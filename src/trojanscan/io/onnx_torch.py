@@ -700,12 +700,23 @@ SUPPORTED_OPS: frozenset[str] = frozenset({*_OPS, "Constant"})
 # ----------------------------------------------------------------------------- model
 
 
-def _attr_value(attr: Any, onnx: Any) -> Any:
+def _tensor_of(proto: Any, what: str) -> torch.Tensor:
+    """An ONNX ``TensorProto`` as a torch tensor; a ModelError when the file's tensor is
+    inconsistent (data that does not fill its dims, an undefined or text element type)."""
     from onnx import numpy_helper
 
+    try:
+        return torch.from_numpy(numpy_helper.to_array(proto).copy())
+    except Exception as exc:  # ValueError, TypeError from numpy/onnx on forged tensors
+        text = str(exc).strip().splitlines()
+        raise ModelError(f"ONNX {what} is malformed ({type(exc).__name__}: "
+                         f"{text[0][:200] if text else ''})") from exc
+
+
+def _attr_value(attr: Any, onnx: Any) -> Any:
     value = onnx.helper.get_attribute_value(attr)
     if attr.type == onnx.AttributeProto.TENSOR:
-        return torch.from_numpy(numpy_helper.to_array(value).copy())
+        return _tensor_of(value, f"attribute {attr.name!r}")
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, list):
@@ -714,11 +725,9 @@ def _attr_value(attr: Any, onnx: Any) -> Any:
 
 
 def _constant_value(node: Any, onnx: Any) -> torch.Tensor:
-    from onnx import numpy_helper
-
     for attr in node.attribute:
         if attr.name == "value":
-            return torch.from_numpy(numpy_helper.to_array(attr.t).copy())
+            return _tensor_of(attr.t, f"constant {node.name!r}")
         if attr.name == "value_float":
             return torch.tensor(attr.f, dtype=torch.float32)
         if attr.name == "value_floats":
@@ -816,11 +825,9 @@ class OnnxModule(nn.Module):
                 + f" (supported: {', '.join(sorted(SUPPORTED_OPS))})"
             )
 
-        from onnx import numpy_helper
-
         self._attr_of: dict[str, str] = {}  # ONNX value name -> attribute name on self
         for i, init in enumerate(graph.initializer):
-            tensor = torch.from_numpy(numpy_helper.to_array(init).copy())
+            tensor = _tensor_of(init, f"initializer {init.name!r}")
             self._add_constant(i, init.name, tensor)
 
         nodes: list[_Node] = []
