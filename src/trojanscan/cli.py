@@ -31,8 +31,11 @@ app = typer.Typer(
 _STATE: dict[str, Any] = {"debug": False}
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="Report folder.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same verdict).")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed, 0 to 4294967295 (2**32 - 1); "
+                                              "same seed, same verdict.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (N below the "
+                                                      "number of GPUs; cuda only where CUDA "
+                                                      "is available), mps where available.")]
 Arch = Annotated[
     str | None,
     typer.Option("--arch", help="package.module:factory building the nn.Module (for "
@@ -58,6 +61,9 @@ def _run(command: str, **options: Any) -> None:
         if exc.name == module_name:
             raise TrojanscanError(f"'{command.replace('_', '-')}' is not available yet") from exc
         raise
+    from .commands._options import check_options
+
+    options = check_options(options)  # seeds, devices, numbers: before any work starts
     if options.get("quiet"):
         from .progress import set_quiet
 
@@ -395,6 +401,24 @@ def _is_usage_error(exc: BaseException) -> bool:
     return bool(names & {"ClickException", "Abort", "TyperException"})
 
 
+def _one_line(text: str) -> str:
+    """A message on one line (the contract's one line on stderr, whatever a file held)."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or text
+
+
+def _usage_line(exc: BaseException) -> str:
+    """A usage error as one line: ``trojanscan scan: error: Missing option '--data'.
+    (see trojanscan scan --help)`` (Click prints three)."""
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "trojanscan"
+    fmt = getattr(exc, "format_message", None)
+    text = fmt() if callable(fmt) else (str(exc) or type(exc).__name__)
+    message = " ".join(str(text).split()) or type(exc).__name__
+    if type(exc).__name__ == "Abort":
+        return f"{path}: aborted"
+    return f"{path}: error: {message} (see {path} --help)"
+
+
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """Our warnings as one line on stderr (``warning: ...``); others as usual."""
@@ -421,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     except TrojanscanError as exc:
         if _STATE["debug"]:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -429,12 +453,14 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # click/typer usage errors and anything unexpected
         if _is_usage_error(exc):
             show = getattr(exc, "show", None)
-            if callable(show):
-                show()
+            if type(exc).__name__ == "NoArgsIsHelpError" and callable(show):
+                show()  # a bare group or command: its help, as before
+            else:
+                typer.echo(_usage_line(exc), err=True)
             sys.exit(2)
         if _STATE["debug"]:
             raise
-        typer.echo(f"error: internal error: {type(exc).__name__}: {exc} "
+        typer.echo(f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
                    "(run with --debug for the traceback)", err=True)
         sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)

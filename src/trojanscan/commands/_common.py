@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,23 +52,51 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``KEY=VALUE`` strings (``--param``) as detector keyword arguments.
 
     Values are read as JSON where they parse (``100``, ``0.5``, ``true``, ``null``,
-    ``[3, 5]``) and kept as strings otherwise (``max``). Keys are the detector's
-    parameter names (``trojanscan detectors --params`` lists them); unknown ones are
-    rejected by :func:`trojanscan.detectors.create`, not ignored.
+    ``[3, 5]``) and kept as strings otherwise (``max``). NaN and infinity (``NaN``,
+    ``nan``, ``inf``, ``1e999``, also inside lists) are refused. Keys are the detector's
+    parameter names (``trojanscan detectors --params`` lists them); unknown ones, and
+    values of the wrong type, are rejected by :func:`trojanscan.detectors.create`, not
+    ignored.
     """
     out: dict[str, Any] = {}
     for item in items or []:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key.isidentifier():
-            raise ParameterError(f"invalid --param {item!r}: expected KEY=VALUE, e.g. "
-                                 "blend=max")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
+        key, value = _key_value(item, item)
         out[key] = value
     return out
+
+
+def _key_value(item: str, shown: str) -> tuple[str, Any]:
+    """One ``KEY=VALUE`` of :func:`parse_params`; ``shown`` is the option as given."""
+    key, sep, raw = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise ParameterError(f"invalid --param {shown!r}: expected KEY=VALUE, e.g. "
+                             "blend=max")
+    try:
+        value: Any = json.loads(raw)
+    except (ValueError, RecursionError):
+        value = raw
+    if _non_finite(value):
+        raise ParameterError(f"invalid --param {shown!r}: expected a finite number "
+                             f"(NaN and infinity are refused), got {raw!r}")
+    return key, value
+
+
+_NON_FINITE_WORDS = frozenset({"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity",
+                               "+infinity", "-infinity"})
+
+
+def _non_finite(value: Any) -> bool:
+    """NaN or infinity, as a number or a word, anywhere in a parsed ``--param`` value."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, str):
+        return value.strip().lower() in _NON_FINITE_WORDS
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
 
 
 def parse_detector_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -88,13 +117,14 @@ def parse_detector_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
             raise ParameterError(f"invalid --param {item!r}: {name!r} is not a model-level "
                                  f"detector (one of {', '.join(sorted(model_level))})")
         accepted = registry.parameters(name)
-        for key, value in parse_params([rest]).items():
-            if key in ("seed", "device"):
-                raise ParameterError(f"invalid --param {item!r}: set {key} with --{key}")
-            if key not in accepted:
-                raise ParameterError(f"invalid --param {item!r}: {name} has no parameter "
-                                     f"{key!r}; accepted: {', '.join(accepted)}")
-            out.setdefault(name, {})[key] = value
+        key, value = _key_value(rest, item)
+        if key in ("seed", "device"):
+            raise ParameterError(f"invalid --param {item!r}: set {key} with --{key}")
+        if key not in accepted:
+            raise ParameterError(f"invalid --param {item!r}: {name} has no parameter "
+                                 f"{key!r}; accepted: {', '.join(accepted)}")
+        registry.check_params(name, {key: value})  # its type, before any work
+        out.setdefault(name, {})[key] = value
     return out
 
 

@@ -95,8 +95,9 @@ def train(
                                    "threshold and p-values. Real clean models out-score "
                                    "held-out shadows, so without them the verdict flags "
                                    "many clean models. 0: calibrate on the shadows.")] = 32,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, ...")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed, 0 to 4294967295.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
+                      ] = "auto",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Run shadow training on this Ray cluster ('auto' or "
                               "ADDRESS). Default: a local Ray started in-process when Ray "
@@ -124,7 +125,15 @@ def train(
     from ..mntd.shadows import ShadowData
     from ..progress import set_quiet
     from ..utils import pick_device
+    from ._options import check_options
 
+    device = check_options({
+        "share": share, "max_samples": max_samples, "num_shadows": num_shadows,
+        "num_val": num_val, "shadow_epochs": shadow_epochs, "meta_epochs": meta_epochs,
+        "queries": queries, "data_members": data_members, "data_query_eps": data_query_eps,
+        "query_holdout": query_holdout, "stamp_members": stamp_members,
+        "reference_models": reference_models, "seed": seed, "device": device,
+        "workers": workers})["device"]
     if quiet:
         set_quiet(True)
     if no_ray and ray_address is not None:

@@ -6,8 +6,15 @@ does not break the others.
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
+import math
+import os
+import types
+import typing
 from typing import Any
+
+import numpy as np
 
 from ..exceptions import ParameterError
 from .base import (
@@ -68,15 +75,83 @@ def parameters(name: str) -> dict[str, Any]:
             if prm.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def create(name: str, **params: Any) -> Any:
-    """Instantiate the detector ``name`` with ``params`` (unknown names: ParameterError)."""
+def _hints(name: str) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(get(name).__init__)
+    except Exception:  # an annotation that cannot be resolved here: check nothing
+        return {}
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` in words, for messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list, collections.abc.Sequence):
+        inner = [a for a in args if a is not Ellipsis]
+        if len(set(inner)) != 1:
+            return "a list"
+        each = _describe(inner[0])
+        return "a list of " + (each.split(" ", 1)[1] + "s" if each.startswith(("a ", "an "))
+                               else each)
+    return {type(None): "null", bool: "true or false", int: "an integer",
+            float: "a finite number", str: "a string"}.get(hint, getattr(hint, "__name__",
+                                                                         str(hint)))
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (what cannot be told passes)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list, collections.abc.Sequence):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_conforms, value, args))
+        inner = args[0] if args else Any
+        return all(_conforms(v, inner) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if hint is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if hint is float:
+        return (isinstance(value, (int, float, np.integer, np.floating))
+                and not isinstance(value, bool) and math.isfinite(float(value)))
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))
+    return True
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """Refuse ``params`` the detector ``name`` does not take, or whose values do not fit
+    its constructor's annotations (a string or NaN where a number goes, ...), naming
+    the parameter, what it accepts and what it got."""
     accepted = parameters(name)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        from ..exceptions import ParameterError
-
         raise ParameterError(f"{name}: unknown parameter(s) {', '.join(unknown)}; "
                              f"accepted: {', '.join(accepted)}")
+    hints = _hints(name)
+    for key, value in params.items():
+        hint = hints.get(key, Any)
+        if not _conforms(value, hint):
+            raise ParameterError(f"invalid {name}.{key}: expected {_describe(hint)}, got "
+                                 f"{value!r}")
+
+
+def create(name: str, **params: Any) -> Any:
+    """Instantiate the detector ``name`` with ``params``; unknown names and values that do
+    not fit the constructor's annotations raise a ParameterError (:func:`check_params`)."""
+    check_params(name, params)
     return get(name)(**params)
 
 
@@ -89,6 +164,7 @@ __all__ = [
     "ModelScanResult",
     "available",
     "borrow_model",
+    "check_params",
     "create",
     "get",
     "parameters",
