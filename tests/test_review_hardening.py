@@ -171,3 +171,28 @@ def test_named_pipe_as_data_is_refused_not_waited_on(tmp_path: Path) -> None:
         pytest.fail("load_dataset blocked on a named pipe")
     assert len(caught) == 1 and isinstance(caught[0], DataError), caught
     assert "not a regular file" in str(caught[0])
+
+
+# ------------------------------------------------------------------ npz ambiguity
+
+
+def test_npz_with_an_array_twice_is_refused(tmp_path: Path) -> None:
+    """numpy.load reads the last copy of a repeated member; a reader taking the first
+    would see other data than every numpy-based tool: such an archive is refused."""
+    import io
+    import zipfile
+
+    def npy(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    path = tmp_path / "dup.npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("x.npy", npy(np.zeros((6, 1, 4, 4), np.uint8)))
+            z.writestr("y.npy", npy(np.arange(6) % 2))
+            z.writestr("x.npy", npy(np.full((6, 1, 4, 4), 255, np.uint8)))
+    with pytest.raises(DataError, match="'x' twice"):
+        load_dataset(path)

@@ -84,7 +84,13 @@ class NpzReader:
         self._members: dict[str, zipfile.ZipInfo] = {}
         for info in self._zip.infolist():
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-            self._members.setdefault(key, info)
+            if key in self._members:
+                # tools disagree on which copy counts (numpy.load takes the last one):
+                # the archive would mean different data to different readers
+                self._zip.close()
+                raise DataError(f"{path}: the archive holds array {key[:100]!r} twice; "
+                                "expected one member per array (rewrite it with numpy.savez)")
+            self._members[key] = info
 
     def __enter__(self) -> NpzReader:
         return self
