@@ -196,3 +196,17 @@ def test_npz_with_an_array_twice_is_refused(tmp_path: Path) -> None:
             z.writestr("x.npy", npy(np.full((6, 1, 4, 4), 255, np.uint8)))
     with pytest.raises(DataError, match="'x' twice"):
         load_dataset(path)
+
+
+# ------------------------------------------------------------------ guard token
+
+
+def test_token_env_never_echoes_a_token_passed_by_mistake() -> None:
+    from trojanscan.serve_options import token_from_env
+
+    token = "deadbeef0123456789abcdef0123456789"  # hex: also a valid variable name
+    with pytest.raises(ParameterError) as info:
+        token_from_env(token, environ={})
+    assert token not in str(info.value) and "NAME" in str(info.value)
+    with pytest.raises(ParameterError, match="MY_GUARD_TOKEN: the environment variable is"):
+        token_from_env("MY_GUARD_TOKEN", environ={})

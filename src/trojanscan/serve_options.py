@@ -92,6 +92,10 @@ def token_from_env(name: str, environ: Mapping[str, str] | None = None) -> str:
                              "(letters, digits, '_'), not the token itself")
     value = env.get(name)
     if value is None:
+        if name != name.upper() and len(name) >= MIN_TOKEN_CHARS:
+            # not echoed: a lower-case hex token is a valid variable name too
+            raise ParameterError("--token-env: no such environment variable; it takes the "
+                                 "NAME of a variable holding the token, not the token itself")
         raise ParameterError(f"--token-env {name}: the environment variable is not set")
     return check_token(value.strip(), f"environment variable {name}")
 
