@@ -210,3 +210,18 @@ def test_token_env_never_echoes_a_token_passed_by_mistake() -> None:
     assert token not in str(info.value) and "NAME" in str(info.value)
     with pytest.raises(ParameterError, match="MY_GUARD_TOKEN: the environment variable is"):
         token_from_env("MY_GUARD_TOKEN", environ={})
+
+
+def test_report_images_folder_linked_into_an_input_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "imgs"
+    (data / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(data / "a" / "0.png")
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "images").symlink_to(data, target_is_directory=True)
+    for given in (data, data / "a" / "0.png"):
+        with pytest.raises(ParameterError, match=r"--out.*images/"):
+            check_outputs([report_folder("--out", out)], [Input("--data", given)])
+    other = tmp_path / "clean.npz"
+    other.write_bytes(b"")
+    check_outputs([report_folder("--out", out)], [Input("--data", other)])

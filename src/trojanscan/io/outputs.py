@@ -196,6 +196,13 @@ def _check_against_input(out: Output, option: str, src: Path) -> None:
         if rel and _matches(rel, out.files):
             raise _refuse(out, f"a folder where the report does not replace the {option} "
                                f"input {str(src)!r} ({never})")
+        for pat in out.files:  # a sub-folder it writes may be a symbolic link elsewhere
+            sub = out.path.expanduser() / pat.rstrip("/")
+            if not pat.endswith("/") or not os.path.lexists(sub):
+                continue
+            if _inside(src, sub) is not None or (src_is_dir and _inside(sub, src) is not None):
+                raise _refuse(out, f"a folder whose {pat} does not lead into the {option} "
+                                   f"input {str(src)!r} ({never})")
         if not src_is_dir and any(same_file(p, src) for p in _written_files(out)):
             raise _refuse(out, f"a folder where the report does not replace the {option} "
                                f"input {str(src)!r} (a hard link to it; {never})")
