@@ -225,3 +225,29 @@ def test_report_images_folder_linked_into_an_input_is_refused(tmp_path: Path) ->
     other = tmp_path / "clean.npz"
     other.write_bytes(b"")
     check_outputs([report_folder("--out", out)], [Input("--data", other)])
+
+
+def test_letter_case_of_what_a_report_writes_is_ignored(tmp_path: Path) -> None:
+    """On a case-insensitive file system OUT/Images is OUT/images: an input there would
+    receive the report's images."""
+    data = tmp_path / "Images"
+    (data / "a").mkdir(parents=True)
+    with pytest.raises(ParameterError, match="--out"):
+        check_outputs([report_folder("--out", tmp_path)], [Input("--data", data)])
+
+
+def test_folder_identity_is_checked_when_paths_differ(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two spellings of one folder that path resolution cannot equate (letter case on a
+    case-insensitive file system, a bind mount) are still one folder: simulated with a
+    symbolic link and a path resolution that does not follow links."""
+    import trojanscan.io.outputs as outputs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "alias").symlink_to(data, target_is_directory=True)
+    monkeypatch.setattr(outputs, "canonical",
+                        lambda p: Path(os.path.abspath(os.path.expanduser(os.fspath(p)))))
+    with pytest.raises(ParameterError, match="input folder"):
+        check_outputs([report_folder("--out", tmp_path / "alias" / "report")],
+                      [Input("--data", data)])

@@ -138,18 +138,36 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
 
 
 def _inside(child: Path, folder: Path) -> str | None:
-    """``child``'s path relative to ``folder`` (posix), when it lies inside it."""
+    """``child``'s path relative to ``folder`` (posix), when it lies inside it: by path,
+    else by identity of an existing ancestor of ``child`` with ``folder`` (a folder named
+    in another letter case on a case-insensitive file system, or through a bind mount)."""
     c, f = canonical(child), canonical(folder)
     if c == f:
         return ""
     try:
         return c.relative_to(f).as_posix()
     except ValueError:
+        pass
+    try:
+        target = os.stat(f)
+    except OSError:
         return None
+    for anc in (c, *c.parents):
+        try:
+            st = os.stat(anc)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return c.relative_to(anc).as_posix()
+    return None
 
 
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
+    """Whether a folder output writing ``patterns`` writes ``rel``; letter case is
+    ignored, since on a case-insensitive file system ``Images/`` is ``images/``."""
+    rel = rel.lower()
     for pat in patterns:
+        pat = pat.lower()
         if pat.endswith("/"):
             head = pat.rstrip("/")
             if rel == head or rel.startswith(head + "/"):
