@@ -156,7 +156,7 @@ def compare_with_scan(zoo: Path, out: Path, names: list[str], args: list[str],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=int, default=40)
-    ap.add_argument("--max-steps", type=int, default=2, help="Neural Cleanse steps per label")
+    ap.add_argument("--max-steps", type=int, default=20, help="Neural Cleanse steps per label")
     ap.add_argument("--order", default="1,2,2,1",
                     help="worker counts of the timed runs, in order (alternating evens out "
                          "a load that drifts)")
