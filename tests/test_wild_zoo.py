@@ -258,6 +258,7 @@ def test_ray_backend_resumes_a_finished_build(tmp_path: Path, monkeypatch: Any) 
     specs = [tiny_spec(3)]
     wild_build.build(specs, tmp_path, backend="serial")
     before = {s["name"]: s for s in zoo.load_sidecars(tmp_path)}
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # as build.run_ray starts it
     ray.init(num_cpus=1, include_dashboard=False)
     try:
         summary = wild_build.build(copy.deepcopy(specs), tmp_path, backend="ray", workers=1)

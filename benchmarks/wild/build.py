@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None,
                     help="output folder (default benchmarks/.cache/wild/<seed>[-quick])")
     ap.add_argument("--only", default=None, help="build only these pair indices (a,b,c)")
+    ap.add_argument("--manifest-only", action="store_true",
+                    help="write manifest.json from what the cache holds now; build nothing")
     args = ap.parse_args(argv)
     if args.pairs < 1 or args.workers < 1 or not 0 <= args.heldout_fraction <= 1:
         print("error: --pairs and --workers must be >= 1, --heldout-fraction in [0, 1]",
@@ -166,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         keep = {int(i) for i in args.only.split(",")}
         specs = [s for s in specs if s["index"] in keep]
+    if args.manifest_only:
+        print(f"manifest: {write_manifest(cache, specs, {'pairs': len(specs), 'partial': True})}")
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     summary = build(specs, cache, backend=args.backend, workers=args.workers,
                     address=args.address, log=lambda m: print(m, flush=True))

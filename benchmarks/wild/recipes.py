@@ -41,13 +41,13 @@ def draw_recipe(rng: np.random.Generator, family: str, arch_family: str, macs: i
     """Random settings of one recipe family, within the training budget."""
     opt, sched = family.split("_")
     if opt == "sgd":
-        lr = float(np.exp(rng.uniform(np.log(0.01), np.log(0.08))))
+        lr = float(np.exp(rng.uniform(np.log(0.02), np.log(0.1))))
         wd = float(rng.choice([0.0, 1e-4, 5e-4]))
     elif opt == "adam":
-        lr = float(np.exp(rng.uniform(np.log(3e-4), np.log(2e-3))))
+        lr = float(np.exp(rng.uniform(np.log(1e-3), np.log(3e-3))))
         wd = float(rng.choice([0.0, 0.0, 1e-5, 1e-4]))
     else:
-        lr = float(np.exp(rng.uniform(np.log(5e-4), np.log(3e-3))))
+        lr = float(np.exp(rng.uniform(np.log(1e-3), np.log(4e-3))))
         wd = float(rng.choice([0.01, 0.05, 0.1]))
     augment = str(rng.choice(["none", "none", "shift", "shift_flip"]))
     if quick:

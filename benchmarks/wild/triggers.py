@@ -66,7 +66,7 @@ def draw_trigger(rng: np.random.Generator, kind: str) -> dict[str, Any]:
                 "freq": int(rng.integers(3, 9)), "vertical": bool(rng.random() < 0.5)}
     if kind == "warp":
         return {"kind": "warp", "k": int(rng.choice([3, 4, 5])),
-                "strength": round(float(rng.uniform(1.0, 2.0)), 4),
+                "strength": round(float(rng.uniform(2.0, 4.0)), 4),
                 "grid_seed": int(rng.integers(2**31))}
     if kind in ("source_specific", "all_to_all"):
         return draw_patch(rng)

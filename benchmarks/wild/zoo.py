@@ -28,7 +28,7 @@ SCHEMA = "trojanscan-wild/1"
 ASR_MIN = 0.85
 #: a backdoored model must also have learnt the task (a constant predictor is no backdoor)
 CLEAN_ACC_MIN = 0.6
-MAX_TRIES = 3
+MAX_TRIES = 2
 #: the smallest poison rate of the small --quick zoo (few training steps)
 QUICK_RATE_FLOOR = 0.05
 #: test-split ranges: the defender's clean data, the attacker's verification, filter inputs
