@@ -229,6 +229,9 @@ def test_manifests_csv_and_jsonl_with_labels(zoo: Path, capsys: pytest.CaptureFi
     ('{"path": "c.pt", "extra": 1}\n', ".jsonl", "only the keys"),
     ("", ".csv", "header"),
     ("path\nc.pt\n", ".txt", "manifest"),
+    # a manifest travels with the models: it never chooses code (only --arch does)
+    ("path,arch\nc.pt,os:abort\n", ".csv", "taken only from --arch"),
+    ('{"path": "c.pt", "arch": "evil.py:f"}\n', ".jsonl", "taken only from --arch"),
 ])
 def test_bad_manifest_exit_2_one_line(zoo: Path, capsys: pytest.CaptureFixture[str],
                                       tmp_path: Path, content: str, suffix: str,

@@ -138,6 +138,12 @@ def _from_folder(root: Path, arch: str | None) -> list[ZooEntry]:
     return out
 
 
+def _builtin() -> list[str]:
+    from ..archs import ARCHS
+
+    return sorted(ARCHS)
+
+
 def _row_entry(manifest: Path, where: str, row: dict[str, Any], arch: str | None,
                seen: dict[Path, str]) -> ZooEntry:
     raw = row.get("path")
@@ -156,6 +162,11 @@ def _row_entry(manifest: Path, where: str, row: dict[str, Any], arch: str | None
     row_arch = row.get("arch")
     if row_arch is not None and not isinstance(row_arch, str):
         raise _bad(f"SOURCE manifest ({where})", "'arch' as text", row_arch)
+    if isinstance(row_arch, str) and row_arch.strip() and row_arch.strip() not in _builtin():
+        # a manifest travels with the models it lists: like a sidecar it never chooses code
+        raise _bad(f"SOURCE manifest ({where}) arch",
+                   f"a built-in architecture ({', '.join(_builtin())}); a "
+                   "package.module:factory is taken only from --arch", row_arch.strip()[:80])
     label = parse_label(row.get("label"), f"SOURCE manifest ({where}) label")
     rel = raw.strip() if not p.is_absolute() else p.name
     return ZooEntry(report_name(rel), full, str(full), (row_arch or "").strip() or arch, label)
