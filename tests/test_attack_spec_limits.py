@@ -35,3 +35,13 @@ def test_train_with_a_deeply_nested_spec_exits_2_one_line(capsys, tmp_path) -> N
     lines = [line for line in res.err.splitlines() if line.strip()]
     assert len(lines) == 1 and "internal error" not in res.err, res.err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_pattern_file_never_tries_the_eps_decoder(tmp_path) -> None:
+    # an EPS document named .png: Pillow would pick its EPS decoder from the bytes and try
+    # to start Ghostscript; a pattern file is decoded only as a plain raster image
+    fake = tmp_path / "trigger.png"
+    fake.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\nshowpage\n")
+    with pytest.raises(ParameterError) as info:
+        parse_attack(f"badnets:pattern={fake}")
+    assert "readable" in str(info.value) and "Ghostscript" not in str(info.value)

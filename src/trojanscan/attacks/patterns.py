@@ -50,7 +50,10 @@ def load_pattern_file(name: str, path: str) -> np.ndarray:
         else:
             from PIL import Image
 
-            with Image.open(p) as img:
+            # only the plain raster decoders: Pillow picks a decoder from the bytes,
+            # and some (EPS) start external programs
+            with Image.open(p, formats=("PNG", "JPEG", "BMP", "GIF", "WEBP",
+                                        "TIFF")) as img:
                 img = img.convert("L") if img.mode in ("1", "L", "I", "I;16", "F") else \
                     img.convert("RGB")
                 arr = np.asarray(img)
