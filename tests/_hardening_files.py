@@ -101,3 +101,14 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
                    "trojanscan.commands.demo._plan"):
         monkeypatch.setattr(target, guard(target))
     return started
+
+
+def files_fixture(name: str):  # type: ignore[no-untyped-def]
+    """A module-scoped fixture ``f``: :func:`make_files` under a fresh folder ``name``,
+    made once for the test module that assigns it (``f = files_fixture("inputs")``)."""
+
+    @pytest.fixture(scope="module")
+    def f(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+        return make_files(tmp_path_factory.mktemp(name))
+
+    return f

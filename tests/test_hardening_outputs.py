@@ -15,17 +15,14 @@ from _cli import run_cli
 from _hardening_files import (  # noqa: F401  (no_work is a fixture)
     assert_one_line_error,
     digests,
-    make_files,
+    files_fixture,
     no_work,
     tree,
 )
 from trojanscan.exceptions import ParameterError
 from trojanscan.io.outputs import Input, Output, check_outputs, report_folder
 
-
-@pytest.fixture(scope="module")
-def f(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_files(tmp_path_factory.mktemp("outputs"))
+f = files_fixture("outputs")
 
 
 def _scan(f: dict[str, Path], out: Path) -> list[str]:
@@ -145,24 +142,19 @@ def test_out_readonly_folder_refused_for_a_normal_user(
     assert no_work == []
 
 
-def test_save_data_directory_refused(f: dict[str, Path], tmp_path: Path,
-                                     no_work: list[str],  # noqa: F811
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    folder = tmp_path / "data-folder"
+@pytest.mark.parametrize(("option", "folder_name", "build"), [
+    ("--save-data", "data-folder", lambda f, d: _train(f, d / "m.pt")),
+    ("--export-clean", "clean.npz", lambda f, d: _scan_data(f, d / "rep")),
+], ids=["save-data", "export-clean"])
+def test_data_file_option_given_a_directory_refused(
+        option: str, folder_name: str, build: Callable[[dict[str, Path], Path], list[str]],
+        f: dict[str, Path], tmp_path: Path, no_work: list[str],  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / folder_name
     folder.mkdir()
-    r = run_cli(capsys, *_train(f, tmp_path / "m.pt"), "--save-data", str(folder))
-    assert_one_line_error(r, "--save-data", "existing folder")
-    assert no_work == [] and tree(tmp_path) == {"data-folder"}
-
-
-def test_export_clean_directory_refused(f: dict[str, Path], tmp_path: Path,
-                                        no_work: list[str],  # noqa: F811
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    folder = tmp_path / "clean.npz"
-    folder.mkdir()
-    r = run_cli(capsys, *_scan_data(f, tmp_path / "rep"), "--export-clean", str(folder))
-    assert_one_line_error(r, "--export-clean", "existing folder")
-    assert no_work == [] and tree(tmp_path) == {"clean.npz"}
+    r = run_cli(capsys, *build(f, tmp_path), option, str(folder))
+    assert_one_line_error(r, option, "existing folder")
+    assert no_work == [] and tree(tmp_path) == {folder_name}
 
 
 def test_train_outputs_colliding_with_each_other_refused(

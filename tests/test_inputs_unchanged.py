@@ -14,15 +14,12 @@ from _cli import run_cli
 from _hardening_files import (  # noqa: F401  (no_work is a fixture)
     assert_one_line_error,
     digests,
-    make_files,
+    files_fixture,
     no_work,
     tree,
 )
 
-
-@pytest.fixture(scope="module")
-def f(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_files(tmp_path_factory.mktemp("inputs"))
+f = files_fixture("inputs")
 
 
 def _inputs(f: dict[str, Path]) -> list[Path]:

@@ -24,7 +24,6 @@ corpus (with coverage.py) and writes ``summary.json`` beside it.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -32,20 +31,18 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
+import _harness
 import numpy as np
 
 BUDGET = str(64 << 20)
 WORK = Path(tempfile.mkdtemp(prefix="ts-fuzz-"))
-FINDINGS: Path | None = None
-_seen: set[str] = set()
+FINDINGS = _harness.Findings()
 
 
 # --------------------------------------------------------------------------- harness
@@ -82,48 +79,18 @@ def _write_case(data: bytes) -> tuple[Path, dict[str, Any]]:
     return case, kwargs
 
 
-def _record(kind: str, exc: BaseException | None, data: bytes, detail: str) -> None:
-    tb = traceback.extract_tb(exc.__traceback__) if exc is not None else []
-    frames = [f for f in tb if "trojanscan" in f.filename] or tb
-    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
-    key = f"{kind}:{type(exc).__name__ if exc else ''}:{where}"
-    if key in _seen:
-        return
-    _seen.add(key)
-    print(f"\n=== FINDING {key}: {detail[:300]}", file=sys.stderr, flush=True)
-    if FINDINGS is not None:
-        FINDINGS.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha1(data).hexdigest()[:12]
-        (FINDINGS / f"{digest}.bin").write_bytes(data)
-        with open(FINDINGS / "findings.jsonl", "a") as fh:
-            fh.write(json.dumps({"key": key, "detail": detail[:2000], "input": f"{digest}.bin",
-                                 "traceback": "".join(traceback.format_tb(exc.__traceback__))
-                                 if exc else ""}) + "\n")
-
-
 def test_one_input(data: bytes) -> None:
     from trojanscan.dataset import ImageDataset
-    from trojanscan.exceptions import TrojanscanError
     from trojanscan.io.data import load_dataset
 
     spec, kwargs = _write_case(data)
-    try:
-        ds = load_dataset(spec, **kwargs)
-    except TrojanscanError as exc:
-        msg = str(exc)
-        if not msg.strip() or "\n" in msg or "\r" in msg:
-            _record("multiline-message", exc, data, repr(msg))
-        return
-    except MemoryError as exc:
-        _record("memory", exc, data, repr(exc))
-        return
-    except Exception as exc:
-        _record("exception", exc, data, f"{type(exc).__name__}: {exc}")
+    loaded, ds = _harness.guarded(FINDINGS, data, lambda: load_dataset(spec, **kwargs))
+    if not loaded:
         return
     ok = (isinstance(ds, ImageDataset) and ds.x.dim() == 4 and len(ds) >= 1
           and float(ds.x.min()) >= 0.0 and float(ds.x.max()) <= 1.0)
     if not ok:
-        _record("invalid-dataset", None, data, f"shape {tuple(ds.x.shape)}")
+        FINDINGS.record("invalid-dataset", None, data, f"shape {tuple(ds.x.shape)}")
 
 
 # --------------------------------------------------------------------------- seeds
@@ -168,8 +135,7 @@ def seed_corpus(folder: Path) -> None:
 def fuzz(out: Path, seconds: int) -> None:
     import atheris
 
-    global FINDINGS
-    FINDINGS = out / "findings"
+    FINDINGS.folder = out / "findings"
     corpus = out / "corpus"
     with atheris.instrument_imports(include=["trojanscan.io", "trojanscan.dataset"]):
         import trojanscan.dataset
@@ -188,50 +154,19 @@ def fuzz(out: Path, seconds: int) -> None:
 
 def replay(out: Path) -> dict[str, Any]:
     """Run the corpus once under coverage.py; line/branch coverage of trojanscan/io."""
-    import coverage
-
     import trojanscan
 
-    global FINDINGS
-    FINDINGS = out / "findings-replay"
+    FINDINGS.folder = out / "findings-replay"
     src = Path(trojanscan.__file__).parent
-    cov = coverage.Coverage(branch=True, include=[str(src / "io" / "*.py"),
-                                                  str(src / "dataset.py")],
-                            omit=[str(src / "io" / "models.py"), str(src / "io" / "onnx_torch.py"),
-                                  str(src / "io" / "outputs.py")], data_file=None)
-    cov.start()
-    files = sorted((out / "corpus").iterdir())
-    for f in files:
-        test_one_input(f.read_bytes())
-    cov.stop()
-    per_file: dict[str, Any] = {}
-    totals = {"statements": 0, "missing": 0, "branches": 0, "partial_branches": 0,
-              "missing_branches": 0}
-    for name in cov.get_data().measured_files():
-        analysis = cov._analyze(name)
-        n = analysis.numbers
-        per_file[Path(name).name] = {
-            "lines": n.n_statements, "lines_hit": n.n_statements - n.n_missing,
-            "branches": n.n_branches, "branches_hit": n.n_branches - n.n_missing_branches}
-        totals["statements"] += n.n_statements
-        totals["missing"] += n.n_missing
-        totals["branches"] += n.n_branches
-        totals["missing_branches"] += n.n_missing_branches
-    return {"corpus_files": len(files), "per_file": per_file,
-            "lines": totals["statements"], "lines_hit": totals["statements"] - totals["missing"],
-            "branches": totals["branches"],
-            "branches_hit": totals["branches"] - totals["missing_branches"]}
+    return _harness.replay(out / "corpus", test_one_input,
+                           include=[src / "io" / "*.py", src / "dataset.py"],
+                           omit=[src / "io" / "models.py", src / "io" / "onnx_torch.py",
+                                 src / "io" / "outputs.py"])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=600)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fuzz"))
-    ap.add_argument("--replay", action="store_true", help="measure coverage of the corpus")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = _harness.parse_args(__doc__ or "", 600, "benchmarks/results/fuzz")
     os.environ["TROJANSCAN_MAX_DATA_BYTES"] = BUDGET
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
         sys.argv = sys.argv[:1]
         fuzz(args.out, args.seconds)
@@ -239,35 +174,17 @@ def main() -> None:
     if not args.replay:
         t0 = time.time()
         log = args.out / "fuzz.log"
-        with open(log, "w") as fh:
-            subprocess.run([sys.executable, __file__, "--child", "--seconds", str(args.seconds),
-                            "--out", str(args.out)], stdout=fh, stderr=subprocess.STDOUT,
-                           check=False)
-        text = log.read_text(errors="replace")
+        log.write_text("")
+        text = _harness.run_child(__file__, args.out, args.seconds, log)
         stats = {k: int(v) for k, v in re.findall(r"stat::(\w+):\s+(\d+)", text)}
-        last = re.findall(r"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)", text)
         run = {"engine": "atheris (libFuzzer)", "seconds": round(time.time() - t0, 1),
                "executions": stats.get("number_of_executed_units"),
                "execs_per_sec": stats.get("average_exec_per_sec"),
                "peak_rss_mb": stats.get("peak_rss_mb"),
-               "libfuzzer_cov_edges": int(last[-1][1]) if last else None,
-               "libfuzzer_features": int(last[-1][2]) if last else None,
-               "corpus_size": int(last[-1][3]) if last else None}
+               **_harness.libfuzzer_progress(text)}
         (args.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
         print(json.dumps(run, indent=2))
-    summary = {"run": json.loads((args.out / "run.json").read_text())
-               if (args.out / "run.json").exists() else None,
-               "coverage": replay(args.out)}
-    findings = args.out / "findings" / "findings.jsonl"
-    summary["findings"] = ([json.loads(line) for line in findings.read_text().splitlines()]
-                           if findings.exists() else [])
-    for item in summary["findings"]:
-        item.pop("traceback", None)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    cov = summary["coverage"]
-    print(f"coverage of trojanscan/io loaders: lines {cov['lines_hit']}/{cov['lines']}, "
-          f"branches {cov['branches_hit']}/{cov['branches']}; "
-          f"findings: {len(summary['findings'])}")
+    _harness.write_summary(args.out, replay(args.out), "trojanscan/io loaders")
 
 
 if __name__ == "__main__":

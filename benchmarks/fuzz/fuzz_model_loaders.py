@@ -33,22 +33,21 @@ then ``--replay`` measures line and branch coverage of ``trojanscan/io/models.py
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
+
+import _harness
 
 TARGETS = ((".pt", "torchscript"), (".pt", "state_dict"), (".safetensors", "safetensors"),
            (".onnx", "onnx"), ("", "any"))
@@ -56,8 +55,7 @@ SHAPE = (1, 4, 4)
 WORK = Path(tempfile.mkdtemp(prefix="ts-fuzz-models-"))
 ARCH_FILE = WORK / "tiny_arch.py"
 ARCH = f"{ARCH_FILE}:tiny"
-FINDINGS: Path | None = None
-_seen: set[str] = set()
+FINDINGS = _harness.Findings()
 
 ARCH_SOURCE = '''
 from torch import nn
@@ -71,30 +69,10 @@ def tiny() -> nn.Module:
 # --------------------------------------------------------------------------- harness
 
 
-def _record(kind: str, exc: BaseException | None, data: bytes, detail: str) -> None:
-    tb = traceback.extract_tb(exc.__traceback__) if exc is not None else []
-    frames = [f for f in tb if "trojanscan" in f.filename] or tb
-    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
-    key = f"{kind}:{type(exc).__name__ if exc else ''}:{where}"
-    if key in _seen:
-        return
-    _seen.add(key)
-    print(f"\n=== FINDING {key}: {detail[:300]}", file=sys.stderr, flush=True)
-    if FINDINGS is not None:
-        FINDINGS.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha1(data).hexdigest()[:12]
-        (FINDINGS / f"{digest}.bin").write_bytes(data)
-        with open(FINDINGS / "findings.jsonl", "a") as fh:
-            fh.write(json.dumps({"key": key, "detail": detail[:2000], "input": f"{digest}.bin",
-                                 "traceback": "".join(traceback.format_tb(exc.__traceback__))
-                                 if exc else ""}) + "\n")
-
-
 def test_one_input(data: bytes) -> None:
     import torch
 
     from trojanscan.dataset import ImageDataset
-    from trojanscan.exceptions import TrojanscanError
     from trojanscan.io.models import LoadedModel, check_compatible, load_model
 
     if not data:
@@ -103,7 +81,8 @@ def test_one_input(data: bytes) -> None:
     give_shape = (data[0] // len(TARGETS)) % 2 == 1
     path = WORK / f"model{suffix}"
     path.write_bytes(data[1:])
-    try:
+
+    def load_and_check() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = load_model(path, arch=ARCH, device="cpu",
@@ -112,17 +91,8 @@ def test_one_input(data: bytes) -> None:
             ds = ImageDataset(torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(0)),
                               None, source="fuzz")
             check_compatible(loaded, ds)
-    except TrojanscanError as exc:
-        msg = str(exc)
-        if not msg.strip() or "\n" in msg or "\r" in msg:
-            _record("multiline-message", exc, data, repr(msg))
-        return
-    except MemoryError as exc:
-        _record("memory", exc, data, repr(exc))
-        return
-    except Exception as exc:
-        _record("exception", exc, data, f"{type(exc).__name__}: {exc}")
-        return
+
+    _harness.guarded(FINDINGS, data, load_and_check)
 
 
 # --------------------------------------------------------------------------- mutator
@@ -218,8 +188,7 @@ def _instrumented_imports() -> None:
 def fuzz(out: Path, seconds: int) -> None:
     import atheris
 
-    global FINDINGS
-    FINDINGS = out / "findings"
+    FINDINGS.folder = out / "findings"
     corpus = out / "corpus"
     _instrumented_imports()
     write_arch()
@@ -234,55 +203,19 @@ def fuzz(out: Path, seconds: int) -> None:
 
 def replay(out: Path) -> dict[str, Any]:
     """Run the corpus once under coverage.py; line/branch coverage of the model loaders."""
-    import coverage
-
     import trojanscan
 
-    global FINDINGS
-    FINDINGS = out / "findings-replay"
+    FINDINGS.folder = out / "findings-replay"
     write_arch()
     src = Path(trojanscan.__file__).parent
-    cov = coverage.Coverage(branch=True, include=[str(src / "io" / "models.py"),
-                                                  str(src / "io" / "onnx_torch.py"),
-                                                  str(src / "classifier.py")], data_file=None)
-    cov.start()
-    files = sorted((out / "corpus").iterdir())
-    for f in files:
-        test_one_input(f.read_bytes())
-    cov.stop()
-    per_file: dict[str, Any] = {}
-    totals = {"statements": 0, "missing": 0, "branches": 0, "missing_branches": 0}
-    for name in cov.get_data().measured_files():
-        n = cov._analyze(name).numbers
-        per_file[Path(name).name] = {
-            "lines": n.n_statements, "lines_hit": n.n_statements - n.n_missing,
-            "branches": n.n_branches, "branches_hit": n.n_branches - n.n_missing_branches}
-        totals["statements"] += n.n_statements
-        totals["missing"] += n.n_missing
-        totals["branches"] += n.n_branches
-        totals["missing_branches"] += n.n_missing_branches
-    return {"corpus_files": len(files), "per_file": per_file,
-            "lines": totals["statements"], "lines_hit": totals["statements"] - totals["missing"],
-            "branches": totals["branches"],
-            "branches_hit": totals["branches"] - totals["missing_branches"]}
-
-
-def _run_child(out: Path, seconds: int, log: Path) -> str:
-    with open(log, "a") as fh:
-        subprocess.run([sys.executable, __file__, "--child", "--seconds", str(seconds),
-                        "--out", str(out)], stdout=fh, stderr=subprocess.STDOUT, check=False)
-    return log.read_text(errors="replace")
+    return _harness.replay(out / "corpus", test_one_input,
+                           include=[src / "io" / "models.py", src / "io" / "onnx_torch.py",
+                                    src / "classifier.py"])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=480)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fuzz-models"))
-    ap.add_argument("--replay", action="store_true", help="measure coverage of the corpus")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = _harness.parse_args(__doc__ or "", 480, "benchmarks/results/fuzz-models")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
         import torch
 
@@ -296,14 +229,13 @@ def main() -> None:
         log.write_text("")
         restarts, text = 0, ""
         while (left := args.seconds - (time.time() - t0)) > 30:
-            text = _run_child(args.out, int(left), log)
+            text = _harness.run_child(__file__, args.out, int(left), log)
             if "Done " in text.rsplit("INFO: Running with", 1)[-1]:
                 break
             restarts += 1  # a crash, hang or out-of-memory: libFuzzer stopped; go on
         text = log.read_text(errors="replace")
         stats = [dict(re.findall(r"stat::(\w+):\s+(\d+)", part))
                  for part in text.split("INFO: Running with")[1:]]
-        last = re.findall(r"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)", text)
         crashes = re.findall(r"(==\d+== ERROR: libFuzzer: [^\n]+|Test unit written to [^\n]+)",
                              text)
         run = {"engine": "atheris (libFuzzer), structure-aware ZIP mutator",
@@ -311,25 +243,11 @@ def main() -> None:
                "executions": sum(int(s.get("number_of_executed_units", 0)) for s in stats),
                "execs_per_sec": [int(s.get("average_exec_per_sec", 0)) for s in stats],
                "peak_rss_mb": max((int(s.get("peak_rss_mb", 0)) for s in stats), default=None),
-               "libfuzzer_cov_edges": int(last[-1][1]) if last else None,
-               "libfuzzer_features": int(last[-1][2]) if last else None,
-               "corpus_size": int(last[-1][3]) if last else None,
+               **_harness.libfuzzer_progress(text),
                "restarts": restarts, "libfuzzer_reports": crashes}
         (args.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
         print(json.dumps(run, indent=2))
-    summary = {"run": json.loads((args.out / "run.json").read_text())
-               if (args.out / "run.json").exists() else None,
-               "coverage": replay(args.out)}
-    findings = args.out / "findings" / "findings.jsonl"
-    summary["findings"] = ([json.loads(line) for line in findings.read_text().splitlines()]
-                           if findings.exists() else [])
-    for item in summary["findings"]:
-        item.pop("traceback", None)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    cov = summary["coverage"]
-    print(f"coverage of the model loaders: lines {cov['lines_hit']}/{cov['lines']}, "
-          f"branches {cov['branches_hit']}/{cov['branches']}; "
-          f"findings: {len(summary['findings'])}")
+    _harness.write_summary(args.out, replay(args.out), "the model loaders")
 
 
 if __name__ == "__main__":
