@@ -282,7 +282,7 @@ def test_option_errors_exit2_one_line_before_calibrating(
         (["--tls-key", str(garbage)], "needs --tls-cert"),
         (["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(garbage)], "no such"),
         (["--tls-cert", str(garbage), "--tls-key", str(garbage)], "cannot load"),
-        (["--body-timeout", "0"], "body_timeout"),
+        (["--body-timeout", "0"], "--body-timeout"),
         (["--port", "70000"], "port"),
     ]
     for extra, match in cases:

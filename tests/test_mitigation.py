@@ -203,7 +203,7 @@ def test_mitigate_refuses_to_overwrite_the_input(files: dict[str, Path],
 
 
 @pytest.mark.parametrize(("option", "value", "needle"), [
-    ("--stamp-fraction", "1.5", "stamp_fraction"), ("--dilate", "-0.1", "dilate"),
+    ("--stamp-fraction", "1.5", "stamp-fraction"), ("--dilate", "-0.1", "dilate"),
     ("--distill", "1.5", "distill"), ("--refresh", "-1", "refresh"),
     ("--unlearn-epochs", "0", "epochs"),
     ("--nc-reference", "no-such-reports", "reference")])
