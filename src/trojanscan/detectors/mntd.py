@@ -28,7 +28,7 @@ itself, each class's cost read against clean reference models; about half a seco
 small CNN on one CPU thread. ``stamp_one_class_search`` and
 ``stamp_qt_data_one_class_search`` add its z-score to ``stamp_one_class`` and
 ``stamp_qt_data_one_class`` (``stamp_one_class_search_x2``: the search weighed twice).
-``search_flow`` (beyond the paper, session 16): the same search read for where each
+``search_flow`` (beyond the paper): the same search read for where each
 class's stamped anchors went, against the reference models (no second search);
 ``stamp_one_class_search_flow`` adds both readouts, each weighed twice, to
 ``stamp_one_class``.
@@ -37,17 +37,10 @@ holds of ``stamp_one_class_search_flow`` (the shipped Fashion-MNIST one: 256 ben
 256 jumbo shadows, and 64 clean reference models), ``stamp_one_class_search_x2``,
 ``stamp_qt_data_one_class_search``,
 ``stamp_qt_data_one_class``, ``stamp_qt_data``, ``stamp_one_class``, ``qt_data`` and
-the paper's ``qt``. On
-fresh sets 23 + 24 (144 Fashion-MNIST models, docs/benchmarks/mntd.md, Session 14) AUROC
-is 0.820 (qt), 0.738 (one_class), 0.823 (qt_data), 0.882 (stamp_qt_data_one_class), 0.920
-(stamp_qt_data_one_class_search) and 0.934 (stamp_one_class_search; 0.980 on the
-backdoors that took), which flags 76% of the backdoored models at the reference threshold
-and no clean one. On fresh sets 31-34 (288 models whose backdoors the attacker verified,
-Session 15) stamp_one_class_search_x2 scores 0.935 against 0.925, flagging 76% of the
-backdoored models and 1.4% of the clean ones at the reference threshold.
-On fresh verified sets 35-38 (288 models, Session 16) stamp_one_class_search_flow scores
-0.972 (bootstrap 95% interval 0.951-0.989) against stamp_one_class_search_x2's 0.957,
-flagging 81% of the backdoored models and no clean one at the reference threshold.
+the paper's ``qt``. On 288 held-out Fashion-MNIST models whose backdoors the attacker
+verified, stamp_one_class_search_flow scores AUROC 0.972 (bootstrap 95% interval
+0.951-0.989) against 0.957 for stamp_one_class_search_x2, flagging 81% of the
+backdoored models and no clean one at the reference threshold (docs/BENCHMARKS.md).
 ``p_value``, threshold and (with reference models) score: by default (``calibration=
 "auto"``) against the raw outputs of the bundle's clean *reference* models, trained
 outside the defender's share with varied recipes (the shipped Fashion-MNIST bundle has 64),
@@ -114,17 +107,14 @@ MIXES: dict[str, tuple[str, ...]] = {
     "stamp_one_class_search_x2": (STAMP, "one_class", SEARCH),
     "stamp_one_class_search_flow": (STAMP, "one_class", SEARCH, SEARCH_FLOW),
 }
-#: a mix's named parts that weigh other than 1 (``_x2``: the search counts twice; chosen
-#: on sets 23-30 in docs/benchmarks/mntd_prereg_s15.md, question 2; ``_flow``: both
-#: readouts of the search count twice, chosen on sets 23-34 in mntd_prereg_s16.md)
+#: a mix's named parts that weigh other than 1 (``_x2``: the search counts twice;
+#: ``_flow``: both readouts of the search count twice; both chosen on development models)
 MIX_WEIGHTS: dict[str, dict[str, float]] = {
     "stamp_one_class_search_x2": {SEARCH: 2.0},
     "stamp_one_class_search_flow": {SEARCH: 2.0, SEARCH_FLOW: 2.0},
 }
-#: what ``auto`` takes: the first whose parts the bundle holds (the first was tested in
-#: docs/benchmarks/mntd_prereg_s16.md, the second in mntd_prereg_s15.md, the next two in
-#: mntd_prereg_s14.md, the fifth in mntd_prereg_s13.md, where ``stamp_one_class`` ranked
-#: next to it)
+#: what ``auto`` takes: the first whose parts the bundle holds, best first on held-out
+#: models (docs/BENCHMARKS.md)
 AUTO_ORDER = ("stamp_one_class_search_flow", "stamp_one_class_search_x2",
               "stamp_qt_data_one_class_search", "stamp_qt_data_one_class", "stamp_qt_data",
               "stamp_one_class", DATA_ENSEMBLE, "qt")

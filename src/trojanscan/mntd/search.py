@@ -18,7 +18,7 @@ class and without a target:
   each cost is read as a z-score against clean *reference* models' costs
   (:meth:`SearchProbe.fit_reference`); the raw output is the largest ``−z``.
 
-A second readout of the same search, :class:`FlowProbe` (session 16), asks *where* each
+A second readout of the same search, :class:`FlowProbe`, asks *where* each
 class went: a backdoor sends a source's stamped anchors to its target, a class clean
 models seldom reach from there (sandal from shirt), where a clean model's cheapest way
 out leads to a look-alike (T-shirt). Its response is the ``K×K`` matrix of mean class
@@ -52,7 +52,7 @@ SEARCH = "search"
 SEARCH_FLOW = "search_flow"
 #: added to each class pair's reference spread of flows (probabilities), so that a pair
 #: no clean model ever takes (spread ~0) does not turn noise into a huge z-score;
-#: chosen on seen sets 23-34 (docs/benchmarks/mntd_prereg_s16.md)
+#: chosen on development models, before held-out ones were scored
 FLOW_SPREAD_FLOOR = 0.01
 
 
