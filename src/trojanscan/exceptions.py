@@ -24,7 +24,8 @@ Hierarchy::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -100,3 +101,25 @@ def require(module: str, extra: str) -> Any:
             f"{module} is required for this feature: pip install 'trojanscan[{extra}]'"
             f" ({exc})"
         ) from exc
+
+
+def printable(text: str) -> str:
+    """``text`` on one line, safe for a terminal: characters that are not printable (line
+    breaks, escape sequences, lone surrogates from non-UTF-8 file names) as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@contextmanager
+def printable_errors() -> Iterator[None]:
+    """Re-raise a :class:`TrojanscanError` whose message quotes untrusted names (zip
+    members, ONNX operators, file names) with those names escaped onto one line."""
+    try:
+        yield
+    except TrojanscanError as exc:
+        text = str(exc)
+        shown = printable(text)
+        if shown == text:
+            raise
+        raise type(exc)(shown) from exc

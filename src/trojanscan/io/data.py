@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from ..dataset import ImageDataset
-from ..exceptions import DataError, UnknownFormatError, bad_param
+from ..exceptions import DataError, UnknownFormatError, bad_param, printable, printable_errors
 from ..utils import atomic_path, sha256_file, sha256_tree
 from . import idx as idx_io
 from .images import IMAGE_EXTENSIONS, read_image_folder
@@ -230,14 +230,6 @@ def labels_to_tensor(y: np.ndarray, n: int, *, name: str) -> torch.Tensor:
     if (big := np.flatnonzero(y > MAX_CLASS_INDEX)).size:
         raise _label_out_of_range(int(y[big[0]]), int(big[0]), name=name)
     return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-
-
-def printable(text: str) -> str:
-    """``text`` on one line, safe for a terminal: characters that are not printable (line
-    breaks, escape sequences, lone surrogates from non-UTF-8 file names) as escapes."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _combined_sha256(digests: dict[str, str]) -> str:
@@ -526,14 +518,8 @@ def load_dataset(spec: str | os.PathLike[str], *, need_labels: bool = True,
     source = os.fspath(spec)
     if not isinstance(source, str) or not source.strip():
         raise DataError(f"no data given (got {spec!r}); expected " + "; ".join(_FORMATS))
-    try:
+    with printable_errors():
         ds = _load(source, need_labels, lim)
-    except DataError as exc:
-        text = str(exc)
-        shown = printable(text)
-        if shown == text:
-            raise
-        raise type(exc)(shown) from exc
     if need_labels:
         ds.labels()
         if min_classes > 1:

@@ -48,6 +48,7 @@ from ..exceptions import (
     UnknownFormatError,
     UnsafeModelError,
     bad_param,
+    printable_errors,
     require,
 )
 from ..utils import pick_device, sha256_file
@@ -694,20 +695,9 @@ def load_model(path: str | os.PathLike[str], *, arch: str | None = None,
     names taken from the file (keys, ONNX value names) have their control characters
     escaped.
     """
-    try:
+    with printable_errors():
         return _load_model(Path(path), arch=arch, trust_pickle=trust_pickle, device=device,
                            input_shape=input_shape, num_classes=num_classes)
-    except TrojanscanError as exc:
-        text = str(exc)
-        clean = _printable(text)
-        if clean == text:
-            raise
-        raise type(exc)(clean) from exc
-
-
-def _printable(text: str) -> str:
-    """``text`` with newlines and other control characters escaped (``\\n``)."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _load_model(p: Path, *, arch: str | None, trust_pickle: bool,
