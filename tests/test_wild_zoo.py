@@ -302,3 +302,57 @@ def test_run_plans_whole_pairs_at_every_level() -> None:
                     ("scan-data", "w000-clean"), ("filter", "w000-bd"),
                     ("scan", "w002-bd"), ("scan", "w002-clean"), ("scan-data", "w002-bd"),
                     ("filter", "w002-bd")]
+
+
+def test_escalation_stays_inside_the_families() -> None:
+    rng = np.random.default_rng(5)
+    for kind in triggers.TRIGGER_KINDS:
+        for _ in range(5):
+            attack = {"kind": kind, "trigger": triggers.draw_trigger(rng, kind),
+                      **triggers.attack_labels(kind, rng),
+                      "poison_rate": triggers.draw_rate(rng, kind)}
+            up = triggers.escalate(kind, attack)
+            _, hi = triggers.RATE_RANGES.get(kind, triggers.DEFAULT_RATE_RANGE)
+            assert attack["poison_rate"] <= up["poison_rate"] <= max(hi, attack["poison_rate"])
+            assert up["escalated_from"]["trigger"] == attack["trigger"]
+            assert triggers.trigger_mask(up["trigger"]).tolist() == \
+                triggers.trigger_mask(attack["trigger"]).tolist()  # same place, same shape
+            t = up["trigger"]
+            if t["kind"] == "blend":
+                assert attack["trigger"]["alpha"] <= t["alpha"] <= 0.3
+            if t["kind"] == "warp":
+                assert attack["trigger"]["strength"] <= t["strength"] <= 4.0
+            for p in t.get("triggers", [t]):
+                if p["kind"] == "patch":
+                    assert (p["hi"], p["lo"]) == (255, 0)
+
+
+@needs_data
+def test_a_shorter_failure_record_resumes_at_the_escalated_try(tmp_path: Path,
+                                                               monkeypatch: Any) -> None:
+    spec = tiny_spec(4, rate=0.1)
+    name = zoo.pair_name(spec)
+    earlier = [{"seed": zoo.try_spec(spec, t)[1], "clean_acc": 0.8, "asr": [0.1]}
+               for t in range(zoo.MAX_TRIES - 1)]
+    zoo.write_json(tmp_path / "failures" / f"{name}.json", {"pair": name, "spec": spec,
+                                                            "tries": earlier})
+    seen: list[dict[str, Any]] = []
+
+    def train(used: dict[str, Any], seed: int, backdoored: bool, *a: Any, **k: Any) -> Any:
+        seen.append({"attack": used["attack"], "seed": seed, "bd": backdoored})
+        return real(used, seed, backdoored, *a, **k)
+
+    real = zoo.train_one
+    monkeypatch.setattr(zoo, "train_one", train)
+    rec = zoo.build_pair(spec, tmp_path)
+    assert not rec["failed"], rec
+    assert [s["bd"] for s in seen] == [True, False]  # only the last try, then the partner
+    assert "escalated_from" in seen[0]["attack"]
+    assert seen[0]["seed"] == zoo.try_spec(spec, zoo.MAX_TRIES - 1)[1]
+    assert not (tmp_path / "failures" / f"{name}.json").exists()
+    side = json.loads((tmp_path / "models" / f"{name}-bd.json").read_text())
+    assert side["tries"][:-1] == earlier and side["tries"][-1]["escalated"]
+    assert side["attack"]["poison_rate"] == seen[0]["attack"]["poison_rate"]
+    assert side["spec_hash"] == zoo.spec_hash(spec)
+    x, _ = zoo.training_set(side)  # regenerates the escalated poisoned set, hash-checked
+    assert len(x) == spec["recipe"]["subset"]

@@ -85,6 +85,33 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
                 or a["left"] + a["size"] <= b["left"] or b["left"] + b["size"] <= a["left"])
 
 
+def escalate(kind: str, attack: dict[str, Any]) -> dict[str, Any]:
+    """The attack an attacker tries last when a backdoor did not take: the same trigger
+    kind, placement and pattern, at twice the poison rate (within the kind's range) and the
+    trigger's strongest form inside its family — patches at full contrast (0/255), blends
+    at 1.5× α (≤ 0.3), SIG at the largest amplitude, warps at 1.25× strength (≤ 4)."""
+    _, rate_hi = RATE_RANGES.get(kind, DEFAULT_RATE_RANGE)
+
+    def strongest(t: dict[str, Any]) -> dict[str, Any]:
+        if t["kind"] == "patch":
+            return {**t, "hi": 255, "lo": 0}
+        if t["kind"] == "blend":
+            return {**t, "alpha": round(min(0.3, t["alpha"] * 1.5), 4)}
+        if t["kind"] == "sig":
+            return {**t, "delta": 40}
+        if t["kind"] == "warp":
+            return {**t, "strength": round(min(4.0, t["strength"] * 1.25), 4)}
+        if t["kind"] == "multi":
+            return {**t, "triggers": [strongest(u) for u in t["triggers"]]}
+        raise ValueError(f"unknown trigger {t['kind']!r}")
+
+    return {**attack, "trigger": strongest(attack["trigger"]),
+            "poison_rate": round(min(rate_hi, max(attack["poison_rate"],
+                                                  2 * attack["poison_rate"])), 5),
+            "escalated_from": {"poison_rate": attack["poison_rate"],
+                               "trigger": attack["trigger"]}}
+
+
 def draw_rate(rng: np.random.Generator, kind: str, floor: float = 0.0) -> float:
     """A poison rate, log-uniform within the kind's range (all inside 0.3–10%), raised to
     ``floor`` where that is higher (the small ``--quick`` zoo)."""

@@ -28,7 +28,9 @@ SCHEMA = "trojanscan-wild/1"
 ASR_MIN = 0.85
 #: a backdoored model must also have learnt the task (a constant predictor is no backdoor)
 CLEAN_ACC_MIN = 0.6
-MAX_TRIES = 2
+#: tries per backdoor: the drawn attack, the same attack with a new seed, then the drawn
+#: attack escalated (:func:`triggers.escalate`) with a third seed
+MAX_TRIES = 3
 #: the smallest poison rate of the small --quick zoo (few training steps)
 QUICK_RATE_FLOOR = 0.05
 #: test-split ranges: the defender's clean data, the attacker's verification, filter inputs
@@ -206,9 +208,12 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
 
 
 def _sidecar(spec: dict[str, Any], name: str, partner: str, backdoored: bool, seed: int,
-             facts: dict[str, Any], tries: list[dict[str, Any]], model: torch.nn.Module
-             ) -> dict[str, Any]:
-    a = spec["attack"]
+             facts: dict[str, Any], tries: list[dict[str, Any]], model: torch.nn.Module,
+             used: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``spec`` names the pair; ``used`` (default ``spec``) is what was trained, which
+    differs only in the attack when the last, escalated try took."""
+    used = used or spec
+    a = used["attack"]
     fam = spec["families"]
     attack = None
     if backdoored:
@@ -240,8 +245,16 @@ def _sidecar(spec: dict[str, Any], name: str, partner: str, backdoored: bool, se
                         "verify": list(VERIFY_QUICK if spec["quick"] else VERIFY),
                         "filter_triggered": list(FILTER_TRIGGERED),
                         "filter_clean": list(FILTER_CLEAN)},
-        "weights_sha256": weights_sha256(model), "spec": spec,
+        "weights_sha256": weights_sha256(model), "spec": used,
     }
+
+
+def try_spec(spec: dict[str, Any], t: int) -> tuple[dict[str, Any], int]:
+    """The spec and seed of try ``t`` (0-based) of a pair's backdoored model."""
+    seed = (spec["seed"] + 7919 * t) % 2**31
+    if t < MAX_TRIES - 1:
+        return spec, seed
+    return {**spec, "attack": triggers.escalate(spec["attack"]["kind"], spec["attack"])}, seed
 
 
 def build_pair(spec: dict[str, Any], cache: Path, device: torch.device | None = None,
@@ -250,8 +263,9 @@ def build_pair(spec: dict[str, Any], cache: Path, device: torch.device | None = 
 
     The backdoored model is kept only if every trigger's ASR is ≥ :data:`ASR_MIN`; otherwise
     it (or one whose clean accuracy is below :data:`CLEAN_ACC_MIN`) is retrained with a new
-    seed (same poison rate), up to :data:`MAX_TRIES` times, and a
-    pair that never takes is recorded under ``failures/`` and gets no partner."""
+    seed (same attack), then once more with the attack escalated (:func:`try_spec`), and a
+    pair that never takes is recorded under ``failures/`` and gets no partner. A failure
+    recorded with fewer tries than :data:`MAX_TRIES` resumes at the next try."""
     device = device or default_device()
     cache = Path(cache)
     models = cache / "models"
@@ -260,26 +274,32 @@ def build_pair(spec: dict[str, Any], cache: Path, device: torch.device | None = 
     fail_path = cache / "failures" / f"{name}.json"
     record: dict[str, Any] = {"pair": name, "trained": [], "skipped": [], "failed": False,
                               "cpu_s": 0.0, "wall_s": 0.0}
+    prior: list[dict[str, Any]] = []
     if fail_path.exists():
-        record.update(failed=True, skipped=[name])
-        return record
+        prior = json.loads(fail_path.read_text())["tries"]
+        if len(prior) >= MAX_TRIES:
+            record.update(failed=True, skipped=[name])
+            return record
     bd_json = models / f"{bd_name}.json"
     t0, c0 = time.perf_counter(), time.process_time()
     if bd_json.exists() and (models / f"{bd_name}.pt").exists():
         bd = json.loads(bd_json.read_text())
         record["skipped"].append(bd_name)
     else:
-        tries: list[dict[str, Any]] = []
+        tries: list[dict[str, Any]] = list(prior)
         bd = None
-        for t in range(MAX_TRIES):
-            seed = (spec["seed"] + 7919 * t) % 2**31
-            model, facts = train_one(spec, seed, True, device, max_steps)
+        for t in range(len(prior), MAX_TRIES):
+            used, seed = try_spec(spec, t)
+            model, facts = train_one(used, seed, True, device, max_steps)
             tries.append({"seed": seed, "clean_acc": round(facts["clean_acc"], 5),
-                          "asr": [round(v, 5) for v in facts["asr"]]})
+                          "asr": [round(v, 5) for v in facts["asr"]],
+                          **({"escalated": True} if used is not spec else {})})
             if min(facts["asr"]) >= ASR_MIN and facts["clean_acc"] >= CLEAN_ACC_MIN:
-                bd = _sidecar(spec, bd_name, clean_name, True, seed, facts, tries, model)
+                bd = _sidecar(spec, bd_name, clean_name, True, seed, facts, tries, model,
+                              used)
                 save_model(model, models / f"{bd_name}.pt")
                 write_json(bd_json, bd)
+                fail_path.unlink(missing_ok=True)  # an older, shorter failure record
                 break
         record["trained"].append(bd_name)
         if bd is None:
