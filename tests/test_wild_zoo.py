@@ -356,3 +356,35 @@ def test_a_shorter_failure_record_resumes_at_the_escalated_try(tmp_path: Path,
     assert side["spec_hash"] == zoo.spec_hash(spec)
     x, _ = zoo.training_set(side)  # regenerates the escalated poisoned set, hash-checked
     assert len(x) == spec["recipe"]["subset"]
+
+
+@needs_data
+def test_scan_level_runs_through_scan_zoo(tmp_path: Path) -> None:
+    """The scan level is one real ``trojanscan scan-zoo`` run over a manifest with the
+    ground truth; every job then reads its model's report from scan-zoo's folder."""
+    from benchmarks.wild import run
+
+    cache = tmp_path / "zoo"
+    spec = tiny_spec(2, rate=0.1)
+    assert not zoo.build_pair(spec, cache)["failed"]
+    sides = zoo.load_sidecars(cache)
+    clean = zoo.write_defender_clean(tmp_path / "clean.npz")
+    work = tmp_path / "work"
+    jobs = [run.Job("scan", "mntd_only", ["--detectors", "mntd"], s, cache, work, clean, 600)
+            for s in sides]
+    run.run_scan_zoo(jobs, work, clean, 0, 600)
+    manifest = (work / "scan.mntd_only.manifest.csv").read_text().splitlines()
+    assert manifest[0] == "path,label" and len(manifest) == 3
+    summary = json.loads((work / "scan.mntd_only" / "zoo.json").read_text())["summary"]
+    assert summary.get("auroc") is not None  # the labels reached scan-zoo
+    rows = {r["model"]: r for r in (j.run() for j in jobs)}
+    assert set(rows) == {s["name"] for s in sides}
+    for s in sides:
+        r = rows[s["name"]]
+        assert "error" not in r, r
+        assert r["verdict"] in ("backdoored", "clean") and isinstance(r["score"], float)
+        assert r["backdoored"] == s["backdoored"] and "mntd" in r["detectors"]
+    again = [run.Job("scan", "mntd_only", ["--detectors", "mntd"], s, cache, work, clean, 600)
+             for s in sides]
+    run.run_scan_zoo(again, work, clean, 0, 600)
+    assert all(j.zoo_facts["reused"] for j in again)  # scan-zoo kept the finished reports

@@ -3,11 +3,13 @@
 ``python -m benchmarks.wild.run --zoo CACHE --name NAME [--split heldout] [--levels
 scan,scan-data,filter] [--pairs N] [--data-sets P,C] [--workers 2]``
 
-For each selected pair it runs, each in its own subprocess with default settings and one
-thread (``OMP_NUM_THREADS=1``), as a user would:
+For each selected pair it runs, with default settings and one thread per process
+(``OMP_NUM_THREADS=1``), as a user would:
 
-- ``python -m trojanscan scan MODEL --data clean.npz --out DIR --seed 0 --quiet`` on the
-  backdoored model and its clean partner;
+- ``python -m trojanscan scan-zoo MANIFEST --data clean.npz --out DIR --workers W --seed 0
+  --quiet`` once per variant over the backdoored models and their clean partners (each
+  model scanned exactly as ``scan`` would; the manifest carries the ground truth, so
+  ``DIR/zoo.html`` has the ROC curve; a rerun keeps finished models' reports);
 - ``python -m trojanscan scan-data train.npz --model MODEL ...`` on the backdoored model's
   regenerated poisoned training set and (for the first C pairs) on the clean partner's;
 - ``python -m trojanscan filter MODEL inputs.npz --calibrate clean.npz ...`` on the
@@ -16,6 +18,8 @@ thread (``OMP_NUM_THREADS=1``), as a user would:
 A named alternative setting adds runs: ``--variant LEVEL:NAME:ARGS`` (e.g.
 ``filter:strip_max:--param blend=max``). Work folders live under ``--work`` (default
 ``benchmarks/.cache/wild-runs/NAME``); a job whose ``report.json`` exists is not rerun.
+The ``scan`` level runs first (scan-zoo spreads it over ``--workers`` Ray workers), then
+the other levels on a pool of ``--workers`` threads.
 Writes ``benchmarks/results/wild/NAME.json`` and ``NAME.md`` (per family and overall)."""
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class Job:
         self.model = zoo_dir / "models" / side["model_file"]
         self.dir = work / f"{level}.{variant}" / side["name"]
         self.clean_npz, self.timeout = clean_npz, timeout
+        #: what ``scan-zoo`` said of this model (scan level only; see :func:`run_scan_zoo`)
+        self.zoo_facts: dict[str, Any] = {}
 
     @property
     def key(self) -> str:
@@ -88,9 +94,7 @@ class Job:
         facts: dict[str, Any] = {"reused": report.exists()}
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         if self.level == "scan":
-            if not report.exists():
-                facts.update(run_cli(["scan", str(self.model), "--data", str(self.clean_npz),
-                                      *self.extra], self.dir, self.timeout))
+            facts.update(self.zoo_facts)
         elif self.level == "scan-data":
             train = self.dir.parent / f".{self.side['name']}.train.npz"
             if not report.exists():
@@ -156,6 +160,40 @@ class Job:
             row.update(far=far, frr=frr, frr_measured_calibration=rep.get("frr_measured"),
                        n_triggered=int(truth.sum()), n_clean=int((~truth).sum()))
         return row
+
+
+def run_scan_zoo(jobs: list[Job], work: Path, clean_npz: Path, workers: int,
+                 timeout: float) -> None:
+    """The scan level, one ``trojanscan scan-zoo`` run per variant over its models.
+
+    Writes ``WORK/scan.VARIANT.manifest.csv`` (absolute model path, label), runs scan-zoo
+    into ``WORK/scan.VARIANT`` and points each job at its model's report there."""
+    groups: dict[str, list[Job]] = defaultdict(list)
+    for j in jobs:
+        if j.level == "scan":
+            groups[j.variant].append(j)
+    for variant, js in groups.items():
+        out = work / f"scan.{variant}"
+        manifest = work / f"scan.{variant}.manifest.csv"
+        work.mkdir(parents=True, exist_ok=True)
+        manifest.write_text("path,label\n" + "".join(
+            f"{j.model.resolve()},{int(j.side['backdoored'])}\n" for j in js))
+        facts = run_cli(["scan-zoo", str(manifest), "--data", str(clean_npz), "--workers",
+                         str(workers), "--model-timeout", str(timeout), *js[0].extra],
+                        out, timeout * len(js))
+        zoo_json = out / "zoo.json"
+        rows = json.loads(zoo_json.read_text())["models"] if zoo_json.exists() else []
+        by_path = {str(Path(r["path"]).resolve()): r for r in rows}
+        for j in js:
+            r = by_path.get(str(j.model.resolve()))
+            if r is None:
+                j.zoo_facts = {"rc": facts["rc"], "cmd": facts["cmd"],
+                               "stderr": facts["stderr"] or "not in zoo.json"}
+                continue
+            j.dir = out / "models" / r["name"]
+            j.zoo_facts = {"rc": facts["rc"], "cmd": facts["cmd"], "wall_s": r["seconds"],
+                           "reused": bool(r.get("resumed")),
+                           "stderr": r.get("error") or "no report"}
 
 
 def select(sides: list[dict[str, Any]], split: str, pairs: int | None
@@ -382,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(chosen)} pairs, {len(jobs)} jobs, {args.workers} workers", flush=True)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    run_scan_zoo(jobs, work, clean_npz, args.workers, args.timeout)
     with ThreadPoolExecutor(args.workers) as pool:
         futs = {pool.submit(j.run): j for j in jobs}
         for fut in as_completed(futs):
