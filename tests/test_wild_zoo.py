@@ -180,6 +180,8 @@ def test_asr_verification_rejects_a_backdoor_that_did_not_take(tmp_path: Path,
     counter = Counting(zoo.train_one)
     monkeypatch.setattr(zoo, "train_one", counter)
     spec = tiny_spec(0, rate=1e-4)  # one poisoned sample in 2,000: the trigger cannot take
+    # ... even escalated, when the family's largest rate is that small too
+    monkeypatch.setattr(triggers, "DEFAULT_RATE_RANGE", (5e-5, 1e-4))
     rec = zoo.build_pair(spec, tmp_path)
     assert rec["failed"] and counter.calls == zoo.MAX_TRIES
     tries = rec["tries"]
@@ -312,8 +314,10 @@ def test_escalation_stays_inside_the_families() -> None:
                       **triggers.attack_labels(kind, rng),
                       "poison_rate": triggers.draw_rate(rng, kind)}
             up = triggers.escalate(kind, attack)
+            top = triggers.escalate(kind, attack, 2)
             _, hi = triggers.RATE_RANGES.get(kind, triggers.DEFAULT_RATE_RANGE)
-            assert attack["poison_rate"] <= up["poison_rate"] <= max(hi, attack["poison_rate"])
+            assert attack["poison_rate"] <= up["poison_rate"] <= top["poison_rate"] == hi
+            assert top["escalated_from"]["level"] == 2
             assert up["escalated_from"]["trigger"] == attack["trigger"]
             assert triggers.trigger_mask(up["trigger"]).tolist() == \
                 triggers.trigger_mask(attack["trigger"]).tolist()  # same place, same shape

@@ -85,31 +85,38 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
                 or a["left"] + a["size"] <= b["left"] or b["left"] + b["size"] <= a["left"])
 
 
-def escalate(kind: str, attack: dict[str, Any]) -> dict[str, Any]:
-    """The attack an attacker tries last when a backdoor did not take: the same trigger
-    kind, placement and pattern, at twice the poison rate (within the kind's range) and the
-    trigger's strongest form inside its family — patches at full contrast (0/255), blends
-    at 1.5× α (≤ 0.3), SIG at the largest amplitude, warps at 1.25× strength (≤ 4)."""
+def escalate(kind: str, attack: dict[str, Any], level: int = 1) -> dict[str, Any]:
+    """The attack an attacker tries when a backdoor did not take: the same trigger kind,
+    placement and pattern, made stronger inside its family.
+
+    Level 1: twice the poison rate (within the kind's range); patches at full contrast
+    (0/255), blends at 1.5× α (≤ 0.3), SIG at its largest amplitude, warps at 1.25×
+    strength (≤ 4). Level 2: the kind's largest poison rate, patches at full contrast,
+    blends at α 0.3, SIG at its largest amplitude, warps at strength 4."""
+    if level not in (1, 2):
+        raise ValueError(f"escalation level must be 1 or 2, got {level}")
     _, rate_hi = RATE_RANGES.get(kind, DEFAULT_RATE_RANGE)
 
     def strongest(t: dict[str, Any]) -> dict[str, Any]:
         if t["kind"] == "patch":
             return {**t, "hi": 255, "lo": 0}
         if t["kind"] == "blend":
-            return {**t, "alpha": round(min(0.3, t["alpha"] * 1.5), 4)}
+            return {**t, "alpha": 0.3 if level == 2 else round(min(0.3, t["alpha"] * 1.5), 4)}
         if t["kind"] == "sig":
             return {**t, "delta": 40}
         if t["kind"] == "warp":
-            return {**t, "strength": round(min(4.0, t["strength"] * 1.25), 4)}
+            return {**t, "strength": 4.0 if level == 2
+                    else round(min(4.0, t["strength"] * 1.25), 4)}
         if t["kind"] == "multi":
             return {**t, "triggers": [strongest(u) for u in t["triggers"]]}
         raise ValueError(f"unknown trigger {t['kind']!r}")
 
+    rate = attack["poison_rate"]
+    up = rate_hi if level == 2 else min(rate_hi, 2 * rate)
     return {**attack, "trigger": strongest(attack["trigger"]),
-            "poison_rate": round(min(rate_hi, max(attack["poison_rate"],
-                                                  2 * attack["poison_rate"])), 5),
-            "escalated_from": {"poison_rate": attack["poison_rate"],
-                               "trigger": attack["trigger"]}}
+            "poison_rate": round(max(rate, up), 5),
+            "escalated_from": {"poison_rate": rate, "trigger": attack["trigger"],
+                               **({"level": 2} if level == 2 else {})}}
 
 
 def draw_rate(rng: np.random.Generator, kind: str, floor: float = 0.0) -> float:

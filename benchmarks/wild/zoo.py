@@ -29,8 +29,10 @@ ASR_MIN = 0.85
 #: a backdoored model must also have learnt the task (a constant predictor is no backdoor)
 CLEAN_ACC_MIN = 0.6
 #: tries per backdoor: the drawn attack, the same attack with a new seed, then the drawn
-#: attack escalated (:func:`triggers.escalate`) with a third seed
-MAX_TRIES = 3
+#: attack escalated (:func:`triggers.escalate`, level 1, then level 2), each with a new seed
+MAX_TRIES = 4
+#: the first try that escalates the attack
+FIRST_ESCALATED = 2
 #: the smallest poison rate of the small --quick zoo (few training steps)
 QUICK_RATE_FLOOR = 0.05
 #: test-split ranges: the defender's clean data, the attacker's verification, filter inputs
@@ -252,9 +254,11 @@ def _sidecar(spec: dict[str, Any], name: str, partner: str, backdoored: bool, se
 def try_spec(spec: dict[str, Any], t: int) -> tuple[dict[str, Any], int]:
     """The spec and seed of try ``t`` (0-based) of a pair's backdoored model."""
     seed = (spec["seed"] + 7919 * t) % 2**31
-    if t < MAX_TRIES - 1:
+    if t < FIRST_ESCALATED:
         return spec, seed
-    return {**spec, "attack": triggers.escalate(spec["attack"]["kind"], spec["attack"])}, seed
+    level = t - FIRST_ESCALATED + 1
+    return {**spec, "attack": triggers.escalate(spec["attack"]["kind"], spec["attack"],
+                                                level)}, seed
 
 
 def build_pair(spec: dict[str, Any], cache: Path, device: torch.device | None = None,
@@ -263,7 +267,7 @@ def build_pair(spec: dict[str, Any], cache: Path, device: torch.device | None = 
 
     The backdoored model is kept only if every trigger's ASR is ≥ :data:`ASR_MIN`; otherwise
     it (or one whose clean accuracy is below :data:`CLEAN_ACC_MIN`) is retrained with a new
-    seed (same attack), then once more with the attack escalated (:func:`try_spec`), and a
+    seed (same attack), then with the attack escalated twice (:func:`try_spec`), and a
     pair that never takes is recorded under ``failures/`` and gets no partner. A failure
     recorded with fewer tries than :data:`MAX_TRIES` resumes at the next try."""
     device = device or default_device()
