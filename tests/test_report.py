@@ -67,8 +67,7 @@ def test_failed_write_leaves_previous_report(tmp_path: Path, monkeypatch) -> Non
     before = (tmp_path / "r" / "report.json").read_text()
     rep = _scan_report(tmp_path)
     rep.set(verdict="clean", bad=float("nan"))
-    monkeypatch.setattr("trojanscan.report._jsonable", lambda d: d)  # let NaN through
-    monkeypatch.setattr("trojanscan.report.json_safe", lambda d: d)
+    monkeypatch.setattr("trojanscan.reports.report.to_json", lambda d: d)  # let NaN through
     with pytest.raises(ValueError):
         rep.write(seconds=1.0)
     assert (tmp_path / "r" / "report.json").read_text() == before

@@ -15,6 +15,7 @@ Hierarchy::
     │   ├── IncompatibleError            model and data (or meta-classifier) disagree
     │   │   └── NotAClassifierError      (also one: the model cannot serve the command)
     │   └── ParameterError               a setting is out of range / unknown
+    │       └── NotFittedError           a detector is used before ``fit``
     ├── DependencyError                  an optional extra is not installed
     └── DetectorNotApplicable            a detector cannot run on this model/data
                                          (reported in the scan, never fatal there)
@@ -65,6 +66,10 @@ class NotAClassifierError(ModelError, IncompatibleError):
 
 class ParameterError(InputError, ValueError):
     """A parameter is out of range or unknown."""
+
+
+class NotFittedError(ParameterError, AttributeError):
+    """A detector's learned state is read before ``fit`` has run (as scikit-learn's)."""
 
 
 class DependencyError(TrojanscanError, ImportError):

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .classifier import model_device
 from .exceptions import ModelError, TrojanscanError, bad_param
 from .io.onnx_torch import OnnxModule
 from .utils import batches
@@ -309,12 +310,6 @@ def forward_with_features(model: Any, x: torch.Tensor, *, layer: str = PENULTIMA
     return FeatureModel(model, layer)(x)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:0`` are the same device here."""
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
@@ -336,7 +331,7 @@ def logits_and_features(model: Any, x: Any, *, layer: str = PENULTIMATE,
         raise bad_param("x", "a non-empty tensor N×C×H×W", got)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise bad_param("batch_size", "a positive integer", batch_size)
-    here = _model_device(fm.model)
+    here = model_device(fm.model)
     dev = here if device is None else torch.device(device)
     if _same_device(here, dev):
         dev = here  # inputs go exactly where the model is

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .attacks.metrics import checked_logits, model_device
+from .attacks.metrics import checked_logits
+from .classifier import borrow_model, freeze, model_device
 from .dataset import ImageDataset
-from .detectors._nc_reverse import stamp
-from .detectors.base import _jsonable, borrow_model
 from .exceptions import DataError, ModelError, bad_param
+from .maths.triggers import stamp
 from .progress import progress
+from .results import to_json
 from .utils import batches, pick_device, seed_everything
 
 
@@ -145,7 +146,7 @@ def refine_trigger(net: nn.Module, x: torch.Tensor, trigger: Trigger, *, steps: 
     ``{0 ≤ m ≤ 1, Σm ≤ budget}`` (:func:`project_mask`). ``net`` is left in the mode it
     was in, its parameters untouched.
     """
-    dev = next(net.parameters()).device
+    dev = model_device(net)
     was_training = net.training
     net.eval()
     with torch.enable_grad():  # callers may be under no_grad
@@ -203,9 +204,7 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
     net = net.to(dev)
     teacher: nn.Module | None = None
     if cfg.distill > 0:
-        teacher = copy.deepcopy(net).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher = freeze(copy.deepcopy(net))
     params = list(net.parameters())
     if not params:
         raise ModelError("the model has no parameters to fine-tune")
@@ -271,10 +270,7 @@ def unlearn(model: nn.Module, clean: ImageDataset, triggers: Sequence[Trigger], 
                 opt.step()
                 sched.step()
                 bar.advance()
-    net.eval()
-    for p in params:
-        p.requires_grad_(False)
-    return net.cpu()
+    return freeze(net).cpu()
 
 
 @torch.no_grad()
@@ -320,7 +316,7 @@ class MitigationResult:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({
+        return to_json({
             "labels": list(self.labels),
             "clean_accuracy_before": self.clean_accuracy_before,
             "clean_accuracy_after": self.clean_accuracy_after,

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from . import detectors as registry
+from .classifier import check_classifier, known_classifier
 from .dataset import ImageDataset
-from .detectors.base import ModelScanResult
 from .exceptions import DetectorNotApplicable, ParameterError
 from .maths.fusion import Evidence, Fused, fuse
+from .results import ModelScanResult
 
 #: model-level detectors run by default, in this order
 DEFAULT_MODEL_DETECTORS = ("neural_cleanse", "mntd")
@@ -76,11 +77,27 @@ def scan_model(
     alpha: float = 0.05,
     detector_params: dict[str, dict[str, Any]] | None = None,
 ) -> ScanResult:
-    """Run model-level detectors on ``model`` with clean data ``clean`` and fuse them."""
+    """Run model-level detectors on ``model`` with clean data ``clean`` and fuse them.
+
+    The model is checked once (:func:`trojanscan.classifier.check_classifier`); the
+    detectors reuse that answer instead of probing it again.
+    """
     if not 0.0 < alpha < 1.0:
         raise ParameterError(f"invalid alpha: expected a float in (0, 1), got {alpha!r}")
     names = parse_detectors(detectors, "model")
-    explicit = detectors is not None
+    if not isinstance(clean, ImageDataset):
+        raise ParameterError(f"invalid clean data: expected an ImageDataset, got "
+                             f"{type(clean).__name__}")
+    k = check_classifier(model, clean.x[:2], what="clean data",
+                         num_labels=None if clean.y is None else clean.num_classes)
+    with known_classifier(model, clean.input_shape, k):
+        return _scan(model, clean, names, explicit=detectors is not None, seed=seed,
+                     device=device, alpha=alpha, detector_params=detector_params)
+
+
+def _scan(model: nn.Module, clean: ImageDataset, names: list[str], *, explicit: bool,
+          seed: int, device: str | torch.device | None, alpha: float,
+          detector_params: dict[str, dict[str, Any]] | None) -> ScanResult:
     t0 = time.perf_counter()
     results: dict[str, ModelScanResult] = {}
     skipped: dict[str, str] = {}

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import archs
+from .classifier import borrow_model, model_device
 from .dataset import ImageDataset
-from .detectors.base import borrow_model
 from .exceptions import bad_param
 from .progress import progress
 from .utils import batches, pick_device, seed_everything
@@ -103,7 +103,7 @@ def train_model(
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
             device: str | torch.device | None = None) -> torch.Tensor:
     """Predicted class per input (batched, model borrowed)."""
-    dev = pick_device(device) if device is not None else _model_device(model)
+    dev = pick_device(device) if device is not None else model_device(model)
     out = []
     with borrow_model(model):
         for sl in batches(len(x), batch_size):
@@ -117,10 +117,3 @@ def evaluate(model: nn.Module, ds: ImageDataset, *, batch_size: int = 512,
     pred = predict(model, ds.x, batch_size=batch_size, device=device)
     return float((pred == ds.labels()).float().mean())
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")

@@ -6,35 +6,25 @@ on the triggered input equals ``attack.target_labels(y)``. For a :class:`Multi` 
 :func:`attack_success_rates` gives one rate per trigger (``trigger_0``, ...) and their
 ``mean``; :func:`attack_success_rate` returns that mean.
 
-The model is borrowed (:func:`trojanscan.detectors.base.borrow_model`): evaluated in eval
+The model is borrowed (:func:`trojanscan.classifier.borrow_model`): evaluated in eval
 mode under ``no_grad``, its flags restored afterwards. Inputs go to ``device`` (default:
 the device of the model's first parameter or buffer, else CPU); the model is not moved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
+from ..classifier import borrow_model, model_device
 from ..dataset import ImageDataset
-from ..detectors.base import borrow_model
 from ..exceptions import DataError, ModelError, bad_param
+from ..utils import batches
 from .base import Attack, check_int
 from .multi import Multi
 
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU when it has none)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _batches(n: int, batch_size: int) -> Iterator[slice]:
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))
+__all__ = ["attack_success_rate", "attack_success_rates", "checked_logits",
+           "clean_accuracy", "model_device"]
 
 
 def checked_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +55,7 @@ def clean_accuracy(model: nn.Module, ds: ImageDataset, *, batch_size: int = 256,
     y = ds.labels()
     correct = 0
     with borrow_model(model):
-        for sl in _batches(len(ds), batch_size):
+        for sl in batches(len(ds), batch_size):
             pred = checked_logits(model, ds.x[sl].to(dev)).argmax(1).cpu()
             correct += int((pred == y[sl]).sum())
     return correct / len(ds)
@@ -82,7 +72,7 @@ def _single_asr(model: nn.Module, attack: Attack, ds: ImageDataset, batch_size: 
                         "classes")
     x, y = ds.x[mask], y[mask]
     hits = 0
-    for sl in _batches(len(y), batch_size):
+    for sl in batches(len(y), batch_size):
         logits = checked_logits(model, attack.apply(x[sl].to(dev)))
         k = int(logits.shape[1])
         for t in attack.targets:

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..classifier import known_classifier
 from ..exceptions import ModelError
 from ..io.outputs import Input, Output, check_outputs, report_folder, sidecar_of
-from ..report import Report
+from ..reports import Report
 from ..utils import atomic_path, seed_everything
 from ._common import emit_json, load_inputs, nc_references
 
@@ -60,7 +61,7 @@ def run(*, model: Path, data: str, out: Path, report: Path, seed: int, device: s
         unlearn_epochs: int = 2) -> int:
     from ..detectors.neural_cleanse import NeuralCleanse
     from ..mitigation import UnlearnConfig, mitigate, split_clean, triggers_from_result
-    from ..report_sections import model_result_section
+    from ..reports.sections import model_result_section
 
     t0 = time.perf_counter()
     model, out = Path(model), Path(out)
@@ -78,10 +79,13 @@ def run(*, model: Path, data: str, out: Path, report: Path, seed: int, device: s
     assert ds is not None
     finetune, holdout = split_clean(ds, HOLDOUT, seed)
     detector = NeuralCleanse(seed=seed, device=str(loaded.device), reference=refs)
-    result = detector.fit(loaded.module, finetune)
+    assert loaded.num_classes is not None  # load_inputs checked the model on the data
+    with known_classifier(loaded.module, ds.input_shape, loaded.num_classes):
+        result = detector.fit(loaded.module, finetune)
     rep = Report(command="mitigate", out_dir=report, seed=seed,
                  params={"device": str(loaded.device), "arch": arch, "holdout": HOLDOUT,
                          "detector": detector.get_params(), "unlearning": cfg.__dict__})
+    rep.set_class_names(ds.class_names)
     rep.add_input(role="model", path=str(model), sha256=loaded.sha256, format=loaded.format)
     rep.add_input(role="clean_data", path=data, sha256=ds.sha256, format=ds.format)
     rep.add_detector("neural_cleanse", result.to_dict())

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..classifier import known_classifier
 from ..exceptions import ParameterError
 from ..io.outputs import Input, check_outputs, report_folder, sidecar_of
-from ..report import Report
-from ..report_sections import model_result_section
+from ..reports import Report
+from ..reports.sections import model_result_section
+from ..reports.text import score_text, targets_text
 from ..scan import ScanResult, scan_model
 from ..utils import seed_everything
 from ._common import emit_json, load_inputs, nc_references, parse_detector_params, subsample
@@ -17,9 +19,11 @@ from ._common import emit_json, load_inputs, nc_references, parse_detector_param
 
 def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded: object,
                       data: str, clean_sha: str | None, clean_format: str, seed: int,
-                      params: Mapping[str, object], seconds: float) -> Path:
+                      params: Mapping[str, object], seconds: float,
+                      class_names: Sequence[str] | None = None) -> Path:
     """The contract's ``scan`` report (JSON + HTML) in ``out``."""
     rep = Report(command="scan", out_dir=out, seed=seed, params=dict(params))
+    rep.set_class_names(class_names)
     rep.add_input(role="model", path=str(model_path), sha256=getattr(loaded, "sha256", None),
                   format=getattr(loaded, "format", "unknown"))
     rep.add_input(role="clean_data", path=data, sha256=clean_sha, format=clean_format)
@@ -37,22 +41,26 @@ def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded
     return rep.write(seconds)
 
 
-def print_summary(result: ScanResult, json_path: Path) -> None:
+def print_summary(result: ScanResult, json_path: Path,
+                  class_names: Sequence[str] | None = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(stderr=False)
     style = "bold red" if result.verdict == "backdoored" else "bold green"
-    targets = (f" — suspected target(s): {', '.join(map(str, result.suspected_targets))}"
+    names = class_names
+    targets = (f" — suspected target(s): {escape(targets_text(result.suspected_targets, names))}"
                if result.suspected_targets else "")
-    console.print(f"[{style}]{result.verdict.upper()}[/] (score {result.score:.3f}){targets}")
+    console.print(f"[{style}]{result.verdict.upper()}[/] (score {score_text(result.score)})"
+                  f"{targets}")
     table = Table(show_header=True, header_style="bold")
     for col in ("detector", "verdict", "score", "p-value", "targets", "seconds"):
         table.add_column(col)
     for name, r in result.results.items():
-        table.add_row(name, r.verdict, f"{r.score:.3f}",
+        table.add_row(name, r.verdict, score_text(r.score),
                       "-" if r.p_value is None else f"{r.p_value:.3g}",
-                      ",".join(map(str, r.suspected_targets)) or "-", f"{r.seconds:.1f}")
+                      escape(targets_text(r.suspected_targets, names)), f"{r.seconds:.1f}")
     for name, reason in result.not_applicable.items():
         table.add_row(name, "not applicable", "-", "-", "-", "-")
         table.add_row("", f"[dim]{reason}[/]", "", "", "", "")
@@ -81,17 +89,21 @@ def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, 
                                 device=device, min_classes=2, max_samples=max_samples, seed=seed)
     assert clean is not None
     clean = subsample(clean, max_samples, seed)
-    result = scan_model(loaded.module, clean, detectors=detectors, seed=seed,
-                        device=loaded.device, detector_params=det_params)
+    # load_inputs checked the model on this data once; the detectors reuse that answer
+    assert loaded.num_classes is not None
+    with known_classifier(loaded.module, clean.input_shape, loaded.num_classes):
+        result = scan_model(loaded.module, clean, detectors=detectors, seed=seed,
+                            device=loaded.device, detector_params=det_params)
     params = {"detectors": detectors, "max_samples": max_samples, "device": str(loaded.device),
               "arch": arch, "nc_reference": refs,
               "detector_params": {n: q for n, p in det_params.items()
                                   if (q := {k: v for k, v in p.items() if k != "reference"})}}
     path = write_scan_report(result, out=out, model_path=model, loaded=loaded, data=data,
                              clean_sha=clean.sha256, clean_format=clean.format, seed=seed,
-                             params=params, seconds=time.perf_counter() - t0)
+                             params=params, seconds=time.perf_counter() - t0,
+                             class_names=clean.class_names)
     if json_out:
         emit_json(path)
     elif not quiet:
-        print_summary(result, path)
+        print_summary(result, path, clean.class_names)
     return 1 if result.verdict == "backdoored" else 0

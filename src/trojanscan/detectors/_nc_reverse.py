@@ -89,12 +89,6 @@ def from_unit(v: torch.Tensor) -> torch.Tensor:
     return torch.atanh((v - 0.5) * (2.0 - EPS))
 
 
-def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """``(1 − m)·x + m·p`` for x ``N×C×H×W``, mask ``H×W`` (or 1×H×W), pattern ``C×H×W``."""
-    m = mask.reshape(1, 1, *mask.shape[-2:])
-    return (1.0 - m) * x + m * pattern.unsqueeze(0)
-
-
 def label_generator(seed: int, label: int, stream: int) -> torch.Generator:
     """A CPU generator for (seed, label, stream): same seed → same draws in every mode."""
     return torch.Generator().manual_seed((seed * 1_000_003 + label * 7_919 + stream) % 2**63)

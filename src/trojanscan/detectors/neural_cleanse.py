@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..classifier import borrow_model, check_classifier, freeze, model_device
 from ..dataset import ImageDataset
 from ..exceptions import (
     DataError,
@@ -72,10 +73,11 @@ from ..exceptions import (
     bad_param,
 )
 from ..maths.outliers import anomaly_index, anomaly_p_values, reference_p_values
+from ..maths.triggers import stamp
 from ..progress import progress
 from ..utils import pick_device, seed_everything
-from ._nc_reverse import LabelTrigger, ReverseConfig, label_generator, reverse_engineer, stamp
-from .base import ModelDetector, ModelScanResult, borrow_model
+from ._nc_reverse import LabelTrigger, ReverseConfig, label_generator, reverse_engineer
+from .base import ModelDetector, ModelScanResult
 
 MODES = ("fast", "faithful")
 DECISIONS = ("auto", "index", "p_value", "reference")
@@ -243,11 +245,8 @@ class NeuralCleanse(ModelDetector):
         with borrow_model(model):
             net = _on_device(model, dev)
             x = sub.x.to(dev)
-            k = _num_classes(net, x)
-            if clean.y is not None and int(clean.y.max()) >= k:
-                raise IncompatibleError(
-                    f"{clean.source}: the labels span {int(clean.y.max()) + 1} classes but the "
-                    f"model outputs {k} logits")
+            k = check_classifier(net, x[:2], what="clean data",
+                                 num_labels=None if clean.y is None else clean.num_classes)
             if p["reference"] is not None and p["reference"].shape[1] != k:
                 raise IncompatibleError(f"neural_cleanse: the reference norms have "
                                         f"{p['reference'].shape[1]} labels but the model "
@@ -378,39 +377,16 @@ def _subset(clean: ImageDataset, n: int, seed: int) -> ImageDataset:
     return clean.subset(idx)
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return None
-
-
 def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
     """The model itself when it already lives on ``dev``, else a copy moved there."""
-    cur = _model_device(model)
-    if cur is None or cur == dev:
+    cur = model_device(model, dev)
+    if cur == dev:
         return model
     try:
         net = copy.deepcopy(model).to(dev)
     except Exception as exc:  # some modules cannot be copied or moved
         raise ModelError(f"cannot move the model from {cur} to {dev}: {exc}") from exc
-    for prm in net.parameters():
-        prm.requires_grad_(False)
-    return net.eval()
-
-
-@torch.no_grad()
-def _num_classes(net: nn.Module, x: torch.Tensor) -> int:
-    try:
-        out = net(x[:2])
-    except Exception as exc:  # a model that cannot run on the data
-        raise ModelError(f"the model failed on clean inputs of shape {tuple(x.shape[1:])}: "
-                         f"{exc}") from exc
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ModelError(f"the model must return N×K logits, got "
-                         f"{tuple(getattr(out, 'shape', ()))}")
-    return int(out.shape[1])
+    return freeze(net)
 
 
 def _check_gradients(net: nn.Module, x: torch.Tensor) -> None:

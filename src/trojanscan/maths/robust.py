@@ -213,20 +213,6 @@ def consistency_factor(k: int, support_fraction: float) -> float:
     return q / float(chi2.cdf(chi2.ppf(q, k), k + 2))
 
 
-def reweight(y: np.ndarray, mean: np.ndarray, cov: np.ndarray, *,
-             quantile: float = 0.975) -> tuple[np.ndarray, np.ndarray]:
-    """MCD's reweighting step: the classical estimate of the rows within the
-    ``quantile`` of χ²_k under (``mean``, ``cov``), made consistent."""
-    from scipy.stats import chi2
-
-    k = y.shape[1]
-    keep = mahalanobis_sq(y, mean, cov) <= chi2.ppf(quantile, k)
-    if keep.sum() <= k + 1:
-        return mean, cov
-    mu, c = _mean_cov(y[keep])
-    return mu, c * consistency_factor(k, quantile)
-
-
 @dataclass(frozen=True)
 class SpectreClassResult:
     """SPECTRE scores of one class for the chosen number of dimensions ``k``."""
