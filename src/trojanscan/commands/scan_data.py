@@ -241,7 +241,8 @@ def _projections(rep: Report, name: str, result: DataScanResult) -> str | None:
 
 
 _CLASS_COLUMNS = ("num_samples", "detected", "num_flagged", "separation", "suspect_fraction",
-                  "relative_size", "silhouette", "k", "top_whitened_eigenvalue", "reason")
+                  "relative_size", "silhouette", "k", "top_whitened_eigenvalue", "statistic",
+                  "across_class_index", "threshold", "reason")
 
 
 def _class_table(per_class: dict[str, Any]) -> str:
@@ -266,6 +267,8 @@ def write_report(scan: DataScan, *, rep: Report, train: ImageDataset) -> None:
             flagged_indices=scan.flagged_indices.tolist(), num_flagged=int(scan.flagged.sum()),
             scores_file=rep.add_array("scores.npy", scan.scores.astype(np.float32)),
             combine=scan.combine, not_applicable=dict(scan.not_applicable),
+            combination=dict(scan.evidence or {}),
+            carried_by=list((scan.evidence or {}).get("carried_by", [])),
             features={"layer": scan.features.layer,
                       "dimensions": int(scan.features.features.shape[1]),
                       "seconds": round(scan.features.seconds, 3)})
@@ -304,8 +307,10 @@ def print_summary(scan: DataScan, json_path: Path, verification: Verification | 
     console = Console(stderr=False)
     style = "bold red" if scan.verdict == "poisoned" else "bold green"
     n = scan.features.num_samples
+    carried = ", ".join((scan.evidence or {}).get("carried_by", [])) or "none"
     console.print(f"[{style}]{scan.verdict.upper()}[/]: {int(scan.flagged.sum())} of {n} "
-                  f"samples flagged ({scan.combine} of {len(scan.results)} detector(s))")
+                  f"samples flagged ({scan.combine} of {len(scan.results)} detector(s); "
+                  f"carried by: {carried})")
     table = Table(show_header=True, header_style="bold")
     for col in ("detector", "verdict", "flagged", "classes", "seconds"):
         table.add_column(col)

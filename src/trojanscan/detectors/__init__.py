@@ -34,6 +34,7 @@ _REGISTRY: dict[str, str] = {
     "spectral_signatures": "spectral_signatures:SpectralSignatures",
     "activation_clustering": "activation_clustering:ActivationClustering",
     "spectre": "spectre:Spectre",
+    "scan": "scan_decomp:Scan",
     "strip": "strip:Strip",
     "scale_up": "scale_up:ScaleUp",
 }

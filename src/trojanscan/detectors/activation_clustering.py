@@ -46,17 +46,17 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..data_scan import (
+from ..dataset import ImageDataset
+from ..exceptions import DetectorNotApplicable, bad_param
+from ..maths.robust import cluster_decision, reclassification_verdict, silhouette_sampled
+from ..maths.spectral import check_rate, class_groups
+from .data_base import (
     FeatureDataDetector,
     apply_budget,
     budget,
     fresh_model,
     seeded_subset,
 )
-from ..dataset import ImageDataset
-from ..exceptions import DetectorNotApplicable, bad_param
-from ..maths.robust import cluster_decision, reclassification_verdict, silhouette_sampled
-from ..maths.spectral import check_rate, class_groups
 
 REDUCTIONS = ("pca", "ica")
 #: silhouette needed per reduction when ``silhouette_threshold`` is None (calibrated on the

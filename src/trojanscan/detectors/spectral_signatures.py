@@ -42,7 +42,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..data_scan import FeatureDataDetector, apply_budget, budget
 from ..dataset import ImageDataset
 from ..exceptions import ParameterError, bad_param
 from ..maths.spectral import (
@@ -54,6 +53,7 @@ from ..maths.spectral import (
     suspect_side,
     top_k_mask,
 )
+from .data_base import FeatureDataDetector, apply_budget, budget
 
 MODES = ("adaptive", "paper")
 

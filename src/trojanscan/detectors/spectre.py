@@ -35,7 +35,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..data_scan import FeatureDataDetector, apply_budget, budget, seeded_subset
 from ..dataset import ImageDataset
 from ..exceptions import bad_param
 from ..maths.robust import spectre_class_scores
@@ -49,6 +48,7 @@ from ..maths.spectral import (
     top_eigen,
     top_k_mask,
 )
+from .data_base import FeatureDataDetector, apply_budget, budget, seeded_subset
 from .spectral_signatures import check_mode, min_population
 
 
