@@ -96,3 +96,31 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
         tmp.write_text("{")
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_people_read_the_verdict_first_rounded_scores_and_class_names(tmp_path: Path) -> None:
+    from trojanscan.io.data import FASHION_MNIST_CLASSES
+    from trojanscan.reports import Report as ReportsReport
+
+    rep = ReportsReport(command="scan", out_dir=tmp_path / "r", seed=0)
+    rep.set_class_names(FASHION_MNIST_CLASSES)
+    rep.set(verdict="backdoored", score=0.999956795745414, suspected_targets=[8])
+    rep.add_detector("neural_cleanse", {"verdict": "backdoored", "score": 0.999956795745414,
+                                        "suspected_targets": [8], "seconds": 1.23456})
+    doc = json.loads(rep.write(seconds=1.0).read_text())
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert doc["score"] == 0.999956795745414  # full precision stays in the JSON
+    assert doc["class_names"][8] == "Bag"
+    assert "0.999956795745414" not in html and "1.000" in html
+    assert "8 (Bag)" in html
+    sentence = html.index("This model looks backdoored")
+    assert sentence < html.index("<h2>Detectors</h2>")
+    validate(doc)
+
+
+def test_digit_names_are_not_repeated() -> None:
+    from trojanscan.reports.text import class_label, targets_text
+
+    assert class_label(3, [str(i) for i in range(10)]) == "3"
+    assert class_label(3, ["a", "b", "c", "Dress"]) == "3 (Dress)"
+    assert class_label(12, ["a"]) == "12" and targets_text([], None) == "-"

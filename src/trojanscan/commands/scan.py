@@ -3,42 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..classifier import known_classifier
 from ..exceptions import ParameterError
 from ..io.outputs import Input, check_outputs, report_folder, sidecar_of
-from ..reports import Report
-from ..reports.sections import model_result_section
+from ..reports.scan import write_scan_report
 from ..reports.text import score_text, targets_text
 from ..scan import ScanResult, scan_model
 from ..utils import seed_everything
 from ._common import emit_json, load_inputs, nc_references, parse_detector_params, subsample
-
-
-def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded: object,
-                      data: str, clean_sha: str | None, clean_format: str, seed: int,
-                      params: Mapping[str, object], seconds: float,
-                      class_names: Sequence[str] | None = None) -> Path:
-    """The contract's ``scan`` report (JSON + HTML) in ``out``."""
-    rep = Report(command="scan", out_dir=out, seed=seed, params=dict(params))
-    rep.set_class_names(class_names)
-    rep.add_input(role="model", path=str(model_path), sha256=getattr(loaded, "sha256", None),
-                  format=getattr(loaded, "format", "unknown"))
-    rep.add_input(role="clean_data", path=data, sha256=clean_sha, format=clean_format)
-    rep.set(verdict=result.verdict, score=result.score, p_value=result.p_value,
-            suspected_targets=list(result.suspected_targets),
-            fusion={"rule": "bonferroni-min-p", "alpha": result.alpha,
-                    "decisive": result.fused.decisive,
-                    "detectors_used": list(result.results)},
-            model={"input_shape": list(getattr(loaded, "input_shape", None) or []),
-                   "num_classes": getattr(loaded, "num_classes", None)})
-    for name, d in result.detectors_dict().items():
-        rep.add_detector(name, d)
-    for name, r in result.results.items():
-        model_result_section(rep, name, r)
-    return rep.write(seconds)
 
 
 def print_summary(result: ScanResult, json_path: Path,

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..classifier import check_logits
+from ..classifier import borrow_model, check_logits
 from ..dataset import ImageDataset
 from ..exceptions import (
     IncompatibleError,
@@ -797,10 +797,9 @@ def check_compatible(loaded: LoadedModel, dataset: ImageDataset, *, samples: int
     x = dataset.x[:max(1, min(samples, len(dataset)))].to(loaded.device)
     n = int(x.shape[0])
     module = loaded.module
-    training = [m.training for m in module.modules()]
     try:
-        module.eval()
-        out = _forward(module, x)
+        with borrow_model(module):
+            out = _forward(module, x)
     except Exception as exc:
         channels = _first_conv_channels(module)
         hint = (f" (its first convolution takes {channels} channel(s))"
@@ -808,9 +807,6 @@ def check_compatible(loaded: LoadedModel, dataset: ImageDataset, *, samples: int
         raise IncompatibleError(f"the model fails on {src}'s inputs of shape "
                                 f"N×{_fmt_shape(data_shape)}{expects}{hint}: "
                                 f"{_first_line(exc)}") from exc
-    finally:
-        for m, t in zip(module.modules(), training, strict=False):
-            m.training = t
     k = check_logits(out, n, what=f"inputs from {src}")
     if dataset.y is not None:
         need = dataset.num_classes

@@ -40,7 +40,7 @@ def score_text(value: Any) -> str:
 def class_label(index: Any, names: Sequence[str] | None = None) -> str:
     """``3`` or, where the data names its classes, ``3 (Dress)``."""
     if names and isinstance(index, int) and not isinstance(index, bool) \
-            and 0 <= index < len(names):
+            and 0 <= index < len(names) and names[index] != str(index):
         return f"{index} ({names[index]})"
     return str(index)
 
