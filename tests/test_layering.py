@@ -43,11 +43,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: Known arrows against the layers, each with what removes it. Empty this as the
 #: modules named here move; a stale entry fails the test too.
 KNOWN_EXCEPTIONS: frozenset[tuple[str, str]] = frozenset({
-    # the data-level detectors take their base class and helpers from the orchestrator;
-    # they move beside the detectors
-    ("detectors.activation_clustering", "data_scan"),
-    ("detectors.spectral_signatures", "data_scan"),
-    ("detectors.spectre", "data_scan"),
     # the scan-zoo worker writes its reports with the command's writer: import
     # write_scan_report from trojanscan.reports.scan instead
     ("fleet.worker", "commands.scan"),
