@@ -10,19 +10,21 @@ Stages (run ``all`` or one at a time; trained targets are cached and reused):
              *outside* the defender's 2% share, 12 epochs (``--target-samples``,
              ``--target-epochs``). One file set per model under
              ``benchmarks/.cache/mntd/targets`` (resumable tasks). With
-             ``--verify-asr 0.5`` (sets 27 on) the attacker checks the backdoor: a
+             ``--verify-asr 0.5`` the attacker checks the backdoor: a
              backdoored model is retrained by :data:`VERIFY_TRIES` (longer, then
              stronger poisoning) while its attack success rate stays below 0.5 (one that
              never gets there stays in the set), and each clean model is trained as long
-             as its backdoored partner (``docs/benchmarks/mntd_prereg_s15.md``).
-``score``    score every target with the shipped meta-classifier (all variants): AUROC
+             as its backdoored partner.
+``score``    score every target with the meta-classifier bundle: its recipe (``auto``,
+             the detector's default) and each of the paper's variants it holds; AUROC
              overall, per attack type and per architecture, the verdicts' TPR/FPR at the
-             shipped threshold, and the time to score one model.
-``combine``  (offline) the bundle's variants combined per model, each standardised
-             against the held-out benign shadows, from the ``score`` stage's raw scores.
-``shadows``  held-out shadows of ``--shadows`` (the last ``--num-val`` per kind) scored by
-             every variant of ``--meta``: AUROC of benign against all-to-one and against
-             source-specific jumbo shadows (``jumbo_family="wide"``).
+             calibrated threshold, and the time to score one model.
+``device``   the same scoring on the CPU and on a GPU side by side (``--devices``): median
+             milliseconds per model, the CPU / GPU ratio, and how far raw scores and
+             verdicts agree; devices that are not present are left out.
+``shadows``  held-out shadows of ``--shadows`` (the last ``--num-val`` per kind) scored like
+             ``score``: AUROC of benign against all-to-one and against source-specific
+             jumbo shadows (``jumbo_family="wide"``).
 ``ray``      shadow-training throughput: the same small shadow tasks run by Ray with one
              worker and with two workers (and sequentially), in one run.
 
@@ -30,6 +32,8 @@ Writes ``benchmarks/results/mntd.json`` (merging stages) and prints tables.
 
     python benchmarks/bench_mntd.py targets --backend processes --workers 2
     python benchmarks/bench_mntd.py score
+    python benchmarks/bench_mntd.py device --cache benchmarks/.cache/mntd_seed25 --seed 25 \
+        --devices cpu,cuda --results benchmarks/results/mntd_device.json
     python benchmarks/bench_mntd.py ray --tasks 16 --ray-epochs 20 --with-sequential
 """
 
@@ -121,8 +125,7 @@ def verify_tries(p: dict[str, Any], epochs: int) -> list[tuple[str, float, int]]
 
 def model_seed_base(seed: int) -> int:
     """First training seed of set ``seed``: training seeds also pick each model's data, so
-    every set needs its own (seed 0 keeps the 1000 + i of the first runs; until session 5
-    every set used them, so ``--seed 1`` re-trained seed 0's clean models)."""
+    every set needs its own (seed 0: 1000 + i)."""
     return 1000 + 100_000 * int(seed)
 
 
@@ -302,9 +305,9 @@ def _auroc(y: list[int], s: list[float]) -> float:
 def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]],
                  rows: list[dict[str, Any]], unseen_arch: str | None,
                  only: str | None = None) -> dict[str, Any]:
-    """AUROC (overall, per attack, per architecture), verdict rates and timing of every
-    variant of one bundle (``only``: of those named, comma-separated) on the targets; raw
-    scores go into ``rows``."""
+    """AUROC (overall, per attack, per architecture), verdict rates and timing of the
+    bundle's recipe (``auto``) and of each of the paper's variants it holds (``only``: of
+    those named, comma-separated) on the targets; raw scores go into ``rows``."""
     from trojanscan.dataset import ImageDataset
     from trojanscan.detectors.mntd import MNTD
     from trojanscan.mntd.pretrained import resolve
@@ -323,15 +326,7 @@ def score_bundle(meta: str, targets: list[tuple[dict[str, Any], torch.nn.Module]
                            "variants": {}}
     from trojanscan.mntd.meta import VARIANTS
 
-    variants = [v for v in bundle.variants if v in VARIANTS]
-    if {"qt", "one_class"} <= set(variants):
-        variants.append("combined")  # the detector's qt + one_class (beyond the paper)
-    variants += list(bundle.ensembles)  # qt_data, stamp (beyond the paper)
-    from trojanscan.detectors.mntd import MIXES, holds
-
-    variants += [m for m in MIXES if holds(bundle, m)]  # stamp_qt_data, stamp_qt
-    if "search" in bundle.variants:
-        variants.append("search")  # the trigger search (beyond the paper)
+    variants = ["auto", *(v for v in VARIANTS if v in bundle.variants)]
     if only:
         variants = [v for v in variants if v in only.split(",")]
     has_refs = all("reference_raw" in c for c in bundle.calibration.values())
@@ -515,7 +510,7 @@ def stage_shadows(args: argparse.Namespace) -> dict[str, Any]:
 
     bundle = resolve(args.meta)
     assert bundle is not None
-    for variant in [*(v for v in bundle.variants if v in VARIANTS), *bundle.ensembles]:
+    for variant in ["auto", *(v for v in VARIANTS if v in bundle.variants)]:
         det = MNTD(meta_classifier=args.meta, variant=variant)
         raw = [det.fit(m, shape_only).evidence["raw_score"] for m, _ in models]
         benign = [r for r, g in zip(raw, group) if g == "benign"]
@@ -597,37 +592,69 @@ def stage_ray(args: argparse.Namespace) -> dict[str, Any]:
     return {"ray": res}
 
 
-def stage_combine(args: argparse.Namespace) -> dict[str, Any]:
-    """Combine one bundle's variants per model, without retraining or rescoring: each raw
-    score is standardised against the bundle's held-out *benign shadows* (nothing is
-    fitted on the held-out targets), then summed (``sum_z``) or the smaller conformal
-    p-value taken (``min_p``). Reads the ``score`` stage's per-model raw scores."""
-    from trojanscan.mntd.calibration import auroc, p_value
-    from trojanscan.mntd.pretrained import resolve
+def spearman(a: list[float], b: list[float]) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
 
-    results = json.loads(Path(args.results).read_text())
-    rows = results["score"]["models"]
-    y = np.array([0 if r["kind"] == "clean" else 1 for r in rows])
-    kinds = np.array([r["kind"] for r in rows])
-    meta = args.meta.split(",")[0]
-    bundle = resolve(meta)
-    assert bundle is not None
-    out: dict[str, Any] = {"meta": meta, "pairs": {}}
-    for a, b in (("qt", "one_class"), ("qt", "no_qt"), ("no_qt", "one_class")):
-        z, p = [], []
-        for v in (a, b):
-            raw = np.array([r[f"{meta}:{v}"] for r in rows], dtype=np.float64)
-            benign = np.asarray(bundle.calibration[v]["benign_raw"], dtype=np.float64)
-            z.append((raw - benign.mean()) / benign.std())
-            p.append(np.array([p_value(x, benign) for x in raw]))
-        combos = {"sum_z": z[0] + z[1], "min_p": -np.minimum(p[0], p[1])}
-        for name, score in combos.items():
-            per = {k: auroc(y[(kinds == k) | (y == 0)], score[(kinds == k) | (y == 0)])
-                   for k in ATTACKS}
-            out["pairs"][f"{a}+{b}:{name}"] = {"auroc": auroc(y, score), "per_attack": per}
-            print(f"{a}+{b} {name:6s} AUROC {auroc(y, score):.3f}  " + "  ".join(
-                f"{k} {v:.3f}" for k, v in per.items()))
-    return {"combine": out}
+
+def stage_device(args: argparse.Namespace) -> dict[str, Any]:
+    """The same targets scored on each device of ``--devices`` (``--variants``, default
+    ``auto``): time per model (after one warm-up fit per device and variant) and how far
+    the devices agree. The CPU runs on ``--threads`` torch threads."""
+    from trojanscan.dataset import ImageDataset
+    from trojanscan.detectors.mntd import MNTD
+
+    torch.set_num_threads(args.threads)
+    seed = int(str(args.seed).split(",")[0])
+    plan = plan_targets(args.per_attack, seed, tuple(args.archs.split(",")))
+    folder = Path(args.cache) / "targets"
+    plan = [p for p in plan if (folder / f"{p['key']}.json").exists()]
+    if not plan:
+        sys.exit(f"no target models under {folder}")
+    targets = load_targets(Path(args.cache), plan)
+    devices = [d for d in args.devices.split(",")
+               if d == "cpu" or (d.startswith("cuda") and torch.cuda.is_available())]
+    shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
+    out: dict[str, Any] = {"models": len(targets), "machine": machine(),
+                           "threads": args.threads, "devices": devices, "variants": {}}
+    for variant in (args.variants or "auto").split(","):
+        per: dict[str, dict[str, Any]] = {}
+        for dev in devices:
+            det = MNTD(meta_classifier=args.meta, variant=variant, device=dev)
+            det.fit(targets[0][1], shape_only)  # warm-up (CUDA context, kernels)
+            raws, secs, flags = [], [], []
+            for _, model in targets:
+                r = det.fit(model, shape_only)
+                raws.append(float(r.evidence["raw_score"]))
+                secs.append(r.seconds)
+                flags.append(r.verdict == "backdoored")
+            per[dev] = {"raw": raws, "ms_median": round(1000 * float(np.median(secs)), 2),
+                        "ms_max": round(1000 * float(np.max(secs)), 2), "flags": flags}
+        row: dict[str, Any] = {d: {"ms_median": v["ms_median"], "ms_max": v["ms_max"]}
+                               for d, v in per.items()}
+        for dev in devices[1:]:
+            a, b = per[devices[0]], per[dev]
+            row[f"{devices[0]}_over_{dev}"] = round(a["ms_median"] / b["ms_median"], 2)
+            row[f"max_abs_raw_diff_{dev}"] = round(float(np.max(np.abs(
+                np.subtract(a["raw"], b["raw"])))), 5)
+            row[f"spearman_{dev}"] = round(spearman(a["raw"], b["raw"]), 5)
+            row[f"verdict_agreement_{dev}"] = round(float(np.mean(
+                np.equal(a["flags"], b["flags"]))), 4)
+        out["variants"][variant] = row
+    print(f"\nMNTD scoring, {len(targets)} models of set {seed}, CPU on "
+          f"{args.threads} thread(s); {out['machine']['cuda'] or 'no GPU'}")
+    cols = [f"{d} ms" for d in devices] + [f"{devices[0]}/{d}" for d in devices[1:]] + [
+        f"{d}: max |Δraw|, rank corr, same verdict" for d in devices[1:]]
+    print("| variant | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for variant, row in out["variants"].items():
+        cells = [f"{row[d]['ms_median']:.1f}" for d in devices]
+        cells += [f"{row[f'{devices[0]}_over_{d}']:.1f}×" for d in devices[1:]]
+        cells += [f"{row[f'max_abs_raw_diff_{d}']:.4f}, {row[f'spearman_{d}']:.4f}, "
+                  f"{row[f'verdict_agreement_{d}']:.3f}" for d in devices[1:]]
+        print(f"| {variant} | " + " | ".join(cells) + " |")
+    return {"device": out}
 
 
 def machine() -> dict[str, Any]:
@@ -641,7 +668,7 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["targets", "score", "shadows", "ray", "combine", "all"])
+    ap.add_argument("stage", choices=["targets", "score", "device", "shadows", "ray", "all"])
     ap.add_argument("--per-attack", type=int, default=4,
                     help="backdoored models per attack type (as many clean ones in total)")
     ap.add_argument("--seed", default="0",
@@ -651,7 +678,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="also models of this architecture (not among the shadows')")
     ap.add_argument("--unseen-per-attack", type=int, default=1)
     ap.add_argument("--variants", default=None,
-                    help="score: only these variants of the bundle (comma-separated)")
+                    help="score, device: only these variants (auto: the bundle's recipe; "
+                         "qt, no_qt, one_class; comma-separated)")
+    ap.add_argument("--devices", default="cpu,cuda", help="device stage: devices compared")
     ap.add_argument("--meta", default="fashion-mnist",
                     help="meta-classifier name(s) or path(s), comma-separated")
     ap.add_argument("--backend", default="auto")
@@ -689,8 +718,8 @@ def main(argv: list[str] | None = None) -> None:
     stages = ["targets", "score", "ray"] if args.stage == "all" else [args.stage]
     for stage in stages:
         results.update({"targets": stage_targets, "score": stage_score,
-                        "shadows": stage_shadows, "ray": stage_ray,
-                        "combine": stage_combine}[stage](args))
+                        "device": stage_device, "shadows": stage_shadows,
+                        "ray": stage_ray}[stage](args))
     from trojanscan.utils import atomic_write_text
 
     atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")

@@ -113,26 +113,32 @@ def test_mntd_search_costs_on_cuda_match_cpu(tiny: Any) -> None:
     torch.testing.assert_close(flows1.cpu(), cpu_flows, rtol=0.05, atol=0.05)
 
 
-def test_mntd_flow_mix_on_cuda_shares_its_search_and_matches_cpu() -> None:
+def test_mntd_flow_mix_on_cuda_shares_its_search_and_matches_cpu(tmp_path: Path) -> None:
     """The shipped bundle's two search readouts on a model on the GPU: one search (the
     probes' keys do not depend on the device), the same parts as on the CPU."""
+    from dataclasses import replace
+
     from tests.test_mntd_search import _Counting as Counting
     from trojanscan.archs import build
     from trojanscan.dataset import ImageDataset
     from trojanscan.detectors.mntd import MNTD
+    from trojanscan.mntd.pretrained import builtin_path, load_bundle, save_bundle
+    from trojanscan.mntd.recipe import Recipe
 
     torch.manual_seed(0)
     model = build("mlp", (1, 28, 28), 10).eval()
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
-    cpu = MNTD(variant="stamp_one_class_search_flow").fit(
-        copy.deepcopy(model), shape_only).evidence["component_raw_scores"]
+    cpu = MNTD().fit(copy.deepcopy(model), shape_only).evidence["component_raw_scores"]
+    shipped = load_bundle(builtin_path("fashion-mnist"))
+    cost_only = str(save_bundle(tmp_path / "cost_only", replace(shipped, recipe=Recipe(
+        (("stamp", 1.0), ("one_class", 1.0), ("search", 2.0)), "reference")))[1])
     calls = {}
-    for variant in ("stamp_one_class_search_x2", "stamp_one_class_search_flow"):
+    for name, meta in (("cost_only", cost_only), ("default", None)):
         on_gpu = Counting(copy.deepcopy(model).cuda())
-        r = MNTD(variant=variant).fit(on_gpu, shape_only)
-        calls[variant] = on_gpu.calls
+        r = MNTD(meta_classifier=meta).fit(on_gpu, shape_only)
+        calls[name] = on_gpu.calls
     gpu = r.evidence["component_raw_scores"]
-    assert calls["stamp_one_class_search_flow"] == calls["stamp_one_class_search_x2"]
+    assert calls["default"] == calls["cost_only"]
     assert set(cpu) == set(gpu)
     # z-scores of probabilities over spreads down to 0.01: a 1e-3 difference in a flow
     # moves search_flow by 0.1, hence the wider absolute tolerance

@@ -59,9 +59,18 @@ from trojanscan.mntd.pretrained import (
     load_bundle,
     save_bundle,
 )
+from trojanscan.mntd.recipe import Recipe, legacy_recipe, trained_recipe
 from trojanscan.training import TrainConfig, train_model
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "src" / "trojanscan" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _with_recipe(bundle: MetaBundle, stem: Path, calibration: str = "shadows",
+                 **parts: float) -> Path:
+    """``bundle`` saved under ``stem`` with a recipe of ``parts`` (name=weight)."""
+    recipe = Recipe(tuple((n, float(w)) for n, w in parts.items()), calibration)
+    return save_bundle(stem, dataclasses.replace(bundle, recipe=recipe))[1]
 
 
 @pytest.fixture(scope="module")
@@ -560,9 +569,8 @@ def test_tiny_stamp_ensemble_separates_clean_and_backdoored_models(tiny_meta: di
     0.56–1.0 over fixture seeds 0–2 (qt_data's members 0.06–0.56 on the same models),
     the two-member ensemble through the detector is asserted."""
     bundle: MetaBundle = tiny_meta["bundle"]
-    tmp = tiny_meta["folder"].parent / "stamp-bundle"
-    _, sidecar = save_bundle(tmp, bundle)
-    det = MNTD(meta_classifier=str(sidecar), variant="stamp")
+    sidecar = _with_recipe(bundle, tiny_meta["folder"].parent / "stamp-bundle", stamp=1)
+    det = MNTD(meta_classifier=str(sidecar))
     scores = [det.fit(m, digits).evidence["raw_score"] for m in tiny_meta["models"]]
     assert calibration.auroc(tiny_meta["labels"], scores) >= 0.75
 
@@ -602,17 +610,20 @@ def test_detector_with_user_bundle_is_deterministic_and_borrows(tiny_meta: dict,
     assert model.training and count_hooks(model) == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.requires_grad for p in model.parameters())
-    # auto: stamps + qt_data + one_class when the bundle holds them all
-    assert r1.evidence["variant"] == "stamp_qt_data_one_class"
+    # auto: the recipe 'mntd train' wrote for what it trained
+    assert r1.evidence["variant"] == "auto"
+    assert r1.evidence["recipe"] == {"parts": {"stamp": 1.0, "qt_data": 1.0, "one_class": 1.0},
+                                     "calibration": "shadows", "fpr": 0.05}
     assert len(r1.evidence["component_raw_scores"]) == 5
     assert r1.images["mntd_queries"].shape == (8, 4 * 9)  # the first part's: 4 stamps
-    with pytest.raises(ParameterError, match="variant"):
+    with pytest.raises(ParameterError, match=r"variant.*no_qt"):  # not in this bundle
         MNTD(meta_classifier=str(sidecar), variant="no_qt").fit(model, digits)
     with pytest.raises(ParameterError, match="variant"):
         MNTD(meta_classifier=str(sidecar), variant="ensemble").fit(model, digits)
-    # combined: qt + one_class standardised against the same benign shadows
-    c1 = MNTD(meta_classifier=str(sidecar), variant="combined").fit(model, digits)
-    c2 = MNTD(meta_classifier=str(sidecar), variant="combined").fit(model, digits)
+    # a recipe of two parts: qt + one_class standardised against the same benign shadows
+    both = _with_recipe(tiny_meta["bundle"], tmp_path / "both", qt=1, one_class=1)
+    c1 = MNTD(meta_classifier=str(both)).fit(model, digits)
+    c2 = MNTD(meta_classifier=str(both)).fit(model, digits)
     assert c1.score == c2.score and 0 <= c1.score <= 1 and 0 < c1.p_value <= 1
     parts = c1.evidence["component_raw_scores"]
     assert set(parts) == {"qt", "one_class"}
@@ -623,6 +634,8 @@ def test_detector_with_user_bundle_is_deterministic_and_borrows(tiny_meta: dict,
     assert c1.evidence["raw_score"] == pytest.approx(want)
     single = MNTD(meta_classifier=str(sidecar), variant="qt").fit(model, digits)
     assert parts["qt"] == pytest.approx(single.evidence["raw_score"])
+    assert single.evidence["recipe"]["parts"] == {"qt": 1.0}
+    assert single.score == pytest.approx(calibration.sigmoid(parts["qt"]))  # the paper's
     model.eval()
 
 
@@ -678,8 +691,9 @@ def test_qt_data_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tm
     assert not torch.equal(q0, q1) and float(q0.min()) >= 0 and float(q0.max()) <= 1
     _, sidecar = save_bundle(tmp_path / "m", bundle)
     doc = json.loads(sidecar.read_text())
-    assert doc["format_version"] == 2 and doc["ensembles"]["qt_data"] == ["qt_data.0",
+    assert doc["format_version"] == 3 and doc["ensembles"]["qt_data"] == ["qt_data.0",
                                                                           "qt_data.1"]
+    assert doc["recipe"]["parts"] == {"stamp": 1.0, "qt_data": 1.0, "one_class": 1.0}
     back = load_bundle(sidecar)
     assert back.ensembles == bundle.ensembles
     # re-saving a loaded bundle under a new name keeps the new name and structure
@@ -687,27 +701,33 @@ def test_qt_data_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tm
     assert load_bundle(again).name == "renamed"
     assert load_bundle(again).ensembles == bundle.ensembles
     model = tiny_meta["models"][1]
-    r1 = MNTD(meta_classifier=str(sidecar), variant="qt_data").fit(model, digits)
-    r2 = MNTD(meta_classifier=str(sidecar), variant="qt_data").fit(model, digits)
+    members = _with_recipe(back, tmp_path / "members", qt_data=1)
+    r1 = MNTD(meta_classifier=str(members)).fit(model, digits)
+    r2 = MNTD(meta_classifier=str(members)).fit(model, digits)
     assert r1.score == r2.score and r1.verdict == r2.verdict and 0 <= r1.score <= 1
-    no_stamps = dataclasses.replace(back, ensembles={"qt_data": back.ensembles["qt_data"]})
-    _, without = save_bundle(tmp_path / "no_stamps", no_stamps)
-    auto = MNTD(meta_classifier=str(without)).fit(model, digits)  # auto, no stamp members
-    assert auto.evidence["variant"] == "qt_data" and auto.score == r1.score
-    plain = MNTD(meta_classifier="digits").fit(model, digits)  # no ensemble: the paper's qt
-    assert plain.evidence["variant"] == "qt"
+    plain = MNTD(meta_classifier="digits").fit(model, digits)  # the paper's qt
+    assert plain.evidence["recipe"]["parts"] == {"qt": 1.0}
     parts = r1.evidence["component_raw_scores"]
     assert set(parts) == {"qt_data.0", "qt_data.1"}
-    want, _ = calibration.combine_standardised(
+    want, _ = calibration.combine_standardised(  # an ensemble's members share its weight
         [parts[m] for m in ("qt_data.0", "qt_data.1")],
-        [cal[m]["benign_raw"] for m in ("qt_data.0", "qt_data.1")])
+        [cal[m]["benign_raw"] for m in ("qt_data.0", "qt_data.1")], (0.5, 0.5))
     assert r1.evidence["raw_score"] == pytest.approx(want)
     assert parts["qt_data.0"] == pytest.approx(float(raw_scores(back.variants["qt_data.0"],
                                                                 [model])[0]), abs=1e-5)
-    # a bundle without the ensemble says how to get one; a broken ensemble is refused
-    with pytest.raises(ModelError, match=r"no 'qt_data' ensemble.*--data-members"):
-        MNTD(meta_classifier="digits", variant="qt_data").fit(
-            archs.build("mlp", (1, 8, 8), 10), digits)
+    # a recipe naming what the bundle does not hold is refused on load
+    doc["recipe"]["parts"] = {"qt_data": 1.0, "search": 2.0}
+    sidecar.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=r"does not hold"):
+        load_bundle(sidecar)
+    for bad_recipe, why in (({"parts": {"qt": -1}}, "weigh"), ({"parts": {}}, "at least one"),
+                            ({"parts": {"qt": 1}, "calibration": "x"}, "calibration"),
+                            ({"parts": {"qt": 1}, "fpr": 2}, "fpr"), ([1], "parts")):
+        doc["recipe"] = bad_recipe
+        sidecar.write_text(json.dumps(doc))
+        with pytest.raises(ModelError, match=why):
+            load_bundle(sidecar)
+    del doc["recipe"]
     for bad, why in ((["qt_data.0", "qt_data.7"], r"missing entries \['qt_data.7'\]"),
                      (["qt_data.0", "qt_data.0"], "twice"), ("qt_data.0", "must list"),
                      ([], "must list")):
@@ -743,66 +763,120 @@ def test_stamp_ensemble_round_trips_and_scores_as_summed_z(tiny_meta: dict, tmp_
     for m in ("stamp.0", "stamp.1"):
         assert np.allclose(raw_scores(bundle.variants[m], [model]),
                            raw_scores(back.variants[m], [model]), atol=1e-6)
-    r1 = MNTD(meta_classifier=str(sidecar), variant="stamp").fit(model, digits)
-    r2 = MNTD(meta_classifier=str(sidecar), variant="stamp").fit(model, digits)
+    stamp_only = _with_recipe(back, tmp_path / "stamp", stamp=1)
+    r1 = MNTD(meta_classifier=str(stamp_only)).fit(model, digits)
+    r2 = MNTD(meta_classifier=str(stamp_only)).fit(model, digits)
     assert r1.score == r2.score and r1.verdict == r2.verdict and 0 <= r1.score <= 1
     parts = r1.evidence["component_raw_scores"]
     want, _ = calibration.combine_standardised(
         [parts[m] for m in ("stamp.0", "stamp.1")],
         [cal[m]["benign_raw"] for m in ("stamp.0", "stamp.1")])
-    assert r1.evidence["raw_score"] == pytest.approx(want)
+    assert r1.evidence["raw_score"] == pytest.approx(want / 2)  # the members weigh 1/2
     assert r1.images["mntd_queries"].shape == (8, 4 * 9)  # the 4 stamps on an anchor
-    # stamp_qt: the stamp ensemble's mean z-score plus the paper's qt's z-score
-    mix = MNTD(meta_classifier=str(sidecar), variant="stamp_qt").fit(model, digits)
-    assert set(mix.evidence["component_raw_scores"]) == {"stamp.0", "stamp.1", "qt"}
-    qt_benign = np.asarray(cal["qt"]["benign_raw"])
-    qt_z = (mix.evidence["component_raw_scores"]["qt"] - qt_benign.mean()) / qt_benign.std()
-    assert mix.evidence["raw_score"] == pytest.approx(r1.evidence["raw_score"] / 2 + qt_z)
-    assert 0 < mix.p_value <= 1 and mix.evidence["variant"] == "stamp_qt"
-    # the one-class mixes: each named part weighs 1, an ensemble's members 1/n each
+    # the stamp ensemble's mean z-score plus the paper's qt's z-score
 
     def z(name: str, raw: float) -> float:
         b = np.asarray(cal[name]["benign_raw"])
         return float((raw - b.mean()) / b.std())
 
-    oc = MNTD(meta_classifier=str(sidecar), variant="stamp_one_class").fit(model, digits)
-    got = oc.evidence["component_raw_scores"]
-    assert set(got) == {"stamp.0", "stamp.1", "one_class"}
-    assert oc.evidence["raw_score"] == pytest.approx(r1.evidence["raw_score"] / 2
-                                                     + z("one_class", got["one_class"]))
-    three = MNTD(meta_classifier=str(sidecar), variant="stamp_qt_data_one_class").fit(model,
-                                                                                   digits)
+    mix = MNTD(meta_classifier=str(_with_recipe(back, tmp_path / "sq", stamp=1, qt=1))
+               ).fit(model, digits)
+    got = mix.evidence["component_raw_scores"]
+    assert set(got) == {"stamp.0", "stamp.1", "qt"}
+    assert mix.evidence["raw_score"] == pytest.approx(r1.evidence["raw_score"]
+                                                      + z("qt", got["qt"]))
+    assert 0 < mix.p_value <= 1
+    # the default this bundle was trained with: each named part weighs 1
+    three = MNTD(meta_classifier=str(sidecar)).fit(model, digits)
     got = three.evidence["component_raw_scores"]
     assert set(got) == {"stamp.0", "stamp.1", "qt_data.0", "qt_data.1", "one_class"}
     want3 = (sum(z(m, got[m]) for m in ("stamp.0", "stamp.1")) / 2
              + sum(z(m, got[m]) for m in ("qt_data.0", "qt_data.1")) / 2
              + z("one_class", got["one_class"]))
     assert three.evidence["raw_score"] == pytest.approx(want3)
-    # auto takes the first mix whose parts the bundle holds
-    from trojanscan.detectors.mntd import AUTO_ORDER, holds
-
-    def auto_of(b: MetaBundle) -> str:
-        return next(v for v in AUTO_ORDER if holds(b, v))
-
-    def without(b: MetaBundle, names: set[str]) -> MetaBundle:
-        return dataclasses.replace(
-            b, variants={k: v for k, v in b.variants.items() if k not in names},
-            ensembles={k: m for k, m in b.ensembles.items() if not set(m) & names})
-
-    assert auto_of(bundle) == "stamp_qt_data_one_class"
-    assert auto_of(without(bundle, {"one_class"})) == "stamp_qt_data"
-    assert auto_of(without(bundle, {"one_class", "stamp.0"})) == "qt_data"
-    # what `mntd train --no-search-probe` now builds by default (no qt_data members)
-    assert auto_of(without(bundle, {"qt_data.0"})) == "stamp_one_class"
-    assert auto_of(without(bundle, {"stamp.0", "qt_data.0"})) == "qt"
-    with pytest.raises(ModelError, match=r"no 'stamp' ensemble.*--stamp-members"):
-        MNTD(meta_classifier="digits", variant="stamp").fit(
-            archs.build("mlp", (1, 8, 8), 10), digits)
     # an entry whose kind does not match its tensors is refused, not misread
     doc["variants"]["stamp.0"]["kind"] = "qt"
     sidecar.write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="not a valid MNTD meta-classifier"):
         load_bundle(sidecar)
+
+
+# -- recipes: what the default reads ----------------------------------------------------------
+
+def test_recipes_expand_ensembles_and_read_their_json() -> None:
+    r = Recipe.from_dict({"parts": {"stamp": 1, "one_class": 1, "search": 2},
+                          "calibration": "reference"})
+    names, weights = r.entries({"stamp": ("stamp.0", "stamp.1")})
+    assert names == ("stamp.0", "stamp.1", "one_class", "search")
+    assert weights == (0.5, 0.5, 1.0, 2.0) and r.fpr == 0.05
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert r.summed({}) and not Recipe((("qt", 1.0),)).summed({})
+    assert Recipe((("qt_data", 1.0),)).summed({"qt_data": ("qt_data.0",)})
+    assert Recipe((("qt", 2.0),)).summed({})
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        Recipe.from_dict({"parts": {"qt": 1}, "mixes": 1})
+
+
+def test_trained_recipe_sums_what_was_trained_beyond_the_paper() -> None:
+    full = trained_recipe({"qt", "no_qt", "one_class", "stamp", "search", "search_flow"},
+                          ("qt", "no_qt", "one_class"))
+    shipped = load_bundle(builtin_path("fashion-mnist")).recipe
+    assert full.parts == shipped.parts and full.calibration == "shadows"
+    assert dict(trained_recipe({"qt", "one_class", "qt_data", "stamp"},
+                               ("qt", "one_class")).parts) == {
+        "stamp": 1.0, "qt_data": 1.0, "one_class": 1.0}
+    assert dict(trained_recipe({"qt", "one_class"}, ("qt", "one_class")).parts) == {"qt": 1}
+    assert dict(trained_recipe({"no_qt"}, ("no_qt",)).parts) == {"no_qt": 1.0}
+
+
+def test_bundles_without_a_recipe_score_what_the_default_used_to(tiny_meta: dict) -> None:
+    """A bundle written before recipes: the first of the former default's choices whose
+    parts it holds; an ensemble alone summed its members at weight 1 each."""
+    bundle: MetaBundle = tiny_meta["bundle"]
+
+    def legacy(b: MetaBundle, names: set[str]) -> dict[str, float]:
+        kept = dataclasses.replace(
+            b, variants={k: v for k, v in b.variants.items() if k not in names},
+            calibration={k: v for k, v in b.calibration.items() if k not in names},
+            ensembles={k: m for k, m in b.ensembles.items() if not set(m) & names},
+            recipe=None)
+        assert kept.recipe.calibration == "shadows"
+        return dict(kept.recipe.parts)
+
+    assert legacy(bundle, set()) == {"stamp": 1, "qt_data": 1, "one_class": 1}
+    assert legacy(bundle, {"one_class"}) == {"stamp": 1, "qt_data": 1}
+    assert legacy(bundle, {"one_class", "stamp.0"}) == {"qt_data": 2}
+    assert legacy(bundle, {"qt_data.0"}) == {"stamp": 1, "one_class": 1}
+    assert legacy(bundle, {"stamp.0", "qt_data.0"}) == {"qt": 1}
+    every = {"stamp", "one_class", "search", "search_flow", "qt"}
+    assert dict(legacy_recipe({"stamp": 3}, every - {"stamp"}, every, 0.05).parts) == {
+        "stamp": 1, "one_class": 1, "search": 2, "search_flow": 2}
+    assert dict(legacy_recipe({"stamp": 3}, every - {"stamp", "search_flow"}, every,
+                              0.05).parts) == {"stamp": 1, "one_class": 1, "search": 2}
+    # calibrated on the reference models only when every part has them
+    assert legacy_recipe({}, {"qt"}, {"qt"}, 0.05).calibration == "reference"
+    assert legacy_recipe({}, {"qt", "search"}, set(), 0.05).calibration == "shadows"
+
+
+def test_an_old_format_bundle_file_is_translated_on_load(tmp_path: Path, tiny) -> None:
+    """The digits bundle as shipped in format 1 (no recipe, no ensembles): its default is
+    the paper's qt, and it scores exactly as the shipped format-3 file of the same
+    weights."""
+    old = tmp_path / "mntd_digits.json"
+    old.write_text((FIXTURES / "mntd_digits_v1.json").read_text())
+    (tmp_path / "mntd_digits.safetensors").write_bytes(
+        builtin_path("digits").with_suffix(".safetensors").read_bytes())
+    doc = json.loads(old.read_text())
+    assert doc["format_version"] == 1 and "recipe" not in doc
+    back = load_bundle(old)
+    assert back.recipe == Recipe((("qt", 1.0),), "shadows", 0.05)
+    for variant in ("auto", "one_class"):
+        a = MNTD(meta_classifier=str(old), variant=variant).fit(tiny.backdoored, tiny.test)
+        b = MNTD(variant=variant).fit(tiny.backdoored, tiny.test)
+        assert (a.score, a.verdict, a.evidence["raw_score"]) == (
+            b.score, b.verdict, b.evidence["raw_score"])
+    _, again = save_bundle(tmp_path / "v3", back)  # re-saved: the current format
+    assert json.loads(again.read_text())["recipe"]["parts"] == {"qt": 1.0}
 
 
 # -- shape checks ------------------------------------------------------------------------
@@ -847,27 +921,30 @@ def test_shipped_bundles_load_are_small_and_documented() -> None:
     assert found["digits"].input_shape == (1, 8, 8)
     for name, bundle in found.items():
         path = builtin_path(name)
-        assert path.with_suffix(".safetensors").stat().st_size < 2_000_000
+        assert json.loads(path.read_text())["format_version"] == 3
+        assert path.with_suffix(".safetensors").stat().st_size < 400_000
         info = bundle.info
         assert info["produced_by"]["script"] == "scripts/make_mntd_pretrained.py"
         assert info["training"]["settings"]["num_shadows"] <= 256
-        settings_ = info["training"]["settings"]
-        members = set(bundle.ensembles.get("qt_data", ()))
-        stamps = set(bundle.ensembles.get("stamp", ()))
-        # session 14's search probe and session 16's flow readout of it
-        search = {"search", "search_flow"} if name == "fashion-mnist" else set()
-        assert set(bundle.variants) == {"qt", "no_qt", "one_class"} | members | stamps | search
-        assert len(members) == settings_.get("data_members", 0)
-        assert len(stamps) == settings_.get("stamp_members", 0)
-        if stamps:  # trained against their own jumbo family, recorded beside the paper's
-            assert info["training"]["stamp_shadows"]["family"] == settings_["stamp_family"]
-            assert info["training"]["stamp_shadows"]["jumbo"]["count"] <= 256
         for cal in bundle.calibration.values():
             assert len(cal["benign_raw"]) == info["training"]["settings"]["num_val"]
+    # Fashion-MNIST: only what its recipe reads; digits: the paper's three
+    fm = found["fashion-mnist"]
+    assert set(fm.variants) == set(fm.recipe.entries(fm.ensembles)[0])
+    assert fm.ensembles == {"stamp": ("stamp.0", "stamp.1", "stamp.2")}
+    assert fm.info["training"]["stamp_shadows"]["family"] == "wide"
+    assert set(found["digits"].variants) == {"qt", "no_qt", "one_class"}
     assert not list(DATA_DIR.glob("mntd_*.pt")) and not list(DATA_DIR.glob("mntd_*.pkl"))
 
 
-@pytest.mark.parametrize("variant", ["qt", "no_qt", "one_class", "combined"])
+def test_shipped_fashion_mnist_bundle_has_no_paper_qt_and_says_so() -> None:
+    model = archs.build("mlp", (1, 28, 28), 10)
+    shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
+    with pytest.raises(ParameterError, match=r"variant.*one_class.*'qt'"):
+        MNTD(variant="qt").fit(model, shape_only)
+
+
+@pytest.mark.parametrize("variant", ["auto", "qt", "no_qt", "one_class"])
 def test_shipped_digits_meta_classifier_scores_the_tiny_fixtures(tiny, variant: str) -> None:
     det = MNTD(variant=variant)
     bad, good = det.fit(tiny.backdoored, tiny.test), det.fit(tiny.clean, tiny.test)
@@ -899,7 +976,9 @@ def test_cli_train_writes_a_usable_bundle_and_resumes(tmp_path: Path, digits: Im
     assert len(stamps) == 8  # shadows, the stamp member's own (wide) jumbo ones, references
     assert len(list((tmp_path / "references").glob("*.safetensors"))) == 2
     r = MNTD(meta_classifier=str(sidecar)).fit(archs.build("mlp", (1, 8, 8), 10), digits)
-    assert r.detector == "mntd" and r.evidence["variant"] == "stamp_qt_data_one_class"
+    assert r.detector == "mntd" and r.evidence["recipe"]["parts"] == {
+        "stamp": 1.0, "qt_data": 1.0, "one_class": 1.0}
+    assert r.evidence["recipe"]["calibration"] == "reference"
     assert r.evidence["calibration"]["source"] == "reference_models"
     assert r.evidence["calibration"]["reference_models"] == 2
     bundle = load_bundle(sidecar)
@@ -949,9 +1028,23 @@ def test_cli_train_adds_the_search_probe_read_against_the_references(
     cal = bundle.calibration["search"]
     assert cal["normalised_on"] == "reference_models" and cal["normalised_count"] == 3
     assert len(cal["reference_raw"]) == 3 and len(cal["benign_raw"]) == 1
-    r = MNTD(meta_classifier=str(sidecar), variant="search").fit(
-        archs.build("mlp", (1, 8, 8), 10), digits)
+    assert dict(bundle.recipe.parts) == {"one_class": 1.0, "search": 2.0, "search_flow": 2.0}
+    model = archs.build("mlp", (1, 8, 8), 10)
+    r = MNTD(meta_classifier=str(sidecar)).fit(model, digits)
     assert r.evidence["calibration"]["source"] == "reference_models"
+    # slim: only what the recipe reads, scoring the same
+    with pytest.raises(SystemExit) as exc:
+        main(["mntd", "slim", str(sidecar), "--out", str(tmp_path / "slim")])
+    assert exc.value.code == 0
+    slim = load_bundle(tmp_path / "slim.json")
+    assert set(slim.variants) == {"one_class", "search", "search_flow"}
+    assert "benign_costs" not in slim.calibration["search"]
+    r2 = MNTD(meta_classifier=str(tmp_path / "slim.json")).fit(model, digits)
+    assert (r2.score, r2.evidence["raw_score"]) == (r.score, r.evidence["raw_score"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # never over its own input
+        main(["mntd", "slim", str(sidecar), "--out", str(sidecar.with_suffix(""))])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # too few benign shadows to read against
         main([*args[:9], "3", *args[10:], "--name", "few"])
     assert exc.value.code == 2
@@ -978,7 +1071,7 @@ def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:
             top.add((node.module or "").split(".")[0])
     assert top <= {"__future__", "pathlib", "typing", "typer"}
     names = [c.callback.__name__ for c in m.app.registered_commands if c.callback]
-    assert "train" in names
+    assert {"train", "slim"} <= set(names)
 
 
 # -- reference calibration: clean models trained outside the share (beyond the paper) -------
@@ -1027,12 +1120,16 @@ def test_reference_calibration_moves_threshold_and_p_not_the_raw_score(
     assert again.calibration == calibrated.calibration
     assert calibrated.info["reference"]["count"] == 3
     assert all(len(c["reference_raw"]) == 3 for c in calibrated.calibration.values())
-    _, sidecar = save_bundle(tmp_path / "cal", calibrated)
+    assert calibrated.recipe.calibration == "reference"
+    sidecars = {"qt": save_bundle(tmp_path / "cal", calibrated)[1],
+                "qt_data": _with_recipe(calibrated, tmp_path / "members", "reference",
+                                        qt_data=2)}
     model = tiny_meta["models"][1]
     for variant in ("qt", "qt_data"):
-        shadow = MNTD(meta_classifier=str(sidecar), variant=variant,
+        sidecar, name = sidecars[variant], ("qt" if variant == "qt" else "auto")
+        shadow = MNTD(meta_classifier=str(sidecar), variant=name,
                       calibration="shadows").fit(model, digits)
-        refd = MNTD(meta_classifier=str(sidecar), variant=variant).fit(model, digits)
+        refd = MNTD(meta_classifier=str(sidecar), variant=name).fit(model, digits)
         assert refd.evidence["raw_score"] == shadow.evidence["raw_score"]
         assert shadow.evidence["calibration"]["source"] == "benign_shadows"
         assert refd.evidence["calibration"]["source"] == "reference_models"
@@ -1068,7 +1165,7 @@ def test_a_flag_on_the_shadow_null_says_so(tiny_meta: dict, digits: ImageDataset
     _, sidecar = save_bundle(tmp_path / "m", bundle)
     flagged = 0
     for model in tiny_meta["models"]:
-        for variant in ("qt", "stamp_qt_data"):
+        for variant in ("qt", "auto"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 r = MNTD(meta_classifier=str(sidecar), variant=variant).fit(model, digits)
@@ -1105,20 +1202,15 @@ def test_shipped_fashion_mnist_bundle_is_calibrated_on_reference_models() -> Non
     assert all(len(c["reference_raw"]) == 64 for c in b.calibration.values())
 
 
-def test_shipped_fashion_mnist_default_adds_the_search_probe_on_the_reference_null(
+def test_shipped_fashion_mnist_default_reads_stamps_one_class_and_search(
         tmp_path: Path) -> None:
-    """``auto`` scores with the three stamp members, the one-class meta-classifier and the
-    trigger-search probe (adopted in session 14, docs/benchmarks/mntd_prereg_s14.md:
-    within 256 shadows per kind; weighed twice since session 15, mntd_prereg_s15.md),
-    read for its cost and, since session 16 (mntd_prereg_s16.md), for where each class
-    went, against the 64 reference models. A bundle without the flow readout (made before
-    session 16) falls back to session 15's default."""
-    from trojanscan.detectors.mntd import AUTO_ORDER, holds
-
+    """The default scores with the three stamp members, the one-class meta-classifier and
+    both readouts of the trigger search, against the 64 reference models. A bundle of
+    an older format without the flow readout scores the search's cost alone, twice."""
     model = archs.build("lenet", (1, 28, 28), 10)
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
     r = MNTD().fit(model, shape_only)
-    assert r.evidence["variant"] == "stamp_one_class_search_flow"
+    assert r.evidence["variant"] == "auto"
     parts = r.evidence["component_raw_scores"]
     assert set(parts) == {"stamp.0", "stamp.1", "stamp.2", "one_class", "search",
                           "search_flow"}
@@ -1128,11 +1220,9 @@ def test_shipped_fashion_mnist_default_adds_the_search_probe_on_the_reference_nu
     shipped = load_bundle(builtin_path("fashion-mnist"))
     older = dataclasses.replace(shipped, variants={
         k: v for k, v in shipped.variants.items() if k != "search_flow"}, calibration={
-        k: v for k, v in shipped.calibration.items() if k != "search_flow"})
-    assert next(v for v in AUTO_ORDER if holds(older, v)) == "stamp_one_class_search_x2"
-    _, sidecar = save_bundle(tmp_path / "older", older)  # as a bundle file of session 15
+        k: v for k, v in shipped.calibration.items() if k != "search_flow"}, recipe=None)
+    assert dict(older.recipe.parts) == {"stamp": 1, "one_class": 1, "search": 2}
+    _, sidecar = save_bundle(tmp_path / "older", older)
     r_old = MNTD(meta_classifier=str(sidecar)).fit(model, shape_only)
-    assert r_old.evidence["variant"] == "stamp_one_class_search_x2"
     assert r_old.evidence["component_raw_scores"]["search"] == pytest.approx(parts["search"])
-    cal = load_bundle(builtin_path("fashion-mnist")).calibration["search"]
-    assert cal["normalised_on"] == "reference_models" and cal["normalised_count"] == 64
+    assert "search_flow" not in r_old.evidence["component_raw_scores"]

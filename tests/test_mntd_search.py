@@ -21,6 +21,7 @@ from trojanscan.exceptions import ModelError, ParameterError
 from trojanscan.io.data import load_dataset
 from trojanscan.mntd import calibration, executor
 from trojanscan.mntd.pretrained import MetaBundle, load_bundle, save_bundle
+from trojanscan.mntd.recipe import Recipe
 from trojanscan.mntd.search import (
     FLOW_SPREAD_FLOOR,
     SEARCH,
@@ -302,13 +303,14 @@ def test_bundle_entry_round_trips_and_reference_models_take_over(tiny: dict,
         new, cal2 = with_reference_models(probe, dict(cal), tiny["refs"])
     assert cal2["normalised_on"] == "reference_models" and len(cal2["reference_raw"]) == 6
     assert not torch.equal(new.ref_mean, probe.ref_mean)  # a copy moved; the input did not
-    # the detector's search variant: a verdict calibrated on the reference models
-    bundle2 = MetaBundle("tiny-search", (1, 8, 8), 10, {SEARCH: new}, {SEARCH: cal2})
+    # a recipe of the search alone: a verdict calibrated on the reference models
+    bundle2 = MetaBundle("tiny-search", (1, 8, 8), 10, {SEARCH: new}, {SEARCH: cal2},
+                         recipe=Recipe(((SEARCH, 1.0),), "reference"))
     _, sidecar2 = save_bundle(tmp_path / "s2", bundle2)
     with executor.torch_threads(1):
-        r = MNTD(meta_classifier=str(sidecar2), variant=SEARCH).fit(m, tiny["digits"])
+        r = MNTD(meta_classifier=str(sidecar2)).fit(m, tiny["digits"])
     assert r.evidence["calibration"]["source"] == "reference_models"
-    assert 0 < r.p_value <= 1 and r.evidence["variant"] == SEARCH
+    assert 0 < r.p_value <= 1 and r.evidence["recipe"]["parts"] == {SEARCH: 1.0}
 
 
 def test_flow_entry_round_trips_and_is_read_against_reference_models(tiny: dict,
@@ -317,9 +319,17 @@ def test_flow_entry_round_trips_and_is_read_against_reference_models(tiny: dict,
     entries = {SEARCH: tiny["probe"], SEARCH_FLOW: flow}
     bundle = MetaBundle("tiny-flow", (1, 8, 8), 10, entries,
                         {SEARCH: tiny["cal"], SEARCH_FLOW: cal})
-    _, sidecar = save_bundle(tmp_path / "f", bundle)
+    weights, sidecar = save_bundle(tmp_path / "f", bundle)
     back = load_bundle(sidecar)
     assert type(back.variants[SEARCH_FLOW]) is FlowProbe
+    # the flow entry reads the search entry's anchors: stored once
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        stored = set(f.keys())
+    assert f"{SEARCH}.anchors" in stored and f"{SEARCH_FLOW}.anchors" not in stored
+    assert {f"{SEARCH_FLOW}.ref_mean", f"{SEARCH_FLOW}.ref_std"} <= stored
+    assert back.variants[SEARCH_FLOW].search_key() == flow.search_key()
     m = tiny["models"][3]
     refs = [_Counting(r) for r in tiny["refs"]]
     memos: list[dict[str, torch.Tensor]] = [{} for _ in refs]
@@ -341,67 +351,69 @@ def test_flow_entry_round_trips_and_is_read_against_reference_models(tiny: dict,
         save_bundle(tmp_path / "w", wrong)
 
 
-@pytest.mark.parametrize("variant", ["stamp_qt_data_one_class_search",
-                                     "stamp_one_class_search", "stamp_one_class_search_x2",
-                                     "stamp_one_class_search_flow"])
-def test_shipped_search_mixes_sum_each_named_part_once(variant: str) -> None:
-    """Each named part weighs 1 in the sum (an ensemble's members 1/n each; in ``_x2`` the
-    search weighs 2, in ``_flow`` both search readouts), every part standardised against
-    the held-out benign shadows, as for the other mixes."""
+def test_shipped_recipe_sums_each_named_part_with_its_weight() -> None:
+    """The shipped Fashion-MNIST recipe: the stamp members (1/3 each), the one-class
+    meta-classifier, and the search's two readouts weighed 2, every part standardised
+    against the held-out benign shadows, calibrated on the reference models."""
     from trojanscan.archs import build
-    from trojanscan.detectors.mntd import MIX_WEIGHTS, MIXES
     from trojanscan.mntd.pretrained import builtin_path
 
     bundle = load_bundle(builtin_path("fashion-mnist"))
+    assert dict(bundle.recipe.parts) == {"stamp": 1.0, "one_class": 1.0, SEARCH: 2.0,
+                                         SEARCH_FLOW: 2.0}
     model = build("mlp", (1, 28, 28), 10)
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
     with executor.torch_threads(1):
-        r = MNTD(variant=variant).fit(model, shape_only)
+        r = MNTD().fit(model, shape_only)
     got = r.evidence["component_raw_scores"]
     want = 0.0
-    for piece in MIXES[variant]:
+    for piece, weight in bundle.recipe.parts:
         names = bundle.ensembles.get(piece, (piece,))
         for n in names:
             b = np.asarray(bundle.calibration[n]["benign_raw"])
-            weight = MIX_WEIGHTS.get(variant, {}).get(piece, 1.0)
             want += weight * (got[n] - b.mean()) / b.std() / len(names)
-    assert set(got) == {n for p in MIXES[variant] for n in bundle.ensembles.get(p, (p,))}
+    assert set(got) == set(bundle.variants)  # the shipped bundle holds what it reads
     assert r.evidence["raw_score"] == pytest.approx(want, rel=1e-5)
     assert r.evidence["calibration"]["source"] == "reference_models"
 
 
-def test_shipped_mix_weights_name_parts_of_their_mix() -> None:
-    from trojanscan.detectors.mntd import MIX_WEIGHTS, MIXES
-
-    assert MIX_WEIGHTS["stamp_one_class_search_x2"] == {SEARCH: 2.0}
-    assert MIX_WEIGHTS["stamp_one_class_search_flow"] == {SEARCH: 2.0, SEARCH_FLOW: 2.0}
-    for mix, weights in MIX_WEIGHTS.items():
-        assert set(weights) <= set(MIXES[mix])
-
-
-def test_the_flow_mix_searches_each_model_once() -> None:
+def test_both_readouts_search_each_model_once(tmp_path: Path) -> None:
     """Both readouts of the search in one scan: the model answers as many batches as with
-    the search read once (``_x2``)."""
-    from trojanscan.archs import build
+    the search read once."""
+    from dataclasses import replace
 
+    from trojanscan.archs import build
+    from trojanscan.mntd.pretrained import builtin_path
+
+    bundle = load_bundle(builtin_path("fashion-mnist"))
+    cost_only = replace(bundle, recipe=Recipe((("stamp", 1.0), ("one_class", 1.0),
+                                               (SEARCH, 2.0)), "reference"))
+    _, sidecar = save_bundle(tmp_path / "cost_only", cost_only)
     torch.manual_seed(0)
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
     calls = {}
-    for variant in ("stamp_one_class_search_x2", "stamp_one_class_search_flow"):
+    for name, meta in (("both", None), ("cost", str(sidecar))):
         model = _Counting(build("mlp", (1, 28, 28), 10))
         with executor.torch_threads(1):
-            MNTD(variant=variant).fit(model, shape_only)
-        calls[variant] = model.calls
-    assert calls["stamp_one_class_search_flow"] == calls["stamp_one_class_search_x2"] > 41
+            MNTD(meta_classifier=meta).fit(model, shape_only)
+        calls[name] = model.calls
+    assert calls["both"] == calls["cost"] > 41
 
 
-@pytest.mark.parametrize("variant", [SEARCH, SEARCH_FLOW])
-def test_a_bundle_without_the_probe_says_how_to_get_one(variant: str) -> None:
+def test_seed_moves_the_search_start_and_repeats() -> None:
+    """``seed`` starts the trigger search elsewhere (other raw outputs of the search
+    parts, the same of the others); the same seed gives the same result."""
     from trojanscan.archs import build
 
-    digits = ImageDataset(torch.zeros(2, 1, 8, 8), torch.arange(2))
-    what = "trigger-search probe" if variant == SEARCH else "search flow readout"
-    with pytest.raises(ModelError, match=rf"no {what}.*--search-only"):
-        MNTD(meta_classifier="digits", variant=variant).fit(build("mlp", (1, 8, 8), 10),
-                                                            digits)
-
+    torch.manual_seed(0)
+    model = build("mlp", (1, 28, 28), 10).eval()
+    shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
+    with executor.torch_threads(1):
+        a, b, c = (MNTD(seed=s).fit(model, shape_only) for s in (0, 0, 3))
+    assert a.evidence["raw_score"] == b.evidence["raw_score"] and a.score == b.score
+    ca, cc = a.evidence["component_raw_scores"], c.evidence["component_raw_scores"]
+    assert ca[SEARCH] != cc[SEARCH] and ca[SEARCH_FLOW] != cc[SEARCH_FLOW]
+    assert all(ca[n] == cc[n] for n in ca if n not in (SEARCH, SEARCH_FLOW))
+    assert c.seed == 3
+    with pytest.raises(ParameterError, match="seed"):
+        MNTD(seed=-1).fit(model, shape_only)

@@ -1,4 +1,5 @@
-"""``trojanscan mntd ...``: train MNTD meta-classifiers for your own model shapes.
+"""``trojanscan mntd ...``: train MNTD meta-classifiers for your own model shapes, and cut a
+bundle down to what its recipe reads (``slim``).
 
 Only Typer and pathlib are imported at module level (the CLI starts fast); the work is
 in :mod:`trojanscan.mntd.pipeline`, imported inside the command.
@@ -61,8 +62,8 @@ def train(
     data_members: Annotated[int, typer.Option(
         "--data-members", help="Also train the qt_data ensemble (beyond the paper): this "
                                "many query-tuned meta-classifiers whose queries start from "
-                               "your images. The default detector uses them only without "
-                               "the stamps or the search probe. 0: none.")] = 0,
+                               "your images; the bundle's recipe adds them to its sum. "
+                               "0: none.")] = 0,
     data_query_eps: Annotated[float, typer.Option(
         "--data-query-eps", help="How far (L∞, pixels in [0, 1]) those queries may move "
                                  "from their starting images.")] = 0.1,
@@ -76,8 +77,8 @@ def train(
         "--stamp-members", help="Also train the stamp ensemble (beyond the paper): this "
                                 "many meta-classifiers that learn stamps, apply them to "
                                 "your images and read the change of the model's class "
-                                "probabilities (with qt_data: the detector's default). "
-                                "0: none.")] = 3,
+                                "probabilities; the bundle's recipe adds them to its "
+                                "sum. 0: none.")] = 3,
     stamp_family: Annotated[str, typer.Option(
         "--stamp-family", help="Jumbo triggers the stamp members learn from: paper or wide "
                                "(extra jumbo shadows, a third of them source-specific, "
@@ -189,4 +190,29 @@ def train(
     if not quiet:
         for v, cal in bundle.calibration.items():
             typer.echo(f"{v}: AUROC on held-out shadows {cal['val_auroc']:.3f}", err=True)
+    typer.echo(str(sidecar))
+
+
+@app.command()
+def slim(
+    bundle: Annotated[str, typer.Argument(
+        help="A meta-classifier bundle (.json or .safetensors) or a built-in name.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Stem of the slimmed bundle: OUT.safetensors + OUT.json "
+                            "(must not be the input's).")],
+) -> None:
+    """Write a copy of BUNDLE with only what its recipe reads (the detector's default)."""
+    from ..exceptions import ParameterError
+    from ..mntd.pretrained import resolve, save_bundle
+    from ..mntd.pretrained import slim as slim_bundle
+
+    src = resolve(bundle)
+    assert src is not None and src.path is not None
+    stem = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
+    inputs = {src.path.resolve(), (src.path.parent / src.info["weights"]["file"]).resolve()}
+    if {stem.with_suffix(".json").resolve(), stem.with_suffix(".safetensors").resolve()
+        } & inputs:
+        raise ParameterError(f"invalid --out: expected a stem other than the input "
+                             f"bundle's, got {str(out)!r}")
+    _, sidecar = save_bundle(stem, slim_bundle(src))
     typer.echo(str(sidecar))

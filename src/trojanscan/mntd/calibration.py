@@ -13,7 +13,7 @@ against the raw outputs of *held-out benign shadow models* (never seen in traini
   share of held-out benign shadows it exceeds (mid-rank for ties), in [0, 1];
 * ``combine_standardised`` — several variants' raw outputs, each standardised by the mean
   and standard deviation of its own held-out benign shadows' outputs, summed (beyond the
-  paper: the ``combined`` variant of the detector); the same sum over the benign shadows
+  paper: how the detector sums a bundle recipe's parts); the same sum over the benign shadows
   (the same shadows score every variant, in the same order) calibrates it;
   ``standardised_sums`` places other models (clean reference models) on the same scale.
 

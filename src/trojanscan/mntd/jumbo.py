@@ -27,8 +27,8 @@ Beyond the paper, ``family="wide"`` turns a third of the jumbo triggers *source-
 source classes (not the target) are relabelled to the target, and as many stamped
 *cover* samples of the other classes keep their true labels, so the shadow learns
 "trigger AND source class". The paper's family holds only all-to-one triggers, which
-teach the meta-classifier nothing about a backdoor that ignores most inputs; measured on
-held-out source-specific models in docs/benchmarks/mntd.md. The trigger itself (shape,
+teach the meta-classifier nothing about a backdoor that ignores most inputs
+(benchmarks/notes/mntd_development.md). The trigger itself (shape,
 pattern, transparency, target, rate) is drawn exactly as for ``"paper"`` from the same
 generator, the source classes after it.
 

@@ -19,9 +19,9 @@ Outputs (``response``): raw ``logits`` as the reference code (default); ``softma
 by their root-mean-square over all queries: one scale per model) and ``sorted`` (softmax
 with the classes put
 in order of their mean probability over the queries, so the meta-classifier need not
-learn every possible target class separately) are options whose measurements are in
-docs/mntd.md — logit scale depends on how long and on how much data a model was
-trained, and shadows see 2% of the data.
+learn every possible target class separately) are options (measured in
+benchmarks/notes/mntd_development.md) — logit scale depends on how long and on how
+much data a model was trained, and shadows see 2% of the data.
 Queries start as Gaussian noise with the defender data's pixel mean and standard
 deviation (reference code) and are not clipped (``query_range="unit"`` keeps them in
 [0, 1]). Raw outputs are higher for more suspicious models;

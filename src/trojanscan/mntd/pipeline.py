@@ -15,8 +15,7 @@ Beyond the paper, ``data_members`` > 0 also trains the ``qt_data`` ensemble
 (:data:`DATA_ENSEMBLE`): that many query-tuned meta-classifiers (seeds apart) whose
 queries *start* from the defender's images, one class after another, and stay in
 [0, 1] within ``data_query_eps`` (L∞) of their start. The detector sums their outputs,
-each standardised against its held-out benign shadows (docs/benchmarks/mntd.md measures
-it against the paper's variants on the same models).
+each standardised against its held-out benign shadows.
 
 ``stamp_members`` > 0 (beyond the paper) also trains that many stamp-probing
 meta-classifiers (:mod:`trojanscan.mntd.stamps`, seeds ``seed + i``): learned stamps on
@@ -50,6 +49,7 @@ from .executor import RunSummary, Task, run_tasks
 from .jumbo import POISONINGS, check_options
 from .meta import DATA_ENSEMBLE, VARIANTS, MetaClassifier, MetaConfig, fit_meta, raw_scores
 from .pretrained import MetaBundle
+from .recipe import trained_recipe
 from .regime import check_regime
 from .search import SearchProbe, fit_search_probes
 from .shadows import (
@@ -86,7 +86,7 @@ class TrainSettings:
     meta_epochs: int = 10
     meta_lr: float = 1e-3
     meta_batch_size: int = 1
-    response: str = "logits"  # as the reference; "softmax" is measured in docs/mntd.md
+    response: str = "logits"  # as the reference code (see meta.RESPONSES)
     query_range: str = "free"
     data_members: int = 0  # members of the qt_data ensemble (0: the paper's variants only)
     data_query_eps: float = 0.1  # their queries' L∞ distance from the starting images
@@ -495,4 +495,6 @@ def fit_bundle(folder: str | Path, settings: TrainSettings, *, name: str,
     ensembles = {DATA_ENSEMBLE: settings.member_names()} if settings.data_members else {}
     if settings.stamp_members:
         ensembles[STAMP] = settings.stamp_names()
-    return MetaBundle(name, shape, k, variants, calibration, info, ensembles=ensembles)
+    recipe = trained_recipe({*variants, *ensembles}, settings.variants)
+    return MetaBundle(name, shape, k, variants, calibration, info, ensembles=ensembles,
+                      recipe=recipe)

@@ -1,20 +1,35 @@
 """Meta-classifier files: saving, loading, and the ones shipped with the package.
 
 A *bundle* is two files with the same stem: ``STEM.safetensors`` holds the tensors of
-one or more variants (``qt.queries``, ``qt.fc.weight``, …, ``one_class.w``) and
-``STEM.json`` says what they are: the model shape they fit (``input_shape``,
-``num_classes``), each variant's settings and calibration (raw scores of held-out
-benign and trojaned shadow models, the decision threshold), the SHA-256 of the weights
-file and how it was trained. No pickles anywhere. A bundle may also hold *ensembles*
-(``"ensembles": {"qt_data": ["qt_data.0", …]}`` in the JSON): named groups of entries
-whose meta-classifier kind (``"kind"``: ``qt``, ``no_qt``, ``one_class``, ``stamp`` —
-trojanscan.mntd.stamps — or ``search`` / ``search_flow`` — trojanscan.mntd.search; an
-entry without it is named after its kind) the detector scores together. Bundles without
-ensembles (format version 1) load unchanged.
+its entries (``qt.queries``, ``qt.fc.weight``, …, ``one_class.w``) and ``STEM.json``
+says what they are (format version 3):
 
-Shipped bundles (``trojanscan/data/``, made by ``scripts/make_mntd_pretrained.py``):
-``fashion-mnist`` for 1×28×28 → 10 models and ``digits`` for 1×8×8 → 10 models;
-:func:`find_builtin` picks one by shape.
+* ``input_shape``, ``num_classes`` — the models it fits;
+* ``weights`` — the tensors file and its SHA-256 (checked on load);
+* ``variants`` — one object per entry: its kind (``"kind"``: ``qt``, ``no_qt``,
+  ``one_class``, ``stamp`` — trojanscan.mntd.stamps — or ``search`` / ``search_flow`` —
+  trojanscan.mntd.search; an entry without it is named after its kind), its shape and
+  its calibration (``benign_raw``: outputs on the held-out benign shadows; optionally
+  ``reference_raw``: on clean reference models; ``threshold``). A ``search_flow`` entry
+  with ``"search_of": NAME`` reads the search of entry NAME and stores only its own
+  reference statistics;
+* ``ensembles`` (optional) — named groups of entries scored together
+  (``"stamp": ["stamp.0", "stamp.1", "stamp.2"]``);
+* ``recipe`` — what the detector's default reads: parts, weights and calibration
+  (:mod:`trojanscan.mntd.recipe`);
+* anything else (``training``, ``reference``, ``tool``) records how it was made.
+
+Anchor images whose pixels are multiples of 1/255 are stored as ``uint8`` tensors (read
+as ``u / 255``, exactly); every other tensor as float32.
+
+No pickles anywhere. Older bundles (format versions 1 and 2: no recipe; a flow entry
+with its own copy of the search's anchors) are translated on load: their recipe is what
+the detector's default scored for them (:func:`trojanscan.mntd.recipe.legacy_recipe`).
+
+Shipped bundles (``trojanscan/data/``, made by ``scripts/make_mntd_pretrained.py``, then
+cut to what their recipe reads with ``trojanscan mntd slim``): ``fashion-mnist`` for
+1×28×28 → 10 models and ``digits`` for 1×8×8 → 10 models; :func:`find_builtin` picks
+one by shape.
 """
 
 from __future__ import annotations
@@ -22,7 +37,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +47,7 @@ import torch
 from ..exceptions import IncompatibleError, ModelError, ParameterError
 from ..utils import atomic_path, atomic_write_text, sha256_file
 from .meta import VARIANTS, MetaClassifier
+from .recipe import Recipe, legacy_recipe
 from .search import SEARCH, SEARCH_FLOW, FlowProbe, SearchProbe
 from .stamps import STAMP, StampMeta
 
@@ -44,7 +60,7 @@ _OWN_CLASS: Mapping[str, type[StampMeta] | type[SearchProbe]] = {
     STAMP: StampMeta, SEARCH: SearchProbe, SEARCH_FLOW: FlowProbe}
 
 FORMAT = "trojanscan-mntd-meta"
-FORMAT_VERSION = 2  # 2: entries may carry "kind"; optional "ensembles"
+FORMAT_VERSION = 3  # 2: entries may carry "kind"; optional "ensembles"; 3: "recipe"
 #: built-in name -> file stem in trojanscan/data
 BUILTINS: Mapping[str, str] = {"fashion-mnist": "mntd_fmnist", "digits": "mntd_digits"}
 
@@ -62,17 +78,40 @@ class MetaBundle:
     path: Path | None = None
     #: ensemble name -> the names of its member entries (in ``variants``)
     ensembles: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: what the detector's default reads; ``None``: the default of a bundle written
+    #: before recipes (:func:`trojanscan.mntd.recipe.legacy_recipe`)
+    recipe: Recipe = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        for e, names in self.ensembles.items():
+            _check_ensemble(e, names, self.variants)
+        if self.recipe is None:
+            object.__setattr__(self, "recipe", self._legacy_recipe())
+        names, _ = self.recipe.entries(self.ensembles)
+        missing = [n for n in names if n not in self.variants]
+        if missing:
+            raise ValueError(f"the recipe reads entries {missing} the bundle does not hold")
+        if self.recipe.calibration == "reference" and not all(
+                self.calibration.get(n, {}).get("reference_raw") for n in names):
+            raise ValueError("the recipe is calibrated on reference models, but not every "
+                             "part has reference outputs")
+
+    def _legacy_recipe(self) -> Recipe:
+        def has_reference(names: tuple[str, ...]) -> bool:
+            return all(self.calibration.get(n, {}).get("reference_raw") for n in names)
+
+        groups = {**{n: (n,) for n in self.variants}, **self.ensembles}
+        first = next(iter(self.calibration.values()), {})
+        return legacy_recipe({e: len(m) for e, m in self.ensembles.items()},
+                             set(self.variants),
+                             {g for g, names in groups.items() if has_reference(names)},
+                             float(first.get("fpr", 0.05)))
 
     def shape_text(self) -> str:
         return f"{'×'.join(map(str, self.input_shape))} → {self.num_classes}"
 
     def variant(self, name: str) -> tuple[Meta, Mapping[str, Any]]:
-        if name in (SEARCH, SEARCH_FLOW) and name not in self.variants:
-            what = "trigger-search probe" if name == SEARCH else "search flow readout"
-            raise ModelError(f"MNTD: {self.name} has no {what}; train a bundle "
-                             "with 'trojanscan mntd train' (it adds one unless "
-                             "--no-search-probe) or add one with "
-                             "scripts/make_mntd_pretrained.py --search-only")
+        """The entry ``name`` and its calibration."""
         if name not in self.variants:
             raise ParameterError(f"invalid variant: expected one of "
                                  f"{', '.join(sorted(self.variants))} (in {self.name}), "
@@ -80,12 +119,11 @@ class MetaBundle:
         return self.variants[name], self.calibration.get(name, {})
 
     def members(self, ensemble: str) -> tuple[str, ...]:
+        """The entries of ``ensemble``."""
         if ensemble not in self.ensembles:
             have = ", ".join(sorted(self.ensembles)) or "none"
-            flag = "--stamp-members" if ensemble == STAMP else "--data-members"
             raise ModelError(f"MNTD: {self.name} has no {ensemble!r} ensemble (it has: "
-                             f"{have}); train one with 'trojanscan mntd train "
-                             f"{flag} N'")
+                             f"{have})")
         return self.ensembles[ensemble]
 
 
@@ -100,9 +138,14 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
     for e, names in bundle.ensembles.items():
         _check_ensemble(e, names, bundle.variants)
     members = {m for names in bundle.ensembles.values() for m in names}
+    searches = {meta.search_key(): name for name, meta in bundle.variants.items()
+                if type(meta) is SearchProbe}
     for name, meta in bundle.variants.items():
+        search_of = (searches.get(meta.search_key()) if isinstance(meta, FlowProbe)
+                     else None)
         for k, v in meta.state_dict().items():
-            tensors[f"{name}.{k}"] = v.detach().cpu().contiguous().float()
+            if search_of is None or k in _FLOW_OWN:
+                tensors[f"{name}.{k}"] = _stored(k, v.detach().cpu().contiguous().float())
         cal = dict(bundle.calibration.get(name, {}))
         kind = cal.pop("kind", name)
         if kind not in KINDS or not isinstance(meta, _OWN_CLASS.get(kind, MetaClassifier)) or (
@@ -114,7 +157,8 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
         if isinstance(meta, StampMeta):
             shape = {"num_stamps": meta.num_stamps, "hidden": meta.hidden}
         elif isinstance(meta, SearchProbe):
-            shape = {"search": dict(asdict(meta.config))}
+            shape = {"search": dict(asdict(meta.config)),
+                     **({"search_of": search_of} if search_of else {})}
         else:
             shape = {"num_queries": meta.num_queries, "hidden": meta.hidden,
                      "one_class": meta.one_class, "response": meta.response}
@@ -130,6 +174,7 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
         "variants": variants,
         **({"ensembles": {k: list(v) for k, v in bundle.ensembles.items()}}
            if bundle.ensembles else {}),
+        "recipe": bundle.recipe.to_dict(),
         **{k: v for k, v in bundle.info.items()
            if k not in _STRUCTURAL},
     }
@@ -140,11 +185,26 @@ def save_bundle(stem: str | Path, bundle: MetaBundle) -> tuple[Path, Path]:
 #: keys save_bundle writes from the bundle itself; a loaded bundle's info (its whole old
 #: JSON) must not override them
 _STRUCTURAL = ("format", "format_version", "name", "input_shape", "num_classes", "weights",
-               "variants", "ensembles")
+               "variants", "ensembles", "recipe")
 
 
 #: entry keys that describe a meta-classifier's shape (not its calibration)
-_SHAPE_KEYS = ("num_queries", "hidden", "one_class", "response", "num_stamps", "search")
+_SHAPE_KEYS = ("num_queries", "hidden", "one_class", "response", "num_stamps", "search",
+               "search_of")
+#: the tensors a flow entry stores itself when it reads another entry's search
+_FLOW_OWN = ("ref_mean", "ref_std")
+#: the calibration keys the detector reads (what :func:`slim` keeps)
+_READ_KEYS = ("kind", "benign_raw", "reference_raw", "threshold", "fpr", "val_auroc")
+
+
+def _stored(key: str, t: torch.Tensor) -> torch.Tensor:
+    """Anchor images whose pixels are whole multiples of 1/255 as ``uint8`` (read back
+    exactly as ``u / 255``), anything else as it is."""
+    if key == "anchors":
+        u = (t * 255).round().clamp(0, 255).to(torch.uint8)
+        if torch.equal(u.float() / 255, t):
+            return u
+    return t
 
 
 def _check_ensemble(name: str, members: Any, entries: Mapping[str, Any]) -> None:
@@ -179,7 +239,8 @@ def load_bundle(path: str | Path) -> MetaBundle:
         weights = sidecar.parent / doc["weights"]["file"]
         if sha256_file(weights) != doc["weights"]["sha256"]:
             raise ValueError(f"{weights.name} does not match the SHA-256 in {sidecar.name}")
-        tensors = load_file(str(weights))
+        tensors = {n: (t.float() / 255 if t.dtype == torch.uint8 else t)
+                   for n, t in load_file(str(weights)).items()}
         shape = tuple(int(s) for s in doc["input_shape"])
         k = int(doc["num_classes"])
         variants: dict[str, Meta] = {}
@@ -190,6 +251,10 @@ def load_bundle(path: str | Path) -> MetaBundle:
                 raise ValueError(f"unknown variant {kind!r} (entry {name!r})")
             prefix = f"{name}."
             state = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+            if kind == SEARCH_FLOW and "search_of" in spec:  # the search's own tensors
+                other = f"{spec['search_of']}."
+                state.update({n[len(other):]: t for n, t in tensors.items()
+                              if n.startswith(other) and n[len(other):] not in _FLOW_OWN})
             meta: Meta
             if kind in _OWN_CLASS:  # stamps and search probes: sizes read from the tensors
                 meta = _OWN_CLASS[kind].from_state(state, k)
@@ -213,10 +278,30 @@ def load_bundle(path: str | Path) -> MetaBundle:
         for e, names in raw_ensembles.items():
             _check_ensemble(str(e), names, variants)
         ensembles = {str(e): tuple(names) for e, names in raw_ensembles.items()}
+        recipe = Recipe.from_dict(doc["recipe"]) if "recipe" in doc else None
+        return MetaBundle(str(doc.get("name", sidecar.stem)), shape, k,  # type: ignore[arg-type]
+                          variants, calibration, doc, sidecar, ensembles,
+                          recipe)  # type: ignore[arg-type]
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
         raise ModelError(f"{sidecar}: not a valid MNTD meta-classifier ({exc})") from exc
-    return MetaBundle(str(doc.get("name", sidecar.stem)), shape, k, variants,  # type: ignore[arg-type]
-                      calibration, doc, sidecar, ensembles)
+
+
+def slim(bundle: MetaBundle) -> MetaBundle:
+    """A copy of ``bundle`` with only what its recipe reads: those entries (and their
+    ensembles), their calibration's read keys and, of the training record, all but the
+    per-epoch history."""
+    names, _ = bundle.recipe.entries(bundle.ensembles)
+    keep = set(names)
+    info = dict(bundle.info)
+    if isinstance(info.get("training"), Mapping):
+        info["training"] = {k: v for k, v in info["training"].items() if k != "history"}
+    return replace(
+        bundle, variants={n: m for n, m in bundle.variants.items() if n in keep},
+        calibration={n: {k: v for k, v in c.items() if k in _READ_KEYS}
+                     for n, c in bundle.calibration.items() if n in keep},
+        ensembles={e: m for e, m in bundle.ensembles.items()
+                   if e in dict(bundle.recipe.parts)},
+        info=info)
 
 
 def builtin_path(name: str) -> Path:

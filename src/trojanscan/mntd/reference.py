@@ -4,7 +4,7 @@ Beyond the paper (Xu et al., "Detecting AI Trojans Using Meta Neural Analysis", 
 2021, report AUROC only). A bundle's threshold and p-values are set on its held-out
 benign *shadows*, which train on the defender's small share the shadows' way; clean
 models trained on other, larger data score higher, so a threshold meant to flag 5% of
-clean models flags 19–24% of real ones (docs/benchmarks/mntd.md). Reference models are
+clean models flags 19–24% of real ones (docs/BENCHMARKS.md). Reference models are
 clean models trained on data *outside* the share, each with its own recipe drawn from
 its own seed:
 
@@ -202,7 +202,8 @@ def with_references(bundle: MetaBundle, models: Sequence[torch.nn.Module],
         "mean_accuracy": float(np.mean(acc)) if acc else None,
         **({"data": data} if data else {}),
     }}
-    return replace(bundle, variants=variants, calibration=calibration, info=info)
+    return replace(bundle, variants=variants, calibration=calibration, info=info,
+                   recipe=replace(bundle.recipe, calibration="reference"))
 
 
 def calibrate(bundle: MetaBundle, pool: ImageDataset, folder: str | Path, *, num: int,

@@ -4,7 +4,7 @@ Xu et al., "Detecting AI Trojans Using Meta Neural Analysis", IEEE S&P 2021, tra
 shadow model the same way (same data share, epochs, optimiser). Models under test are
 trained in other ways — on more data, for longer or shorter, with other learning rates —
 and a meta-classifier that has only seen one recipe reads those differences as
-"trojaned" (docs/benchmarks/mntd.md: 17–33% of real clean models flagged at a 5%
+"trojaned" (17–33% of real clean Fashion-MNIST models flagged at a 5%
 shadow-calibrated false-positive rate). ``regime="random"`` (beyond the paper) draws, per
 shadow, from its own seed:
 

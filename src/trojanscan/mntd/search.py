@@ -3,7 +3,7 @@
 Beyond the paper (Xu et al., "Detecting AI Trojans Using Meta Neural Analysis", IEEE S&P
 2021). MNTD's queries, and the stamps of :mod:`trojanscan.mntd.stamps`, are fixed before
 the model under test is seen; a trigger they do not resemble — a patch that fires on one
-source class only — goes unnoticed (docs/benchmarks/mntd.md). This probe searches on the
+source class only — goes unnoticed. This probe searches on the
 model itself, as Neural Cleanse does (Wang et al., IEEE S&P 2019), but per *source*
 class and without a target:
 
@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -51,8 +51,7 @@ SEARCH = "search"
 #: the bundle entry kind (and detector variant) of the flow readout (:class:`FlowProbe`)
 SEARCH_FLOW = "search_flow"
 #: added to each class pair's reference spread of flows (probabilities), so that a pair
-#: no clean model ever takes (spread ~0) does not turn noise into a huge z-score;
-#: chosen on development models, before held-out ones were scored
+#: no clean model ever takes (spread ~0) does not turn noise into a huge z-score
 FLOW_SPREAD_FLOOR = 0.01
 
 
@@ -241,10 +240,15 @@ class SearchProbe(nn.Module):
                  torch.unique(self.anchor_labels).tolist()]
         return self.anchors[first]
 
-    def run(self, model: nn.Module) -> torch.Tensor:
-        """The whole search outcome: ``K`` costs, then the ``K×K`` flows flattened."""
+    def run(self, model: nn.Module, seed: int = 0) -> torch.Tensor:
+        """The whole search outcome: ``K`` costs, then the ``K×K`` flows flattened.
+        ``seed`` offsets the search's random start from the stored one (0: the start
+        the reference statistics were measured with)."""
+        config = self.config
+        if seed:
+            config = replace(config, seed=int(config.seed) + int(seed))
         costs, flows = search_outcome(model, self.anchors, self.anchor_labels,
-                                      self.num_classes, self.config)
+                                      self.num_classes, config)
         return torch.cat([costs, flows.flatten()])
 
     def select(self, outcome: torch.Tensor) -> torch.Tensor:
@@ -324,12 +328,14 @@ class FlowProbe(SearchProbe):
 
 
 def shared_respond(probe: SearchProbe, model: nn.Module,
-                   memo: MutableMapping[str, torch.Tensor]) -> torch.Tensor:
-    """``probe.respond(model)``, running the search only if no probe with the same
-    search has run it on this ``model`` before (``memo``: one per model)."""
-    key = probe.search_key()
+                   memo: MutableMapping[str, torch.Tensor], *, seed: int = 0,
+                   ) -> torch.Tensor:
+    """``probe.respond(model)`` (the search's start offset by ``seed``), running the
+    search only if no probe with the same search has run it on this ``model`` with
+    this seed before (``memo``: one per model)."""
+    key = f"{probe.search_key()}:{int(seed)}"
     if key not in memo:
-        memo[key] = probe.run(model)
+        memo[key] = probe.run(model, seed)
     return probe.select(memo[key])
 
 

@@ -4,8 +4,8 @@ Beyond the paper (Xu et al., "Detecting AI Trojans Using Meta Neural Analysis", 
 2021). MNTD's meta-classifier reads a model's raw outputs on a few learned query inputs.
 On models trained on other data than the shadows those outputs mostly tell *how* a
 model was trained (its logit scale, what it memorised), not whether it has a backdoor:
-held-out shadows are separated almost perfectly, real models much less well
-(docs/benchmarks/mntd.md). This variant asks a question whose answer does not depend on
+held-out shadows are separated almost perfectly, real models much less well.
+This variant asks a question whose answer does not depend on
 the model's own clean behaviour:
 
 * the queries are ``J`` learned *stamps* — a mask ``m = σ(a)`` (1×H×W) and a pattern
@@ -57,7 +57,7 @@ class StampConfig:
     lr: float = 1e-3  # the classifier's (MNTD's)
     stamp_lr: float = 0.05  # the stamps' mask and pattern logits
     mask_init: float = -2.0  # initial mask logit (σ(−2) ≈ 0.12), plus N(0, 1) noise
-    #: exploratory (not shipped): read every (stamp, source, target) gain as a z-score
+    #: not used by the shipped bundles: read every (stamp, source, target) gain as a z-score
     #: against the benign training shadows' (refreshed every epoch), so that a flip clean
     #: models also make easily (shirt → T-shirt) stands out less than a rare one
     normalise: bool = False

@@ -13,7 +13,7 @@ summed offline in several ways and ranked (AUROC, clean against backdoored):
 Per pair of sets and pooled. The comparison behind ``stamp_one_class_search_x2``
 (``docs/benchmarks/mntd_prereg_s15.md``, question 2)::
 
-    python benchmarks/bench_mntd_weights.py --sets 23,24,25,26,27,28,29,30 \\
+    python benchmarks/mntd_research/bench_mntd_weights.py --sets 23,24,25,26,27,28,29,30 \\
         --results benchmarks/results/mntd_weights_2330.json
 """
 
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CACHE = Path(__file__).resolve().parent / ".cache"
+CACHE = Path(__file__).resolve().parents[1] / ".cache"
 SEARCH_WEIGHTS = (1.0, 1.5, 2.0, 3.0)
 
 
@@ -66,9 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     sets = [int(s) for s in args.sets.split(",")]
-    bundle = resolve("fashion-mnist")
+    from _bundles import full_bundle, with_recipe
+
+    bundle = resolve(full_bundle())
     assert bundle is not None
-    det = MNTD(meta_classifier="fashion-mnist", variant="stamp_one_class_search")
+    det = MNTD(meta_classifier=with_recipe({"stamp": 1, "one_class": 1, "search": 1}))
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
     rows: list[dict[str, Any]] = []
     for s in sets:

@@ -14,7 +14,7 @@ are read through the detector (``stamp_one_class``). The readouts are then summe
 Per group of sets and pooled, with per-attack AUROC. The comparison behind
 ``stamp_one_class_search_flow`` (``docs/benchmarks/mntd_prereg_s16.md``, development)::
 
-    python benchmarks/bench_mntd_flow.py --sets 23,24,25,26,27,28,29,30,31,32,33,34 \\
+    python benchmarks/mntd_research/bench_mntd_flow.py --sets 23,24,25,26,27,28,29,30,31,32,33,34 \\
         --groups 23-26,27-30,31-34 --results benchmarks/results/mntd_flow_2334.json
 """
 
@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 CACHE = ROOT / "benchmarks" / ".cache"
 SHADOWS = CACHE / "mntd_shadows" / "paper" / "fashion-mnist"
 ATTACKS = ("badnets", "blend", "wanet", "sig", "all2all", "source")
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    bundle = resolve("fashion-mnist")
+    from _bundles import full_bundle, with_recipe
+
+    bundle = resolve(full_bundle())
     assert bundle is not None
     search, search_cal = bundle.variant("search")
     k = bundle.num_classes
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if not np.allclose(flow_raw(benign_flows, ref_flows, FLOW_SPREAD_FLOOR), shipped,
                        atol=1e-2):
         raise SystemExit("the recomputed flow readout does not match the bundle's")
-    det = MNTD(meta_classifier="fashion-mnist", variant="stamp_one_class")
+    det = MNTD(meta_classifier=with_recipe({"stamp": 1, "one_class": 1}))
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()

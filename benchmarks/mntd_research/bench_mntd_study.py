@@ -9,10 +9,11 @@ raw outputs on the held-out shadows and on every target model of the given cache
 single meta-classifiers, of seed ensembles and of variant combinations, each member
 standardised against the held-out *benign shadows* (nothing is fitted on the targets).
 
-    python benchmarks/bench_mntd_study.py fit --bundle-json B.json --shadows DIR --tag paper \\
+    python benchmarks/mntd_research/bench_mntd_study.py fit --bundle-json B.json \\
+        --shadows DIR --tag paper \\
         --grid qt:logits,one_class:logits --seeds 0,1,2,3,4 --workers 2
-    python benchmarks/bench_mntd_study.py analyse --sets 0          # development set only
-    python benchmarks/bench_mntd_study.py analyse --sets 1,2        # the fresh sets
+    python benchmarks/mntd_research/bench_mntd_study.py analyse --sets 0    # development set
+    python benchmarks/mntd_research/bench_mntd_study.py analyse --sets 1,2        # the fresh sets
 
 Results: one JSON file per trained meta-classifier in ``benchmarks/results/mntd_study/``
 (resumable: a rerun trains only what is missing).
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 RESULTS = HERE / "results" / "mntd_study"
 
 

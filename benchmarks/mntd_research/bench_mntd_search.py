@@ -9,7 +9,8 @@ one CPU thread, with the ratio to the cheapest setting (this machine is noisy: r
 ratios). The comparison behind the shipped settings (docs/benchmarks/mntd_prereg_s14.md,
 made there with a prototype of this script)::
 
-    python benchmarks/bench_mntd_search.py --settings 10:100:0.1,5:60:0.1,5:40:0.2 --sets 19,20 \\
+    python benchmarks/mntd_research/bench_mntd_search.py \\
+        --settings 10:100:0.1,5:60:0.1,5:40:0.2 --sets 19,20 \\
         --scores benchmarks/results/mntd_sets1920.json \\
         --results benchmarks/results/mntd_search_settings.json
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "benchmarks" / ".cache"
 SHADOWS = CACHE / "mntd_shadows" / "paper" / "fashion-mnist"
 ATTACKS = ("badnets", "blend", "wanet", "sig", "all2all", "source")

@@ -6,7 +6,7 @@ models resampled separately, seeded) on all models of each given group of sets, 
 the backdoors that took (ASR ≥ 0.5) per attack and architecture against all clean models.
 The session-15 figures (``docs/benchmarks/mntd_prereg_s15.md``)::
 
-    python benchmarks/mntd_score_stats.py benchmarks/results/mntd_sets3134.json \\
+    python benchmarks/mntd_research/mntd_score_stats.py benchmarks/results/mntd_sets3134.json \\
         --variant stamp_one_class_search_x2 --groups 31,32:33,34:31,32,33,34
 """
 
