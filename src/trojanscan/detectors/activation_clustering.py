@@ -52,6 +52,7 @@ from ..maths.robust import cluster_decision, reclassification_verdict, silhouett
 from ..maths.spectral import check_rate, class_groups
 from .data_base import (
     FeatureDataDetector,
+    annotate_classes,
     apply_budget,
     budget,
     fresh_model,
@@ -231,6 +232,9 @@ class ActivationClustering(FeatureDataDetector):
                     flagged[clusters[int(key)]] = False
                     per_class[key]["detected"] = False
                     per_class[key]["reason"] += "; released by exclusionary reclassification"
+        annotate_classes(per_class, "silhouette", (
+            f"within the class: the smaller 2-means cluster's share with "
+            f"{self.size_threshold:g} and the silhouette with {sil_needed:g}"))
         limit = budget(self.poison_rate_bound, n)
         flagged = apply_budget(flagged, scores, limit)
         for label, index in class_groups(y).items():

@@ -260,3 +260,19 @@ class FeatureDataDetector(DataDetector):
     def _score(self, f: np.ndarray, y: np.ndarray, *, model: Any,
                train: ImageDataset | None) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def annotate_classes(per_class: dict[str, Any], key: str, compared_with: str) -> None:
+    """Say in every class entry what its decision compared, and where the class's
+    ``key`` statistic lies among the other classes of the same set (one-sided index
+    ``(value − median) / MAD``, evidence only: ``<key>_across_class_index``)."""
+    from ..maths.decomposition import one_sided_index
+
+    labels = [c for c, e in per_class.items() if isinstance(e.get(key), (int, float))]
+    index = (one_sided_index(np.array([float(per_class[c][key]) for c in labels]))
+             if len(labels) >= 3 else None)
+    for pos, c in enumerate(labels):
+        if index is not None:
+            per_class[c][f"{key}_across_class_index"] = round(float(index[pos]), 4)
+    for entry in per_class.values():
+        entry["compared_with"] = compared_with

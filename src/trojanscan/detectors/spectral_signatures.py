@@ -53,7 +53,7 @@ from ..maths.spectral import (
     suspect_side,
     top_k_mask,
 )
-from .data_base import FeatureDataDetector, apply_budget, budget
+from .data_base import FeatureDataDetector, annotate_classes, apply_budget, budget
 
 MODES = ("adaptive", "paper")
 
@@ -134,6 +134,11 @@ class SpectralSignatures(FeatureDataDetector):
                 paper[index[top_k_mask(sig.scores, k)]] = True
                 entry["paper_num_flagged"] = k
             per_class[str(label)] = entry
+        annotate_classes(per_class, "separation", (
+            f"within the class: the density valley between the two groups of its top "
+            f"singular direction with {self.max_valley:g} of the smaller peak, and their "
+            f"separation d' with {self.min_separation:g}" if self.mode == "adaptive" else
+            "none: the paper removes the 1.5·ε·n highest scores of every class"))
         limit = budget(eps, n, self.removal_factor)
         adaptive = apply_budget(adaptive, scores, limit)
         for label, index in class_groups(y).items():

@@ -48,7 +48,13 @@ from ..maths.spectral import (
     top_eigen,
     top_k_mask,
 )
-from .data_base import FeatureDataDetector, apply_budget, budget, seeded_subset
+from .data_base import (
+    FeatureDataDetector,
+    annotate_classes,
+    apply_budget,
+    budget,
+    seeded_subset,
+)
 from .spectral_signatures import check_mode, min_population
 
 
@@ -122,6 +128,13 @@ class Spectre(FeatureDataDetector):
                 paper[index[top_k_mask(que, k)]] = True
                 entry["paper_num_flagged"] = k
             per_class[str(label)] = entry
+        annotate_classes(per_class, "separation", (
+            f"within the class: the density valley on its top principal direction (else on "
+            f"the robustly whitened one, bar /5) with {self.max_valley:g} of the smaller "
+            f"peak and the separation d' with {self.min_separation:g}; then QUE scores with "
+            f"the clean group's {self.reference_quantile:g} quantile"
+            if self.mode == "adaptive" else
+            "none: the paper removes the 1.5·ε·n highest QUE scores of every class"))
         limit = budget(eps, n, self.removal_factor)
         adaptive = apply_budget(adaptive, scores, limit)
         flagged = paper if self.mode == "paper" else adaptive
