@@ -238,7 +238,7 @@ def fmnist_source() -> dict:
     """Small Fashion-MNIST MLPs (3,000 images, 6 epochs, a second or so each): three
     clean, three with a source-specific 4×4 patch whose source is a class with
     look-alikes (shirt, pullover, coat) — where the search's cost is no cheaper than
-    clean models' (docs/benchmarks/mntd_prereg_s16.md)."""
+    clean models'."""
     from trojanscan.attacks.spec import parse_attack
 
     with executor.torch_threads(1):
