@@ -29,13 +29,11 @@ from trojanscan.mntd.search import (
     FlowProbe,
     SearchConfig,
     SearchProbe,
-    fit_search_probe,
     fit_search_probes,
     high_flow_z,
     low_z,
     search_outcome,
     shared_respond,
-    source_costs,
     with_reference_models,
 )
 from trojanscan.training import TrainConfig, train_model
@@ -70,11 +68,16 @@ def test_search_outcome_gives_the_costs_and_where_each_class_went() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 2])
     costs, flows = search_outcome(model, x, y, 3, SearchConfig(steps=5))
-    assert torch.equal(costs, source_costs(model, x, y, 3, SearchConfig(steps=5)))
+    assert torch.equal(costs, search_outcome(model, x, y, 3, SearchConfig(steps=5))[0])
     assert flows.shape == (3, 3) and (flows >= 0).all()
     assert flows.sum(1).tolist() == pytest.approx([1.0] * 3, abs=1e-5)
     _, missing = search_outcome(model, x[:4], y[:4], 3, SearchConfig(steps=2))
     assert torch.isnan(missing[2]).all() and torch.isfinite(missing[:2]).all()
+
+
+def _costs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int,
+           config: SearchConfig) -> torch.Tensor:
+    return search_outcome(model, x, y, k, config)[0]
 
 
 class _Counting(nn.Module):
@@ -142,15 +145,15 @@ def test_search_leaves_the_model_alone_and_is_seeded() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 2])
-    a = source_costs(model, x, y, 3, SearchConfig(steps=5))
-    b = source_costs(model, x, y, 3, SearchConfig(steps=5))
+    a = _costs(model, x, y, 3, SearchConfig(steps=5))
+    b = _costs(model, x, y, 3, SearchConfig(steps=5))
     assert torch.equal(a, b) and torch.isfinite(a).all()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())
-    missing = source_costs(model, x[:4], y[:4], 3, SearchConfig(steps=2))
+    missing = _costs(model, x[:4], y[:4], 3, SearchConfig(steps=2))
     assert torch.isnan(missing[2]) and torch.isfinite(missing[:2]).all()
     with pytest.raises(ModelError, match="shape"):
-        source_costs(nn.Sequential(nn.Flatten(), nn.Linear(16, 5)), x, y, 3, CFG)
+        _costs(nn.Sequential(nn.Flatten(), nn.Linear(16, 5)), x, y, 3, CFG)
 
 
 def test_reference_outputs_leave_each_model_out() -> None:
@@ -275,13 +278,15 @@ def test_shipped_flow_readout_flags_source_specific_look_alikes(fmnist_source: d
     assert len(cal["reference_raw"]) == 64
 
 
-def test_fit_search_probe_alone_gives_the_cost_probe() -> None:
+def test_fit_search_probes_without_flow_gives_the_cost_probe() -> None:
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Flatten(), nn.Linear(16, 3)) for _ in range(4)]
     x, y = torch.rand(12, 1, 4, 4), torch.arange(12) % 3
     cfg = SearchConfig(anchors_per_class=2, steps=3)
-    probe, cal = fit_search_probe(x, y, 3, normalise_on=models[:3],
-                                  held_out_benign=models[3:], config=cfg)
+    alone = fit_search_probes(x, y, 3, normalise_on=models[:3], flow=False,
+                              held_out_benign=models[3:], config=cfg)
+    assert set(alone) == {SEARCH}
+    probe, cal = alone[SEARCH]
     both = fit_search_probes(x, y, 3, normalise_on=models[:3], held_out_benign=models[3:],
                              config=cfg)
     assert type(probe) is SearchProbe and cal["kind"] == SEARCH and "benign_costs" in cal

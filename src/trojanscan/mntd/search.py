@@ -148,13 +148,6 @@ def search_outcome(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor
             torch.where(have[:, None], flows, torch.full_like(flows, nan)))
 
 
-def source_costs(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor,
-                 num_classes: int, config: SearchConfig = SearchConfig()) -> torch.Tensor:
-    """The cheapest found cost of leaving each class (``K``; NaN for a class without
-    anchors): :func:`search_outcome`'s first half."""
-    return search_outcome(model, anchors, labels, num_classes, config)[0]
-
-
 def low_z(costs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``max_s −(costs_s − mean_s) / std_s`` per row of ``B×K`` costs (NaN costs skipped)."""
     z = (costs - mean) / std
@@ -404,17 +397,6 @@ def fit_search_probes(images: torch.Tensor, image_labels: torch.Tensor, num_clas
             p, model_costs(p, held_out_benign, held_memos), fpr=fpr,
             normalised_on="benign_shadows", count=len(normalise_on)))
     return out
-
-
-def fit_search_probe(images: torch.Tensor, image_labels: torch.Tensor, num_classes: int, *,
-                     normalise_on: Sequence[nn.Module], held_out_benign: Sequence[nn.Module],
-                     config: SearchConfig = SearchConfig(), seed: int = 0,
-                     fpr: float = 0.05) -> tuple[SearchProbe, dict[str, Any]]:
-    """:func:`fit_search_probes` without the flow readout: the cost probe and its
-    calibration."""
-    return fit_search_probes(images, image_labels, num_classes, normalise_on=normalise_on,
-                             held_out_benign=held_out_benign, config=config, seed=seed,
-                             fpr=fpr, flow=False)[SEARCH]
 
 
 def with_reference_models(probe: SearchProbe, calibration: dict[str, Any],
