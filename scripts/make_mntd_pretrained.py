@@ -118,8 +118,6 @@ def make(name: str, args: argparse.Namespace) -> Path:
                                    ("data_members", args.data_members),
                                    ("stamp_members", args.stamp_members),
                                    ("stamp_family", args.stamp_family),
-                                   ("stamp_normalise", None if args.stamp_normalise is None
-                                    else bool(args.stamp_normalise)),
                                    ("query_holdout", args.query_holdout),
                                    ("archs", None if args.archs is None else
                                     tuple(args.archs.split(",")))) if v is not None}
@@ -235,9 +233,6 @@ def main(argv: list[str] | None = None) -> None:
                     help="override: members of the stamp ensemble (trojanscan.mntd.stamps)")
     ap.add_argument("--stamp-family", default=None,
                     help="override: jumbo family of the stamp members' shadows (paper, wide)")
-    ap.add_argument("--stamp-normalise", type=int, choices=[0, 1], default=None,
-                    help="override: 1 = the stamp members read their gains as z-scores "
-                         "against the benign shadows' (StampConfig.normalise)")
     ap.add_argument("--query-holdout", type=float, default=None,
                     help="override: share of the defender's data kept out of the shadows "
                          "for the qt_data queries to start from")

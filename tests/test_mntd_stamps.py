@@ -13,8 +13,6 @@ from trojanscan.mntd.meta import raw_scores
 from trojanscan.mntd.stamps import (
     StampConfig,
     StampMeta,
-    normalised_features,
-    pair_gains,
     pick_anchors,
     stamp_features,
 )
@@ -58,32 +56,6 @@ def test_all_to_one_shift_tops_the_overall_gain_and_source_flip_tops_the_flips()
     assert f_src[0] == pytest.approx(0.9 * 2 / 8, abs=1e-5)
 
 
-def test_normalised_features_make_a_rare_flip_stand_out_over_a_common_one() -> None:
-    """``normalise`` (exploratory): the same raw flip counts little where clean models make
-    it too (a large reference mean), much where they never do; with a zero-mean, unit-std
-    reference it equals the raw features' flip half, and it stays class-order-free."""
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    base = torch.eye(K)[labels] * 0.9 + 0.025
-    flip = base.clone().unsqueeze(0)
-    flip[0, labels == 1] = torch.eye(K)[2] * 0.9 + 0.025  # source 1 flips to 2
-    gains = pair_gains(base, flip, labels)
-    assert gains.shape == (1, K, K) and gains[0, 1, 2] == pytest.approx(0.9, abs=1e-5)
-    plain = normalised_features(gains, torch.zeros_like(gains), torch.ones_like(gains))
-    assert torch.allclose(plain[:, K:], stamp_features(base, flip, labels)[:, K:], atol=1e-6)
-    common = torch.zeros_like(gains)
-    common[0, 1, 2] = 0.8  # clean models flip 1 -> 2 under this stamp too
-    std = torch.full_like(gains, 0.1)
-    rare = normalised_features(gains, torch.zeros_like(gains), std)
-    usual = normalised_features(gains, common, std)
-    assert rare[0, K] == pytest.approx(9.0, abs=1e-4)
-    assert usual[0, K] == pytest.approx(1.0, abs=1e-4)
-    perm = torch.tensor([2, 0, 3, 1])  # class c is renamed perm[c]
-    inv = torch.argsort(perm)
-    moved = normalised_features(gains[:, inv][:, :, inv], common[:, inv][:, :, inv],
-                                std)
-    assert torch.allclose(moved, usual, atol=1e-6)
-
-
 def test_anchors_are_stratified_and_seeded() -> None:
     x = torch.rand(50, 1, 6, 6)
     y = torch.arange(50) % 5
@@ -122,33 +94,3 @@ def test_wrong_model_shape_and_bad_settings_are_clear_errors() -> None:
         StampMeta(torch.rand(4, 5, 5), torch.tensor([0, 1, 2, 0]), 3)
     assert np.isfinite(raw_scores(meta, [nn.Sequential(nn.Flatten(),
                                                              nn.Linear(25, 3))])).all()
-
-
-def test_normalised_fit_keeps_the_benign_reference_of_its_best_epoch() -> None:
-    """With ``normalise`` the kept meta-classifier's reference is its benign training
-    shadows' pair gains under the kept stamps (their z-scores average 0), and it survives
-    a rebuild from the state dict; without it there is no reference at all."""
-    from trojanscan.mntd.stamps import fit_stamp_meta
-
-    torch.manual_seed(0)
-    models = [nn.Sequential(nn.Flatten(), nn.Linear(25, 3)) for _ in range(8)]
-    labels = [0, 1] * 4
-    images, image_labels = torch.rand(30, 1, 5, 5), torch.arange(30) % 3
-    cfg = StampConfig(num_stamps=2, anchors_per_class=2, hidden=4, epochs=3, normalise=True)
-    fit = fit_stamp_meta(models, labels, images=images, image_labels=image_labels,
-                         num_classes=3, config=cfg, val_models=models[:4],
-                         val_labels=labels[:4], seed=0, device="cpu")
-    meta = fit.meta
-    n = meta.anchors.shape[0]
-    with torch.no_grad():
-        z = []
-        for m in (m for m, y in zip(models, labels) if y == 0):
-            prob = torch.softmax(m(torch.cat([meta.anchors, meta.stamped()])), -1)
-            g = pair_gains(prob[:n], prob[n:].reshape(2, n, -1), meta.anchor_labels)
-            z.append((g - meta.pair_mean) / meta.pair_std)
-    assert torch.allclose(torch.stack(z).mean(0), torch.zeros(2, 3, 3), atol=1e-5)
-    back = StampMeta.from_state(meta.state_dict(), 3)
-    assert back.normalise
-    assert np.allclose(raw_scores(meta, models), raw_scores(back, models), atol=1e-6)
-    plain = StampMeta(meta.anchors, meta.anchor_labels, 3, num_stamps=2, hidden=4)
-    assert not plain.normalise and "pair_mean" not in plain.state_dict()

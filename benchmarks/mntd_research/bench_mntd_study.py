@@ -49,7 +49,7 @@ def cache_of(s: int) -> Path:
 _STATE: dict[str, Any] = {}
 #: grid settings beyond variant and response (``variant:response:key=value``)
 EXTRAS = ("queries", "hidden", "query_range", "query_init", "stratify", "eps", "pool",
-          "stamps", "anchors", "stamp_lr", "normalise")
+          "stamps", "anchors", "stamp_lr")
 
 
 def _targets(sets: tuple[int, ...]) -> list[tuple[str, int, dict[str, Any], torch.nn.Module]]:
@@ -195,8 +195,7 @@ def _fit_stamp(task: Any, job: dict[str, Any], train: Any, val: Any) -> None:
     share = defender_share(load_dataset("fashion-mnist:train"), 0.02, seed=0)
     cfg = StampConfig(num_stamps=int(job.get("stamps", 8)),
                       anchors_per_class=int(job.get("anchors", 2)), epochs=int(job["epochs"]),
-                      stamp_lr=float(job.get("stamp_lr", 0.05)),
-                      normalise=bool(int(job.get("normalise", 0))))
+                      stamp_lr=float(job.get("stamp_lr", 0.05)))
     t0 = time.perf_counter()
     fit = fit_stamp_meta(train.models, train.labels, images=share.x,
                          image_labels=share.labels(), num_classes=10, config=cfg,

@@ -96,7 +96,6 @@ class TrainSettings:
     stamp_anchors: int = 2  # their clean anchor images per class
     stamp_epochs: int = 20
     stamp_family: str = "paper"  # the jumbo triggers the stamp members train against
-    stamp_normalise: bool = False  # their gains as z-scores against the benign shadows'
     #: the per-class trigger-search probe and its flow readout (search.py; read against
     #: the benign training shadows, then against reference models when the bundle is
     #: calibrated on them)
@@ -165,8 +164,7 @@ class TrainSettings:
         """The configuration of every stamp member (classifier lr: ``meta_lr``)."""
         return StampConfig(num_stamps=int(self.stamp_count),
                            anchors_per_class=int(self.stamp_anchors), hidden=self.hidden,
-                           epochs=int(self.stamp_epochs), lr=self.meta_lr,
-                           normalise=bool(self.stamp_normalise))
+                           epochs=int(self.stamp_epochs), lr=self.meta_lr)
 
     def placed_specs(self, seed: int, folder: str | Path, *, stamps: bool = False,
                      ) -> list[tuple[ShadowSpec, Path]]:

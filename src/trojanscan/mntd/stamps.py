@@ -57,10 +57,6 @@ class StampConfig:
     lr: float = 1e-3  # the classifier's (MNTD's)
     stamp_lr: float = 0.05  # the stamps' mask and pattern logits
     mask_init: float = -2.0  # initial mask logit (σ(−2) ≈ 0.12), plus N(0, 1) noise
-    #: not used by the shipped bundles: read every (stamp, source, target) gain as a z-score
-    #: against the benign training shadows' (refreshed every epoch), so that a flip clean
-    #: models also make easily (shirt → T-shirt) stands out less than a rare one
-    normalise: bool = False
 
     def validate(self) -> None:
         for name in ("num_stamps", "anchors_per_class", "hidden", "epochs"):
@@ -79,21 +75,6 @@ def pair_gains(base: torch.Tensor, stamped: torch.Tensor,
     d = stamped - base.unsqueeze(0)
     onehot = F.one_hot(labels.long(), k).to(d.dtype)
     return torch.einsum("jnc,ns->jsc", d, onehot) / onehot.sum(0).clamp_min(1)[:, None]
-
-
-def normalised_features(gains: torch.Tensor, mean: torch.Tensor,
-                        std: torch.Tensor) -> torch.Tensor:
-    """Class-order-free features of pair gains (``J×K×K``) as z-scores against a
-    reference's ``mean`` and ``std`` (same shape): per stamp the classes' mean z over the
-    other sources, sorted decreasingly, then per source the largest z of another class,
-    sorted decreasingly. ``J×2K``."""
-    k = gains.shape[-1]
-    z = (gains - mean) / std
-    own = torch.eye(k, dtype=torch.bool, device=z.device).unsqueeze(0)
-    overall = z.masked_fill(own, 0.0).sum(dim=1) / max(k - 1, 1)
-    overall = overall.sort(dim=-1, descending=True).values
-    flip = z.masked_fill(own, float("-inf")).max(dim=-1).values
-    return torch.cat([overall, flip.sort(dim=-1, descending=True).values], dim=-1)
 
 
 def stamp_features(base: torch.Tensor, stamped: torch.Tensor,
@@ -120,12 +101,10 @@ class StampMeta(nn.Module):
 
     anchors: torch.Tensor
     anchor_labels: torch.Tensor
-    pair_mean: torch.Tensor  # with normalise only
-    pair_std: torch.Tensor
     one_class = False  # a binary (BCE) meta-classifier, as MNTD's ``qt``
 
     def __init__(self, anchors: torch.Tensor, anchor_labels: torch.Tensor, num_classes: int,
-                 *, num_stamps: int = 8, hidden: int = 20, normalise: bool = False) -> None:
+                 *, num_stamps: int = 8, hidden: int = 20) -> None:
         super().__init__()
         if anchors.dim() != 4 or anchor_labels.shape != (anchors.shape[0],):
             raise bad_param("anchors", "N×C×H×W images with N labels",
@@ -139,18 +118,13 @@ class StampMeta(nn.Module):
         self.pattern_logits = nn.Parameter(torch.zeros(num_stamps, c, h, w))
         self.fc = nn.Linear(num_stamps * 2 * self.num_classes, hidden)
         self.out = nn.Linear(hidden, 1)
-        self.normalise = bool(normalise)
-        if self.normalise:  # the benign shadows' pair gains (StampConfig.normalise)
-            k = self.num_classes
-            self.register_buffer("pair_mean", torch.zeros(num_stamps, k, k))
-            self.register_buffer("pair_std", torch.ones(num_stamps, k, k))
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], num_classes: int) -> StampMeta:
         """Rebuild a trained one from its ``state_dict`` (sizes read from the tensors)."""
         meta = cls(state["anchors"], state["anchor_labels"], num_classes,
                    num_stamps=int(state["mask_logits"].shape[0]),
-                   hidden=int(state["fc.weight"].shape[0]), normalise="pair_mean" in state)
+                   hidden=int(state["fc.weight"].shape[0]))
         meta.load_state_dict(state)
         return meta
 
@@ -195,19 +169,7 @@ class StampMeta(nn.Module):
     def respond(self, model: nn.Module) -> torch.Tensor:
         """The model's features (``J×2K``); gradients flow to the stamps."""
         base, stamped = self.probabilities(model)
-        if self.normalise:
-            return normalised_features(pair_gains(base, stamped, self.anchor_labels),
-                                       self.pair_mean, self.pair_std)
         return stamp_features(base, stamped, self.anchor_labels)
-
-    @torch.no_grad()
-    def refresh_reference(self, models: Sequence[nn.Module]) -> None:
-        """Set the pair-gain reference (``normalise``) to ``models``' mean and std."""
-        g = torch.stack([pair_gains(*self.probabilities(m), self.anchor_labels)
-                         for m in models])
-        self.pair_mean.copy_(g.mean(0))
-        self.pair_std.copy_(g.std(0).clamp_min(1e-3) if len(g) > 1
-                            else torch.ones_like(g[0]))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Raw suspicion per model from stacked features ``B×J×2K``."""
@@ -260,7 +222,7 @@ def fit_stamp_meta(models: Sequence[nn.Module], labels: Sequence[int], *,
     dev = pick_device(device)
     anchors, anchor_labels = pick_anchors(images, image_labels, config.anchors_per_class, gen)
     meta = StampMeta(anchors, anchor_labels, num_classes, num_stamps=config.num_stamps,
-                     hidden=config.hidden, normalise=config.normalise)
+                     hidden=config.hidden)
     with torch.no_grad():
         meta.mask_logits.copy_(config.mask_init + torch.randn(meta.mask_logits.shape,
                                                               generator=gen))
@@ -277,9 +239,6 @@ def fit_stamp_meta(models: Sequence[nn.Module], labels: Sequence[int], *,
     y_t = torch.as_tensor(y_all, dtype=torch.float32, device=dev)
     history: list[dict[str, float]] = []
     n = len(models)
-    benign = [m for m, y in zip(models, y_all.tolist()) if y == 0]
-    if config.normalise:
-        meta.refresh_reference(benign)
     with progress(description, config.epochs * n) as bar:
         for epoch in range(1, config.epochs + 1):
             meta.train()
@@ -292,8 +251,6 @@ def fit_stamp_meta(models: Sequence[nn.Module], labels: Sequence[int], *,
                 total += float(loss.detach())
                 bar.advance()
             record = {"epoch": float(epoch), "loss": total / n}
-            if config.normalise:  # the stamps moved: so did the benign shadows' gains
-                meta.refresh_reference(benign)
             best.end_epoch(meta, epoch, record)
             history.append(record)
     val_auroc = best.finish(meta)
