@@ -20,11 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..classifier import model_device
 from ..dataset import ImageDataset
 from ..exceptions import DataError, DetectorNotApplicable, bad_param
 from ..progress import progress
 from ..utils import batches, pick_device
 from .base import DataDetector, DataScanResult, borrow_model
+
+__all__ = ["FeatureDataDetector", "Features", "annotate_classes", "apply_budget",
+           "blas_single_thread", "budget", "extract", "fresh_model", "make_result",
+           "model_device", "seeded_subset"]
 
 # ----------------------------------------------------------------------------- shared helpers
 
@@ -46,10 +51,6 @@ def blas_single_thread() -> Iterator[None]:
         yield
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
