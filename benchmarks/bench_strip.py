@@ -1,4 +1,4 @@
-"""Benchmark the runtime detectors (STRIP, SCALE-UP) on Fashion-MNIST backdoored models.
+"""Benchmark the runtime detector (STRIP, its variants) on Fashion-MNIST backdoored models.
 
 Two parts, both printed as tables and written to ``benchmarks/results/runtime.json``:
 
@@ -12,7 +12,7 @@ detection
     over those the trigger actually flips ("effective").
 throughput
     Plain inference (model(x).argmax over batches of ``--batch`` images) against
-    ``Strip().filter(x)`` and ``ScaleUp().filter(x)`` on the same model, interleaved
+    ``Strip.paper().filter(x)`` (fixed N) on the same model, interleaved
     ``--repeats`` times in one run (medians), on ``--device`` (CPU here); reports each in
     inputs/s and STRIP's ratio to the limit plain ÷ N.
 
@@ -41,7 +41,6 @@ from safetensors.torch import load_file
 
 from trojanscan import archs
 from trojanscan.attacks import parse_attack
-from trojanscan.detectors.scale_up import ScaleUp
 from trojanscan.detectors.strip import Strip
 from trojanscan.io.data import load_dataset
 from trojanscan.maths import runtime as rt
@@ -65,54 +64,52 @@ MODELS: dict[str, tuple[str, float]] = {
 
 #: detector configurations of the detection table: label -> factory(device)
 CONFIGS: dict[str, Any] = {
-    "STRIP (default: N=100, sum_clip, normal fit)": lambda d: Strip(device=d),
-    "STRIP, empirical threshold": lambda d: Strip(threshold_method="empirical", device=d),
-    "STRIP, max blend": lambda d: Strip(blend="max", device=d),
-    "STRIP, max blend, empirical threshold": lambda d: Strip(blend="max",
+    "STRIP (paper: N=100, sum_clip, normal fit)": lambda d: Strip.paper(device=d),
+    "STRIP (default: any of 4 kinds, confidence, sequential)": lambda d: Strip(device=d),
+    "STRIP, empirical threshold": lambda d: Strip.paper(threshold_method="empirical", device=d),
+    "STRIP, max blend": lambda d: Strip.paper(blend="max", device=d),
+    "STRIP, max blend, empirical threshold": lambda d: Strip.paper(blend="max",
                                                              threshold_method="empirical",
                                                              device=d),
-    "STRIP, median": lambda d: Strip(statistic="median", device=d),
-    "STRIP, median, empirical threshold": lambda d: Strip(statistic="median",
+    "STRIP, median": lambda d: Strip.paper(statistic="median", device=d),
+    "STRIP, median, empirical threshold": lambda d: Strip.paper(statistic="median",
                                                           threshold_method="empirical",
                                                           device=d),
-    "STRIP, max blend, median, empirical threshold": lambda d: Strip(
+    "STRIP, max blend, median, empirical threshold": lambda d: Strip.paper(
         blend="max", statistic="median", threshold_method="empirical", device=d),
-    "STRIP, unclipped sum (reference code)": lambda d: Strip(blend="sum", device=d),
-    "STRIP, average blend": lambda d: Strip(blend="average", device=d),
-    "STRIP, N=10 (cheap)": lambda d: Strip(n_overlays=10, device=d),
-    "SCALE-UP (default: soft, per-class)": lambda d: ScaleUp(device=d),
-    "SCALE-UP, label SPC (paper)": lambda d: ScaleUp(consistency="labels", normalize="none",
-                                                     device=d),
-    "STRIP, consistency": lambda d: Strip(statistic="consistency", device=d),
-    "STRIP, consistency, empirical threshold": lambda d: Strip(
+    "STRIP, unclipped sum (reference code)": lambda d: Strip.paper(blend="sum", device=d),
+    "STRIP, average blend": lambda d: Strip.paper(blend="average", device=d),
+    "STRIP, N=10 (cheap)": lambda d: Strip.paper(n_overlays=10, device=d),
+    "STRIP, consistency": lambda d: Strip.paper(statistic="consistency", device=d),
+    "STRIP, consistency, empirical threshold": lambda d: Strip.paper(
         statistic="consistency", threshold_method="empirical", device=d),
-    "STRIP, max blend, consistency": lambda d: Strip(blend="max", statistic="consistency",
+    "STRIP, max blend, consistency": lambda d: Strip.paper(blend="max", statistic="consistency",
                                                      device=d),
-    "STRIP, max blend, consistency, empirical threshold": lambda d: Strip(
+    "STRIP, max blend, consistency, empirical threshold": lambda d: Strip.paper(
         blend="max", statistic="consistency", threshold_method="empirical", device=d),
-    "STRIP, max blend, consistency, empirical threshold, FRR target 0.7%": lambda d: Strip(
+    "STRIP, max blend, consistency, empirical threshold, FRR target 0.7%": lambda d: Strip.paper(
         blend="max", statistic="consistency", threshold_method="empirical", frr=0.007,
         device=d),
-    "STRIP, max blend, empirical threshold, FRR target 0.7%": lambda d: Strip(
+    "STRIP, max blend, empirical threshold, FRR target 0.7%": lambda d: Strip.paper(
         blend="max", threshold_method="empirical", frr=0.007, device=d),
     # every calibration image used (no 2,000 cap), 10% overlay pool, 10% holdout: with
     # --calib-size 4000 the threshold is fitted on 3,200 images instead of 1,200
-    "STRIP, max blend, empirical threshold, all calibration images": lambda d: Strip(
+    "STRIP, max blend, empirical threshold, all calibration images": lambda d: Strip.paper(
         blend="max", threshold_method="empirical", max_samples=None, pool_fraction=0.1,
         holdout_fraction=0.1, device=d),
     "STRIP, max blend, consistency, empirical threshold, all calibration images":
-        lambda d: Strip(blend="max", statistic="consistency", threshold_method="empirical",
+        lambda d: Strip.paper(blend="max", statistic="consistency", threshold_method="empirical",
                         max_samples=None, pool_fraction=0.1, holdout_fraction=0.1,
                         device=d),
     # session 4: the mean of the 10% highest overlay entropies, and the conservative rule
-    "STRIP, max blend, tail, empirical threshold": lambda d: Strip(
+    "STRIP, max blend, tail, empirical threshold": lambda d: Strip.paper(
         blend="max", statistic="tail", threshold_method="empirical", device=d),
-    "STRIP, max blend, tail, conservative threshold": lambda d: Strip(
+    "STRIP, max blend, tail, conservative threshold": lambda d: Strip.paper(
         blend="max", statistic="tail", threshold_method="conservative", device=d),
-    "STRIP, max blend, tail, conservative threshold, all calibration images": lambda d: Strip(
+    "STRIP, max blend, tail, conservative threshold, all calibration images": lambda d: Strip.paper(
         blend="max", statistic="tail", threshold_method="conservative", max_samples=None,
         pool_fraction=0.1, holdout_fraction=0.1, device=d),
-    "STRIP, tail, conservative threshold, all calibration images": lambda d: Strip(
+    "STRIP, tail, conservative threshold, all calibration images": lambda d: Strip.paper(
         statistic="tail", threshold_method="conservative", max_samples=None,
         pool_fraction=0.1, holdout_fraction=0.1, device=d),
 }
@@ -220,8 +217,7 @@ def throughput(device: str, n_strip: int, n_plain: int, batch: int, repeats: int
     dev = pick_device(device)
     model = model.to(dev).eval()
     calib = test.subset(np.arange(0, 1000))
-    strip = Strip(device=str(dev)).fit(model, calib)
-    scale = ScaleUp(device=str(dev)).fit(model, calib)
+    strip = Strip.paper(device=str(dev)).fit(model, calib)
     x_plain = test.x[:n_plain]
     x_det = test.x[2000:2000 + n_strip]
 
@@ -232,22 +228,18 @@ def throughput(device: str, n_strip: int, n_plain: int, batch: int, repeats: int
 
     plain()  # warm-up
     strip.filter(x_det[:20])
-    t_plain, t_strip, t_scale = [], [], []
+    t_plain, t_strip = [], []
     for r in range(repeats):
         t_plain.append(len(x_plain) / _time(plain))
         t_strip.append(len(x_det) / _time(lambda: strip.filter(x_det)))
-        t_scale.append(len(x_det) / _time(lambda: scale.filter(x_det)))
-        log(f"repeat {r + 1}: plain {t_plain[-1]:.0f}/s  strip {t_strip[-1]:.1f}/s  "
-            f"scale_up {t_scale[-1]:.0f}/s")
-    p, s, u = (statistics.median(v) for v in (t_plain, t_strip, t_scale))
+        log(f"repeat {r + 1}: plain {t_plain[-1]:.0f}/s  strip {t_strip[-1]:.1f}/s")
+    p, s = (statistics.median(v) for v in (t_plain, t_strip))
     n = strip.n_overlays
     return {
         "device": str(dev), "torch_threads": torch.get_num_threads(),
-        "plain_inputs_per_s": p, "strip_inputs_per_s": s, "scale_up_inputs_per_s": u,
+        "plain_inputs_per_s": p, "strip_inputs_per_s": s,
         "n_overlays": n, "strip_limit_inputs_per_s": p / n, "strip_ratio_to_limit": s / (p / n),
-        "scale_up_forwards_per_input": scale.forwards_per_input,
-        "scale_up_ratio_to_limit": u / (p / scale.forwards_per_input),
-        "runs": {"plain": t_plain, "strip": t_strip, "scale_up": t_scale},
+        "runs": {"plain": t_plain, "strip": t_strip},
         "n_strip_inputs": len(x_det), "n_plain_inputs": len(x_plain), "batch": batch,
         "strip_batch_size": strip.batch_size,
     }
@@ -310,10 +302,7 @@ def main() -> None:
         tp = throughput(device, args.n_strip, args.n_plain, args.batch, args.repeats)
         print(f"\nthroughput on {tp['device']} ({tp['torch_threads']} threads): plain "
               f"{tp['plain_inputs_per_s']:.0f} inputs/s; STRIP {tp['strip_inputs_per_s']:.1f} "
-              f"inputs/s = {tp['strip_ratio_to_limit']:.3f} × (plain ÷ {tp['n_overlays']}); "
-              f"SCALE-UP {tp['scale_up_inputs_per_s']:.0f} inputs/s = "
-              f"{tp['scale_up_ratio_to_limit']:.3f} × (plain ÷ "
-              f"{tp['scale_up_forwards_per_input']})")
+              f"inputs/s = {tp['strip_ratio_to_limit']:.3f} × (plain ÷ {tp['n_overlays']})")
         result.setdefault("throughput", {})[tp["device"].split(":")[0]] = tp
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -166,3 +166,34 @@ def test_model_restored_when_fit_raises(name: str, tiny: Any) -> None:
     with pytest.raises(Exception):  # noqa: B017 - any error; what matters is the model
         cls(seed=0).fit(model, _data_for(cls, tiny))
     _assert_unchanged(model, snap)
+
+
+def _assert_fires_on_positive_fixture(det: Any, tiny: Any) -> None:
+    """An input-level detector calibrated on the backdoored fixture must flag most of its
+    triggered inputs: a shipped detector that never fires is a broken one."""
+    caught = float(det.filter(tiny.triggered_test()).flagged.mean())
+    assert caught >= 0.5, (f"{det.name} flags {caught:.0%} of the fixture's triggered "
+                           "inputs: a registered detector must fire on its positive case")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_input_detector_fires_on_its_positive_fixture(name: str, tiny: Any) -> None:
+    cls = _get(name)
+    if cls.level != "input":
+        pytest.skip("model- and data-level detectors have quality floors in their own tests")
+    det = _fit(cls(seed=0), _model_for(cls, tiny), tiny.test)
+    _assert_fires_on_positive_fixture(det, tiny)
+
+
+def test_a_detector_that_never_fires_fails_the_kit(tiny: Any) -> None:
+    from trojanscan.detectors.strip import Strip
+
+    class NeverFires(Strip):
+        name = "never_fires"
+
+        def _threshold(self, fit_scores: np.ndarray) -> float:
+            return float("inf")  # a threshold no score can pass
+
+    det = NeverFires(n_overlays=8, blend="sum_clip", seed=0).fit(tiny.backdoored, tiny.test)
+    with pytest.raises(AssertionError, match="must fire"):
+        _assert_fires_on_positive_fixture(det, tiny)

@@ -67,11 +67,22 @@ def test_guard_predicts_and_flags(tiny: Any, guard: Guard) -> None:
     assert 0 <= info["frr_measured"] <= 0.05
 
 
-def test_guard_with_scale_up(tiny: Any) -> None:
-    g = Guard.calibrate(tiny.backdoored, tiny.test, detector="scale_up", device="cpu")
-    assert len(g.predict(tiny.test.x[:5])) == 5
-    with pytest.raises(ParameterError, match="detector"):
-        Guard.calibrate(tiny.backdoored, tiny.test, detector="neural_cleanse")
+def test_guard_gives_the_decisions_of_filter(tiny: Any) -> None:
+    """Sequential testing included: the guard serves exactly what ``filter`` reports."""
+    g = Guard.calibrate(tiny.backdoored, tiny.test, device="cpu", n_overlays=16)
+    x = torch.cat([tiny.triggered_test()[:40], tiny.test.x[:40]])
+    served = g.predict(x)
+    reported = g.detector.filter(x)
+    assert np.array_equal(served.flagged, reported.flagged)
+    assert np.array_equal(served.predictions, reported.predictions)
+    assert np.allclose(served.scores, reported.scores)
+    assert served.flagged[:40].mean() >= 0.8 and served.flagged[40:].mean() <= 0.1
+    # one input at a time, as concurrent clients send them, the answers do not change
+    alone = np.array([bool(g.predict(x[i:i + 1]).flagged[0]) for i in range(0, 80, 8)])
+    assert np.array_equal(alone, served.flagged[::8])
+    for gone in ("scale_up", "neural_cleanse"):
+        with pytest.raises(ParameterError, match="detector"):
+            Guard.calibrate(tiny.backdoored, tiny.test, detector=gone)
 
 
 def test_guard_needs_a_calibrated_detector(tiny: Any) -> None:
@@ -373,9 +384,10 @@ def test_filter_command_through_the_cli(files: dict[str, Path]) -> None:
     out = files["dir"] / "rep_cli"
     _cli("filter", str(files["model"]), str(files["trig"]), "--calibrate",
          str(files["clean"]), "--out", str(out), "--device", "cpu", "--quiet",
-         "--detector", "scale_up")
+         "--detector", "strip")
     rep = json.loads((out / "report.json").read_text())
-    assert rep["detector"] == "scale_up" and rep["num_inputs"] == 30
+    assert rep["detector"] == "strip" and rep["num_inputs"] == 30
+    assert 1 <= rep["detectors"]["strip"]["mean_forwards_per_input"] <= 4 * 32 + 1
 
 
 def test_filter_command_bad_options(files: dict[str, Path]) -> None:

@@ -15,7 +15,6 @@ from tests._cli import CliResult, run_cli
 from trojanscan import archs
 from trojanscan.classifier import MIN_CLASSES, check_logits
 from trojanscan.dataset import ImageDataset
-from trojanscan.detectors.scale_up import ScaleUp
 from trojanscan.detectors.strip import Strip
 from trojanscan.exceptions import (
     IncompatibleError,
@@ -192,7 +191,7 @@ def test_one_output_model_refused_by_loader_and_check_compatible(files: dict[str
         check_compatible(loaded, ImageDataset(ds.x, None, source="tiny"))
 
 
-@pytest.mark.parametrize("detector", [Strip, ScaleUp])
+@pytest.mark.parametrize("detector", [Strip])
 def test_one_output_model_refused_by_input_detectors(detector: type) -> None:
     one = nn.Sequential(nn.Flatten(), nn.Linear(64, 1)).eval()
     with pytest.raises(NotAClassifierError, match="1 logit per input"):

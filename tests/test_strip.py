@@ -251,7 +251,8 @@ def test_registered_and_documented() -> None:
     cls = get("strip")
     assert cls is Strip and cls.level == "input"
     assert "Gao" in (__import__("trojanscan.detectors.strip", fromlist=["x"]).__doc__ or "")
-    assert Strip().get_params()["n_overlays"] == 100  # the paper's N
+    assert Strip.paper().get_params()["n_overlays"] == 100  # the paper's N
+    assert Strip().get_params()["n_overlays"] == 32  # per superimposition kind
 
 
 def test_flags_triggered_inputs_and_few_clean_ones(tiny: Any, strip_bd: Strip) -> None:
@@ -262,9 +263,10 @@ def test_flags_triggered_inputs_and_few_clean_ones(tiny: Any, strip_bd: Strip) -
     assert strip_bd.frr_measured_ is not None and strip_bd.frr_measured_ <= 0.05
     assert strip_bd.n_holdout_ > 50 and strip_bd.n_pool_ > 50
     assert strip_bd.filter(tiny.test.x).flagged.mean() <= 0.05
-    # triggered inputs really have lower entropy (the paper's quantity)
-    clean_entropy = -strip_bd.fit_scores_
-    assert np.median(strip_bd.entropy(tiny.triggered_test())) < np.median(clean_entropy)
+    # triggered inputs really have lower entropy (the paper's quantity, paper's settings)
+    paper = Strip.paper(n_overlays=32, seed=0).fit(tiny.backdoored, tiny.test)
+    clean_entropy = -paper.fit_scores_
+    assert np.median(paper.entropy(tiny.triggered_test())) < np.median(clean_entropy)
 
 
 def test_consistency_statistic_flags_triggered_inputs(tiny: Any) -> None:
@@ -362,13 +364,15 @@ class _Counting(nn.Module):
 
 def test_perturbations_of_a_batch_run_as_one_inference(tiny: Any) -> None:
     model = _Counting(tiny.backdoored)
-    det = Strip(n_overlays=20, batch_size=4096).fit(model, tiny.test)
+    det = Strip(n_overlays=20, batch_size=4096, blend="sum_clip", sequential=False
+                ).fit(model, tiny.test)
     model.batches.clear()
     det.score(tiny.test.x[:30])
     # one batch of 30×20 perturbed inputs, one plain batch for the predictions
     assert sorted(model.batches) == [30, 600]
     model.batches.clear()
-    Strip(n_overlays=20, batch_size=200).fit(model, tiny.test).score(tiny.test.x[:30])
+    Strip(n_overlays=20, batch_size=200, blend="sum_clip", sequential=False
+          ).fit(model, tiny.test).score(tiny.test.x[:30])
     assert max(model.batches) <= 200
 
 
@@ -402,7 +406,10 @@ def test_bad_inputs_are_our_errors(tiny: Any, strip_bd: Strip) -> None:
                                                           "pool_fraction"),
     ({"holdout_fraction": 0.95}, "holdout_fraction"), ({"overlay_draw": "x"}, "overlay_draw"),
     ({"batch_size": 0}, "batch_size"), ({"max_samples": 2}, "max_samples"),
-    ({"statistic": "mode"}, "statistic"),
+    ({"statistic": "mode"}, "statistic"), ({"blends": ("sum", "mode")}, "blends"),
+    ({"statistic": "tail"}, "statistic"), ({"delta": 0.0}, "delta"),
+    ({"min_headroom": 1.5}, "min_headroom"), ({"first_look": 1}, "first_look"),
+    ({"sequential": "yes"}, "sequential"),
 ])
 def test_bad_parameters_name_themselves(tiny: Any, params: dict[str, Any], name: str) -> None:
     with pytest.raises(ParameterError, match=name):
@@ -428,7 +435,7 @@ def test_model_errors_are_reported(tiny: Any) -> None:
 
 def test_unclipped_sum_is_available_and_scores_out_of_range_superimpositions(
         tiny: Any) -> None:
-    det = Strip(n_overlays=8, blend="sum").fit(tiny.backdoored, tiny.test)
+    det = Strip(n_overlays=8, blend="sum", statistic="mean").fit(tiny.backdoored, tiny.test)
     s = det.score(tiny.test.x[:5])
     assert np.isfinite(s).all() and (s <= 0).all()  # negative entropies
 

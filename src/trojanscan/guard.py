@@ -1,7 +1,7 @@
 """A model behind a runtime backdoor filter: ``Guard(model, detector).predict(x)``.
 
-The :class:`Guard` wraps a model and a calibrated input-level detector (STRIP or
-SCALE-UP, see :mod:`trojanscan.detectors`); ``predict`` returns the model's predictions
+The :class:`Guard` wraps a model and a calibrated input-level detector (STRIP, see
+:mod:`trojanscan.detectors`); ``predict`` returns the model's predictions
 with a flag and a suspicion score per input, in one pass (the detector's forward passes
 include the plain one). :meth:`Guard.calibrate` builds both from a model and clean data.
 
@@ -31,7 +31,7 @@ from .detectors import create
 from .detectors.base import InputDetector
 from .exceptions import DataError, ParameterError, bad_param
 
-RUNTIME_DETECTORS = ("strip", "scale_up")
+RUNTIME_DETECTORS = ("strip",)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Guard:
     def calibrate(cls, model: nn.Module, clean: ImageDataset, *, detector: str = "strip",
                   frr: float = 0.01, seed: int = 0, device: str | None = None,
                   **params: Any) -> Guard:
-        """Fit ``detector`` (``"strip"`` or ``"scale_up"``) on ``clean`` at ``frr``."""
+        """Fit ``detector`` (``"strip"``) on ``clean`` at ``frr``."""
         if detector not in RUNTIME_DETECTORS:
             raise bad_param("detector", RUNTIME_DETECTORS, detector)
         det = create(detector, frr=frr, seed=seed, device=device, **params)
@@ -112,18 +112,22 @@ class Guard:
         return out
 
     def predict(self, x: torch.Tensor | np.ndarray) -> GuardResult:
-        """Predictions, flags (``score > threshold``) and scores for inputs ``N×C×H×W``."""
+        """Predictions, flags and scores for inputs ``N×C×H×W``: the detector's
+        :meth:`~trojanscan.detectors.input_base.CalibratedInputDetector.decide`, so the
+        same inputs get the same answers as from ``filter`` (sequential testing
+        included; a flag is always ``score > threshold``)."""
         t0 = time.perf_counter()
         with self._lock:
-            fn = getattr(self.detector, "score_and_predict", None)
-            if callable(fn):
-                scores, preds = fn(x)
-            else:  # any InputDetector: filter gives both
+            decide = getattr(self.detector, "decide", None)
+            if callable(decide):  # the very decision ``filter`` reports
+                d = decide(x)
+                scores, preds, flagged = d.scores, d.predictions, d.flagged
+            else:  # any InputDetector: filter gives all three
                 res = self.detector.filter(x if isinstance(x, torch.Tensor)
                                            else torch.from_numpy(np.asarray(x, np.float32)))
-                scores, preds = res.scores, res.predictions
+                scores, preds, flagged = res.scores, res.predictions, res.flagged
         scores = np.asarray(scores, dtype=np.float64)
-        flagged = (scores > self.threshold) | np.isnan(scores)
+        flagged = np.asarray(flagged, dtype=bool)
         return GuardResult(np.asarray(preds, dtype=np.int64), flagged, scores, self.threshold,
                            time.perf_counter() - t0)
 

@@ -1,6 +1,6 @@
 """``trojanscan filter``: which of these inputs carry a trigger? (offline, on a batch)
 
-Calibrates a runtime detector (``strip`` or ``scale_up``) on the clean ``--calibrate``
+Calibrates a runtime detector (``strip``) on the clean ``--calibrate``
 data at ``--frr``, scores every input and writes the contract's ``filter`` report:
 ``verdict`` (``"triggered"`` if any input is flagged), ``flagged`` and ``predictions``
 (one per input), ``threshold``, ``frr`` (the target) with ``frr_measured`` (on held-out
@@ -128,7 +128,8 @@ def run(*, model: Path, inputs: str, calibrate: str, frr: float, detector: str, 
             predictions=result.predictions, threshold=result.threshold, frr=float(frr),
             frr_measured=info["frr_measured"],
             frr_measured_upper95=info["frr_measured_upper95"], scores_file=scores_file,
-            detector=detector)
+            detector=detector,
+            mean_forwards_per_input=result.evidence.get("mean_forwards_per_input"))
     det_dict = result.to_dict()
     for key in ("flagged", "predictions"):
         det_dict.pop(key, None)  # already top-level; keep the detector entry short

@@ -36,7 +36,6 @@ _REGISTRY: dict[str, str] = {
     "spectre": "spectre:Spectre",
     "scan": "scan_decomp:Scan",
     "strip": "strip:Strip",
-    "scale_up": "scale_up:ScaleUp",
 }
 
 

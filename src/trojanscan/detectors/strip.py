@@ -68,310 +68,126 @@ low-alpha blends) — keep a clean-like entropy and pass.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import time
-from abc import abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..classifier import check_logits
-from ..dataset import ImageDataset
-from ..exceptions import DataError, ModelError, ParameterError, bad_param
+from ..exceptions import bad_param
 from ..maths import runtime as rt
+from ..maths import sequential as seq
 from ..progress import progress
-from ..utils import pick_device
-from .base import FilterResult, InputDetector, borrow_model
+from .input_base import CalibratedInputDetector, check_int, logits_of
 
 OVERLAY_DRAWS = ("per_input", "fixed")
-#: inputs may exceed [0, 1] by this much (rounding in clients) before they are refused
-RANGE_TOLERANCE = 1e-4
+#: single superimposition rules: the paper's and ours (see the module)
+BLENDS = (*rt.BLENDS, "min")
+#: the rule over several of ``blends``: flag when any of them flags (see the module)
+COMBINED_BLENDS = ("any",)
+#: per-input statistics; ``"confidence"`` is ours (see the module)
+STATISTICS = (*rt.STATISTICS, "confidence")
+#: draws that the clean inputs' typical spread is worth in the sequential rule (any-kind)
+PRIOR_DRAWS = 16.0
+#: statistics that are a mean over the overlays, so that sequential testing applies
+MEAN_STATISTICS = ("mean", "consistency", "confidence")
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU when it has none)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
+def superimpose(x: torch.Tensor, overlays: torch.Tensor, blend: str) -> torch.Tensor:
+    """:func:`trojanscan.maths.runtime.superimpose`, plus ``"min"``: the pixel-wise minimum,
+    which keeps a bright trigger wherever the overlay is bright too (the middle of the
+    object) and erases what lies on the overlay's dark background."""
+    if blend == "min":
+        if overlays.dim() == 4:
+            overlays = overlays.unsqueeze(0)
+        return torch.minimum(x.unsqueeze(1), overlays)
+    return rt.superimpose(x, overlays, blend)
 
 
-def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)`` as an ``N×K`` float tensor (``K ≥ 2``), or a ModelError saying what
-    went wrong."""
-    try:
-        out = model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise ModelError(f"the model failed on a batch of shape {tuple(x.shape)}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                         ) from exc
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    check_logits(out, int(x.shape[0]), what=f"a batch of shape {tuple(x.shape)}",
-                 finite=False)
-    return out.float()
+def per_overlay_values(logits: torch.Tensor, preds: torch.Tensor, statistic: str
+                       ) -> torch.Tensor:
+    """``B×N`` values whose mean over the overlays is the statistic (higher = more
+    suspicious): the negative entropy in bits, the input's own-class log-probability
+    (``"consistency"``) or its probability (``"confidence"``)."""
+    if statistic == "mean":
+        return -rt.entropy_from_logits(logits)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    own = logp.gather(2, preds.view(-1, 1, 1).expand(-1, logits.shape[1], 1)).squeeze(2)
+    return own.exp() if statistic == "confidence" else own
 
 
-def check_inputs(x: Any, input_shape: tuple[int, int, int] | None, who: str = "inputs"
-                 ) -> torch.Tensor:
-    """``x`` as a float32 CPU-or-device tensor ``N×C×H×W`` in [0, 1], or a DataError."""
-    if isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-            raise DataError(f"{who}: expected real numbers, got an array of dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if not isinstance(x, torch.Tensor) or x.is_complex() or x.dtype == torch.bool:
-        raise DataError(f"{who}: expected a float tensor N×C×H×W, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
-    if x.dim() != 4:
-        want = "N×" + "×".join(map(str, input_shape)) if input_shape else "N×C×H×W"
-        raise DataError(f"{who}: expected shape {want}, got {tuple(x.shape)}")
-    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
-        raise DataError(f"{who}: expected shape N×{'×'.join(map(str, input_shape))}, got "
-                        f"{tuple(x.shape)}")
-    x = x.float()
-    if x.numel():
-        if not bool(torch.isfinite(x).all()):
-            raise DataError(f"{who}: contains NaN or infinite values")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-            raise DataError(f"{who}: values must lie in [0, 1], got min {lo:.4g} max {hi:.4g}")
-        if lo < 0 or hi > 1:
-            x = x.clamp(0.0, 1.0)
-    return x
+def statistic_ceiling(statistic: str) -> float:
+    """The score of an input whose trigger survives every overlay untouched (certain
+    prediction): 0 for the entropy statistics and ``consistency``, 1 for ``confidence``."""
+    return 1.0 if statistic == "confidence" else 0.0
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise bad_param(name, f"an integer >= {minimum}", value)
-    return int(value)
+def select_kinds(per_kind: np.ndarray, frr: float, ceiling: float, min_headroom: float
+                 ) -> np.ndarray:
+    """Which superimposition kinds can flag anything on this model: those whose clean
+    means, at their ``1 − frr`` quantile, stay at least ``min_headroom`` below the
+    ``ceiling`` a fully surviving trigger reaches (a kind under which clean inputs keep
+    their own class as firmly as a trigger would separates nothing and only spends the
+    false-rejection budget). The kind with the most headroom is always kept."""
+    head = ceiling - np.quantile(np.asarray(per_kind, dtype=np.float64), 1.0 - frr, axis=0)
+    keep = head >= min_headroom
+    keep[int(np.argmax(head))] = True
+    return np.asarray(keep, dtype=bool)
 
 
-class CalibratedInputDetector(InputDetector):
-    """Shared machinery of STRIP and SCALE-UP: device handling, the calibration split,
-    the threshold at a chosen FRR and its measurement on held-out clean inputs,
-    chunked scoring and ``filter``.
+def any_kind_thresholds(per_kind: np.ndarray, frr: float, method: str
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-kind thresholds for the rule "flag when any kind's mean exceeds its threshold",
+    from clean means ``M×kinds``, at a joint false-rejection rate ``frr``.
 
-    Subclasses set ``forwards_per_input`` and implement :meth:`_prepare` (anything
-    learned from the clean data besides the threshold) and :meth:`_score_chunk`
-    (scores and predictions of one chunk of inputs already on the device).
-    """
+    Each clean input's most extreme kind, as a rank (the share of clean means of that
+    kind it reaches), is thresholded by ``method`` at ``frr``; each kind's threshold is
+    its clean quantile at that rank. Returns the thresholds, the kinds' clean standard
+    deviations (the scales of :func:`margins`) and the rank."""
+    m = np.asarray(per_kind, dtype=np.float64)
+    ranks = np.stack([np.searchsorted(np.sort(col), col, side="right") / len(col)
+                      for col in m.T], axis=1)
+    level = float(np.clip(rt.fit_threshold(ranks.max(1), frr, method), 0.0, 1.0))
+    thresholds = np.array([np.quantile(col, level, method="inverted_cdf") if level < 1
+                           else col.max() for col in m.T])
+    scales = np.maximum(m.std(0), 1e-12)
+    return thresholds, scales, level
 
-    name: ClassVar[str]
-    #: model evaluations per scored input (for chunking and throughput estimates)
-    forwards_per_input: int = 1
-    #: share of the clean data kept aside for something else than the threshold
-    _pool_fraction: float = 0.0
 
-    frr: float
-    threshold_method: str
-    holdout_fraction: float
-    max_samples: int | None
-    batch_size: int
-    seed: int
-    device: str | None
-
-    # -- validation --------------------------------------------------------------
-    def _validate_common(self) -> None:
-        rt.check_frr(self.frr)
-        if self.threshold_method not in rt.THRESHOLD_METHODS:
-            raise bad_param("threshold_method", rt.THRESHOLD_METHODS, self.threshold_method)
-        hf = self.holdout_fraction
-        if isinstance(hf, bool) or not isinstance(hf, (int, float)) or not 0.0 <= hf < 0.9:
-            raise bad_param("holdout_fraction", "a float in [0, 0.9)", hf)
-        if self.max_samples is not None:
-            _check_int("max_samples", self.max_samples, 4)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
-
-    # -- fitting -----------------------------------------------------------------
-    def fit(self, model: nn.Module, clean: ImageDataset) -> CalibratedInputDetector:
-        """Calibrate on clean inputs (labels not needed); returns ``self``."""
-        t0 = time.perf_counter()
-        self._validate()
-        if not isinstance(model, nn.Module):
-            raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(clean, ImageDataset):
-            raise DataError(f"clean: expected an ImageDataset, got {type(clean).__name__}")
-        x = check_inputs(clean.x, None, f"{clean.source}")
-        c, h, w = (int(s) for s in x.shape[1:])
-        self.input_shape_: tuple[int, int, int] = (c, h, w)
-        n_all = len(x)
-        if self.max_samples is not None and n_all > self.max_samples:
-            keep = np.sort(np.random.default_rng(self.seed).permutation(n_all)[:self.max_samples])
-            x = x[torch.from_numpy(keep)]
-        pool, fit, hold = rt.calibration_split(len(x), pool_fraction=self._pool_fraction,
-                                               holdout_fraction=self.holdout_fraction,
-                                               seed=self.seed + 1)
-        self._attach(model)
-        self._prepare(x[torch.from_numpy(pool)], x[torch.from_numpy(fit)])
-        fit_scores, fit_preds = self._score_and_predict(x[torch.from_numpy(fit)], "calibrating")
-        self._after_fit_scores(fit_scores, fit_preds)
-        fit_scores = self._finalise(fit_scores, fit_preds)
-        self.fit_scores_ = fit_scores
-        self.threshold_ = rt.fit_threshold(fit_scores, self.frr, self.threshold_method)
-        self.frr_fit_ = rt.rejection_rate(fit_scores, self.threshold_)
-        self.calibration_warning_: str | None = None
-        if (self.threshold_method == "conservative"
-                and rt.conservative_rank(len(fit_scores), self.frr) is None):
-            self.calibration_warning_ = (
-                f"{len(fit_scores)} clean scores are too few for a threshold whose FRR is at "
-                f"most {self.frr:g} with {rt.CONSERVATIVE_CONFIDENCE:.0%} confidence: the "
-                "threshold is their maximum; calibrate on more clean inputs")
-        if len(hold):
-            hold_scores, hold_preds = self._score_and_predict(x[torch.from_numpy(hold)],
-                                                              "measuring FRR")
-            hold_scores = self._finalise(hold_scores, hold_preds)
-            flagged = rt.flag(hold_scores, self.threshold_)
-            self.holdout_scores_ = hold_scores
-            self.frr_measured_: float | None = float(flagged.mean())
-            self.frr_upper_: float | None = rt.clopper_pearson_upper(int(flagged.sum()),
-                                                                      len(flagged))
-        else:
-            self.holdout_scores_ = np.empty(0)
-            self.frr_measured_ = None
-            self.frr_upper_ = None
-        self.n_clean_ = n_all
-        self.n_pool_, self.n_fit_, self.n_holdout_ = len(pool), len(fit), len(hold)
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
-
-    def _validate(self) -> None:
-        self._validate_common()
-
-    def _attach(self, model: nn.Module) -> None:
-        """Keep the user's model; run on ``device`` (a private copy if it lives elsewhere)."""
-        self.model_ = model
-        dev = pick_device(self.device)
-        self.device_ = dev
-        if model_device(model) != dev:
-            try:
-                runner = copy.deepcopy(model).to(dev).eval()
-            except Exception as exc:
-                raise ModelError(f"cannot run the model on {dev}: {exc}") from exc
-            for p in runner.parameters():
-                p.requires_grad_(False)
-            self._runner: nn.Module = runner
-            self._private = True
-        else:
-            self._runner = model
-            self._private = False
-
-    def _borrowed(self) -> Any:
-        import contextlib
-
-        if self._private:
-            return contextlib.nullcontext(self._runner)
-        return borrow_model(self._runner)
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "threshold_"):
-            raise ParameterError(f"{type(self).__name__} is not calibrated: call fit(model, "
-                                 "clean) first")
-
-    # -- hooks for subclasses ----------------------------------------------------
-    def _prepare(self, pool: torch.Tensor, fit: torch.Tensor) -> None:
-        """Learn what the method needs from the clean pool / fit inputs (default: nothing)."""
-
-    def _after_fit_scores(self, scores: np.ndarray, preds: np.ndarray) -> None:
-        """Learn from the raw clean fit scores before thresholding (default: nothing)."""
-
-    def _finalise(self, scores: np.ndarray, preds: np.ndarray) -> np.ndarray:
-        """Turn raw scores into final ones (default: unchanged)."""
-        return scores
-
-    @abstractmethod
-    def _score_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw scores (float64, ``B``) and predictions (``B``) of inputs on the device."""
-
-    # -- scoring -----------------------------------------------------------------
-    def _chunks(self, n: int) -> Iterator[slice]:
-        step = max(1, self.batch_size // max(1, self.forwards_per_input))
-        for start in range(0, n, step):
-            yield slice(start, min(start + step, n))
-
-    def _score_and_predict(self, x: torch.Tensor, what: str = "scoring"
-                           ) -> tuple[np.ndarray, np.ndarray]:
-        scores = np.empty(len(x), dtype=np.float64)
-        preds = np.empty(len(x), dtype=np.int64)
-        if len(x) == 0:
-            return scores, preds
-        chunks = list(self._chunks(len(x)))
-        with self._borrowed(), torch.inference_mode(), \
-                progress(f"{self.name}: {what}", len(chunks)) as bar:
-            for sl in chunks:
-                s, p = self._score_chunk(x[sl].to(self.device_, non_blocking=True))
-                scores[sl] = s.detach().cpu().numpy()
-                preds[sl] = p.detach().cpu().numpy()
-                bar.advance()
-        return scores, preds
-
-    def score_and_predict(self, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Suspicion scores (higher = more suspicious) and predicted classes of ``x``."""
-        self._check_fitted()
-        x = check_inputs(x, self.input_shape_)
-        scores, preds = self._score_and_predict(x)
-        return self._finalise(scores, preds), preds
-
-    def score(self, x: torch.Tensor) -> np.ndarray:
-        """Per-input suspicion scores (higher = more suspicious)."""
-        return self.score_and_predict(x)[0]
-
-    def filter(self, x: torch.Tensor) -> FilterResult:
-        """Score ``x`` and flag inputs above the calibrated threshold."""
-        t0 = time.perf_counter()
-        scores, preds = self.score_and_predict(x)
-        flagged = rt.flag(scores, self.threshold_)
-        return FilterResult(
-            detector=self.name,
-            verdict="triggered" if flagged.any() else "clean",
-            scores=scores, flagged=flagged, predictions=preds,
-            threshold=float(self.threshold_), frr=float(self.frr),
-            seconds=time.perf_counter() - t0, seed=self.seed, params=self.get_params(),
-            evidence=self.calibration_info() | {
-                "num_inputs": len(scores),
-                "num_flagged": int(flagged.sum()),
-                "flagged_indices": np.flatnonzero(flagged).tolist(),
-            },
-        )
-
-    def calibration_info(self) -> dict[str, Any]:
-        """What the calibration measured (for reports and ``/healthz``)."""
-        self._check_fitted()
-        return {
-            "frr_target": float(self.frr),
-            "frr_measured": self.frr_measured_,
-            "frr_measured_upper95": self.frr_upper_,
-            "frr_fit": self.frr_fit_,
-            "threshold": float(self.threshold_),
-            "threshold_method": self.threshold_method,
-            "calibration_warning": self.calibration_warning_,
-            "num_clean": self.n_clean_,
-            "num_overlay_pool": self.n_pool_,
-            "num_fit": self.n_fit_,
-            "num_holdout": self.n_holdout_,
-            "clean_score_mean": float(np.mean(self.fit_scores_)),
-            "clean_score_std": float(np.std(self.fit_scores_)),
-            "forwards_per_input": self.forwards_per_input,
-            "calibration_seconds": round(self.fit_seconds_, 3),
-        }
+def margins(per_kind: np.ndarray, thresholds: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The score of the any-kind rule: the largest margin ``(mean − threshold) / scale``
+    over the kinds; positive exactly when some kind is above its threshold."""
+    m = np.asarray(per_kind, dtype=np.float64)
+    return np.asarray(((m - thresholds) / scales).max(axis=1), dtype=np.float64)
 
 
 class Strip(CalibratedInputDetector):
-    """STRIP (Gao et al., ACSAC 2019): entropy of superimposed predictions; see the module."""
+    """STRIP (Gao et al., ACSAC 2019): predictions under superimposition; see the module.
+
+    Defaults are ours (triggers anywhere, sequential); :meth:`paper` gives the paper's
+    settings.
+    """
 
     name: ClassVar[str] = "strip"
 
-    def __init__(self, *, n_overlays: int = 100, blend: str = "sum_clip", frr: float = 0.01,
-                 threshold_method: str = "normal", pool_fraction: float = 0.2,
+    def __init__(self, *, n_overlays: int = 32, blend: str = "any",
+                 blends: tuple[str, ...] = ("sum_clip", "average", "max", "min"),
+                 min_headroom: float = 0.1,
+                 statistic: str = "confidence", sequential: bool = True, delta: float = 0.002,
+                 first_look: int = 8, frr: float = 0.01,
+                 threshold_method: str = "conservative", pool_fraction: float = 0.2,
                  holdout_fraction: float = 0.2, max_samples: int | None = 2000,
                  overlay_draw: str = "per_input", batch_size: int = 4096, seed: int = 0,
-                 device: str | None = None, statistic: str = "mean") -> None:
+                 device: str | None = None) -> None:
         self.n_overlays = n_overlays
-        self.statistic = statistic
         self.blend = blend
+        self.blends = blends
+        self.min_headroom = min_headroom
+        self.statistic = statistic
+        self.sequential = sequential
+        self.delta = delta
+        self.first_look = first_look
         self.frr = frr
         self.threshold_method = threshold_method
         self.pool_fraction = pool_fraction
@@ -382,20 +198,48 @@ class Strip(CalibratedInputDetector):
         self.seed = seed
         self.device = device
 
+    @classmethod
+    def paper(cls, **overrides: Any) -> Strip:
+        """The paper's settings: 100 overlays, pixel-sum superimposition (clipped to the
+        model's [0, 1] input range), mean entropy, a normal fit to the clean entropies
+        for the threshold, every overlay evaluated."""
+        params: dict[str, Any] = dict(n_overlays=100, blend="sum_clip", statistic="mean",
+                                      sequential=False, threshold_method="normal")
+        return cls(**(params | overrides))
+
     def _validate(self) -> None:
         self._validate_common()
-        _check_int("n_overlays", self.n_overlays, 1)
-        if self.blend not in rt.BLENDS:
-            raise bad_param("blend", rt.BLENDS, self.blend)
-        if self.statistic not in rt.STATISTICS:
-            raise bad_param("statistic", rt.STATISTICS, self.statistic)
+        check_int("n_overlays", self.n_overlays, 1)
+        if self.blend not in (*BLENDS, *COMBINED_BLENDS):
+            raise bad_param("blend", (*COMBINED_BLENDS, *BLENDS), self.blend)
+        if (isinstance(self.blends, str) or not isinstance(self.blends, (tuple, list))
+                or not self.blends or any(b not in BLENDS for b in self.blends)):
+            raise bad_param("blends", f"a non-empty list of {', '.join(BLENDS)}", self.blends)
+        if self.statistic not in STATISTICS:
+            raise bad_param("statistic", STATISTICS, self.statistic)
+        if self.blend in COMBINED_BLENDS and self.statistic not in MEAN_STATISTICS:
+            raise bad_param("statistic", f"one of {MEAN_STATISTICS} with blend={self.blend!r}",
+                            self.statistic)
+        if not isinstance(self.sequential, (bool, np.bool_)):
+            raise bad_param("sequential", "true or false", self.sequential)
+        seq.check_delta(self.delta)
+        mh = self.min_headroom
+        if isinstance(mh, bool) or not isinstance(mh, (int, float)) or not 0.0 <= mh < 1.0:
+            raise bad_param("min_headroom", "a number in [0, 1)", mh)
+        check_int("first_look", self.first_look, 2)
         if self.overlay_draw not in OVERLAY_DRAWS:
             raise bad_param("overlay_draw", OVERLAY_DRAWS, self.overlay_draw)
         pf = self.pool_fraction
         if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0.0 < pf < 0.9:
             raise bad_param("pool_fraction", "a float in (0, 0.9)", pf)
         self._pool_fraction = float(pf)
-        self.forwards_per_input = int(self.n_overlays)
+        self.forwards_per_input = int(self.n_overlays) * len(self._kinds())
+        self._sequential = (bool(self.sequential) and self.statistic in MEAN_STATISTICS
+                            and self.n_overlays > self.first_look)
+
+    # -- calibration ---------------------------------------------------------------
+    def _kinds(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.blends)) if self.blend == "any" else (self.blend,)
 
     def _prepare(self, pool: torch.Tensor, fit: torch.Tensor) -> None:
         self.pool_ = pool.to(self.device_)
@@ -403,9 +247,44 @@ class Strip(CalibratedInputDetector):
         self._replace = n_pool < self.n_overlays
         rng = np.random.default_rng([self.seed, 0x5712])
         self._fixed_idx = rng.choice(n_pool, self.n_overlays, replace=self._replace)
+        self.kinds_ = self._kinds()
+        self.kind_thresholds_ = np.zeros(len(self.kinds_))
+        self.kind_scales_ = np.ones(len(self.kinds_))
+        self.kind_headroom_: dict[str, float] = {}
+        self.kind_prior_var_ = np.zeros(len(self.kinds_))
 
-    def overlay_indices(self, x: torch.Tensor) -> np.ndarray:
-        """Indices into the overlay pool, ``B×n_overlays``, for inputs ``x`` (see module)."""
+    def _fit_scores(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if self.blend != "any":
+            return super()._fit_scores(x)
+        per_kind, preds = self._kind_means(x, "calibrating")
+        keep = select_kinds(per_kind, self.frr, statistic_ceiling(self.statistic),
+                            self.min_headroom)
+        self.kind_headroom_ = {k: float(h) for k, h in zip(
+            self.kinds_, statistic_ceiling(self.statistic)
+            - np.quantile(per_kind, 1.0 - self.frr, axis=0), strict=True)}
+        self.kinds_ = tuple(k for k, kept in zip(self.kinds_, keep, strict=True) if kept)
+        self.kind_prior_var_ = self._clean_var[keep]
+        self.forwards_per_input = self.n_overlays * len(self.kinds_)
+        per_kind = per_kind[:, keep]
+        thresholds, scales, _ = any_kind_thresholds(per_kind, self.frr, self.threshold_method)
+        self.kind_thresholds_, self.kind_scales_ = thresholds, scales
+        self.kind_fit_means_ = per_kind
+        return margins(per_kind, thresholds, scales), preds
+
+    def _threshold(self, fit_scores: np.ndarray) -> float:
+        return 0.0 if self.blend == "any" else super()._threshold(fit_scores)
+
+    def _after_threshold(self, fit_scores: np.ndarray) -> None:
+        if self.statistic == "confidence":
+            span = 1.0
+        elif self.blend == "any":
+            span = float(np.ptp(self.kind_fit_means_)) or 1.0
+        else:
+            span = float(np.ptp(fit_scores)) or 1.0
+        self.sd_floor_ = 0.05 * span
+
+    # -- overlays ------------------------------------------------------------------
+    def _indices(self, x: torch.Tensor) -> np.ndarray:
         b = len(x)
         if self.overlay_draw == "fixed":
             return np.broadcast_to(self._fixed_idx, (b, self.n_overlays))
@@ -418,29 +297,131 @@ class Strip(CalibratedInputDetector):
             out[i] = rng.choice(n_pool, self.n_overlays, replace=self._replace)
         return out
 
+    def overlay_indices(self, x: torch.Tensor) -> np.ndarray:
+        """Indices into the overlay pool, ``B×n_overlays``, for inputs ``x`` (see module)."""
+        self._check_fitted()
+        return self._indices(x)
+
+    def _logits(self, x: torch.Tensor, idx: np.ndarray, kind: str) -> torch.Tensor:
+        b, n = idx.shape
+        t = torch.from_numpy(np.ascontiguousarray(idx)).to(x.device)
+        perturbed = superimpose(x, self.pool_[t], kind)
+        return logits_of(self._runner, perturbed.reshape(b * n, *x.shape[1:])).view(b, n, -1)
+
+    def _values(self, x: torch.Tensor, idx: np.ndarray, kinds: tuple[str, ...],
+                preds: torch.Tensor) -> np.ndarray:
+        """Per-overlay values ``len(kinds)×B×n`` (see :func:`per_overlay_values`)."""
+        return np.stack([per_overlay_values(self._logits(x, idx, k), preds, self.statistic)
+                         .double().cpu().numpy() for k in kinds])
+
+    def _kind_means(self, x: torch.Tensor, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """Mean per kind over every overlay, ``B×kinds``, and predictions, of clean inputs;
+        keeps each kind's median within-input variance (the sequential rule's prior)."""
+        out = np.empty((len(x), len(self.kinds_)))
+        var = np.empty((len(x), len(self.kinds_)))
+        preds = np.empty(len(x), dtype=np.int64)
+        chunks = list(self._chunks(len(x)))
+        with self._borrowed(), torch.inference_mode(), \
+                progress(f"{self.name}: {what}", len(chunks)) as bar:
+            for sl in chunks:
+                xb = x[sl].to(self.device_)
+                p = logits_of(self._runner, xb).argmax(1)
+                v = self._values(xb, self._indices(xb), self.kinds_, p)
+                out[sl], var[sl] = v.mean(2).T, v.var(2, ddof=1).T if v.shape[2] > 1 else 0.0
+                preds[sl] = p.cpu().numpy()
+                bar.advance()
+        self._clean_var = np.median(var, axis=0)
+        return out, preds
+
+    def _chunks(self, n: int) -> Iterator[slice]:
+        step = max(1, self.batch_size // max(1, self.n_overlays * len(self._kinds())))
+        for start in range(0, n, step):
+            yield slice(start, min(start + step, n))
+
     def _score_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = x.shape[0]
-        idx = torch.from_numpy(np.ascontiguousarray(self.overlay_indices(x))).to(x.device)
-        perturbed = rt.superimpose(x, self.pool_[idx], self.blend)  # B×N×C×H×W
-        logits = logits_of(self._runner, perturbed.reshape(b * self.n_overlays, *x.shape[1:]))
+        idx = self._indices(x)
         preds = logits_of(self._runner, x).argmax(1)
-        scores = rt.strip_scores(logits.view(b, self.n_overlays, -1), self.statistic,
-                                 preds).double()
-        return scores, preds
+        if self.statistic not in MEAN_STATISTICS:
+            logits = self._logits(x, idx, self.kinds_[0])
+            return rt.strip_scores(logits, self.statistic, preds).double(), preds
+        means = self._values(x, idx, self.kinds_, preds).mean(2).T
+        if self.blend == "any":
+            means = margins(means, self.kind_thresholds_, self.kind_scales_)
+        else:
+            means = means[:, 0]
+        return torch.from_numpy(np.ascontiguousarray(means)).to(x.device), preds
+
+    def _decide_chunk(self, x: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        if not self._sequential:
+            return super()._decide_chunk(x)
+        b, n_total, kinds = len(x), self.n_overlays, self.kinds_
+        any_rule = self.blend == "any"
+        thresholds = self.kind_thresholds_ if any_rule else np.array([self.threshold_])
+        idx = self._indices(x)
+        preds = logits_of(self._runner, x).argmax(1)
+        looks = seq.look_schedule(self.first_look, n_total)
+        total = np.zeros((len(kinds), b))
+        total_sq = np.zeros((len(kinds), b))
+        used = np.zeros(b, dtype=np.int64)
+        score = np.zeros(b)
+        flags = np.zeros(b, dtype=bool)
+        open_ = np.arange(b)
+        done_n = 0
+        for n in looks:
+            v = self._values(x[open_], idx[open_, done_n:n], kinds, preds[open_])
+            total[:, open_] += v.sum(2)
+            total_sq[:, open_] += (v * v).sum(2)
+            mean = total[:, open_] / n
+            var = np.maximum(total_sq[:, open_] / n - mean * mean, 0.0) * n / max(1, n - 1)
+            # each kind's early answer may differ from its fixed-N one with at most
+            # delta / kinds, so the input's with at most delta
+            prior_df = PRIOR_DRAWS if any_rule else 0.0
+            q = seq.stop_quantile(n, self.delta / len(kinds), len(looks) - 1, prior_df)
+            dec = np.stack([seq.curtailed_decisions(
+                mean[k], seq.moderated_sd(var[k], n, float(self.kind_prior_var_[k]), prior_df),
+                n, n_total, float(thresholds[k]), q, self.sd_floor_)
+                for k in range(len(kinds))])
+            flag_now = (dec == seq.FLAG).any(0)
+            done = flag_now | (dec == seq.PASS).all(0)
+            ids = open_[done]
+            used[ids], flags[ids] = n, flag_now[done]
+            if any_rule:
+                score[ids] = margins(mean[:, done].T, self.kind_thresholds_, self.kind_scales_)
+            else:
+                score[ids] = mean[0, done]
+            open_ = open_[~done]
+            done_n = n
+            if not open_.size:
+                break
+        dev = x.device
+        return (torch.from_numpy(score).to(dev), preds, torch.from_numpy(flags).to(dev),
+                torch.from_numpy(1.0 + used * len(kinds)).to(dev))
 
     def entropy(self, x: torch.Tensor) -> np.ndarray:
         """The paper's quantity: mean (or median, or tail) entropy (bits) per input
-        (``= -score``)."""
+        (``= -score``), every overlay evaluated."""
         if self.statistic not in rt.ENTROPY_STATISTICS:
             raise bad_param("statistic", f"one of {rt.ENTROPY_STATISTICS} for entropy()",
                             self.statistic)
-        return -self.score(x)
+        self._check_fitted()
+        from .input_base import check_inputs
+
+        scores, _ = self._score_and_predict(check_inputs(x, self.input_shape_))
+        return -scores
 
     def calibration_info(self) -> dict[str, Any]:
+        score = {"confidence": "mean probability of the input's own prediction over the "
+                               "overlays",
+                 "consistency": "mean log-probability of the input's own prediction over "
+                                "the overlays"}.get(
+            self.statistic, f"negative {self.statistic} entropy (bits) over the overlays")
         return super().calibration_info() | {
             "n_overlays": self.n_overlays, "blend": self.blend,
+            "kinds": list(self.kinds_), "kind_headroom": self.kind_headroom_,
+            "kind_thresholds": [float(t) for t in self.kind_thresholds_]
+            if self.blend == "any" else None,
             "overlay_draw": self.overlay_draw, "statistic": self.statistic,
-            "score": ("mean log-probability of the input's own prediction over the overlays"
-                      if self.statistic == "consistency" else
-                      f"negative {self.statistic} entropy (bits) over the overlays"),
+            "sequential": self._sequential, "delta": self.delta if self._sequential else None,
+            "score": score,
         }
