@@ -173,7 +173,7 @@ class Strip(CalibratedInputDetector):
 
     def __init__(self, *, n_overlays: int = 32, blend: str = "any",
                  blends: tuple[str, ...] = ("sum_clip", "average", "max", "min"),
-                 min_headroom: float = 0.1,
+                 min_headroom: float = 0.0,
                  statistic: str = "confidence", sequential: bool = True, delta: float = 0.002,
                  first_look: int = 8, frr: float = 0.01,
                  threshold_method: str = "conservative", pool_fraction: float = 0.2,
