@@ -38,6 +38,11 @@ def test_every_public_name_resolves() -> None:
     for name in ("scan_model", "scan_data", "filter_inputs", "load_model", "load_dataset",
                  "NeuralCleanse", "MNTD", "Strip", "NotFittedError"):
         assert name in trojanscan.__all__
+    from trojanscan import detectors as registry
+
+    for name in registry.available():  # every registered detector is public
+        cls = registry.get(name)
+        assert getattr(trojanscan, cls.__name__) is cls, name
     assert issubclass(NotFittedError, ParameterError)
     assert issubclass(NotFittedError, AttributeError)
     with pytest.raises(AttributeError):

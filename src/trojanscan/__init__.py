@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .detectors.activation_clustering import ActivationClustering
     from .detectors.mntd import MNTD
     from .detectors.neural_cleanse import NeuralCleanse
+    from .detectors.scan_decomp import Scan
     from .detectors.spectral_signatures import SpectralSignatures
     from .detectors.spectre import Spectre
     from .detectors.strip import Strip
@@ -45,6 +46,7 @@ _LAZY = {
     "ActivationClustering": "detectors.activation_clustering",
     "Spectre": "detectors.spectre",
     "Strip": "detectors.strip",
+    "Scan": "detectors.scan_decomp",
 }
 
 
@@ -75,6 +77,7 @@ __all__ = [
     "NotAClassifierError",
     "NotFittedError",
     "ParameterError",
+    "Scan",
     "SpectralSignatures",
     "Spectre",
     "Strip",
