@@ -1,9 +1,9 @@
 """Does training lenet longer make the MNTD benchmark's backdoors take?
 
-Of the 108 backdoored models of MNTD sets 9, 10 and 14, 24 did not take (ASR < 0.5), 20 of
+Of 108 backdoored models of the MNTD reference sets, 24 did not take (ASR < 0.5), 20 of
 them lenet (clean accuracy 0.75 under the target recipe: 5,000 images, batch 128). This
 trains one SIG and one WaNet lenet on the same data for 12 (the recipe), 24 and 40 epochs
-and prints clean accuracy and attack success rate (docs/benchmarks/mntd.md, Session 13).
+and prints clean accuracy and attack success rate (benchmarks/notes/mntd_development.md).
 
     python benchmarks/bench_lenet_recipe.py [--results benchmarks/results/lenet_recipe.json]
 """

@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-inputs", type=int, default=4, help="inputs per good request")
     ap.add_argument("--bad-share", type=float, default=0.2)
-    ap.add_argument("--detector", default="strip", choices=["strip", "scale_up"])
+    ap.add_argument("--detector", default="strip", choices=["strip"])
     ap.add_argument("--calibration-size", type=int, default=1000)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=60.0)

@@ -41,9 +41,9 @@ CPU thread)::
     python scripts/make_mntd_pretrained.py --which digits --backend processes \\
         --workers 4 --device cuda --meta-device cpu --workdir .cache/mntd --out OUT
 
-GPU-trained shadows are not bit-identical to CPU-trained ones (the Fashion-MNIST bundle
-shipped until session 5 came from the H100, its qt variant measured in
-docs/benchmarks/mntd.md beside the CPU one). The alternative measured there (softmax
+GPU-trained shadows are not bit-identical to CPU-trained ones (an earlier Fashion-MNIST
+bundle came from an H100, its qt variant measured in
+benchmarks/notes/mntd_development.md beside the CPU one). The alternative measured there (softmax
 responses, poison replacing samples, 128 shadows per kind of mlp and lenet)::
 
     python scripts/make_mntd_pretrained.py --which fashion-mnist --backend processes \\

@@ -47,7 +47,7 @@ def test_demo_tells_its_story_and_falls_back_to_digits(demo: tuple[Path, str]) -
     assert m.group(3) in m.group(2).split(", ")
     # the data scan's line agrees with its report (on the 8×8 digits Spectral Signatures
     # and SPECTRE do not find the 2×2 patch's poison; on Fashion-MNIST they do — see
-    # docs/benchmarks/data_poisoning.md)
+    # benchmarks/notes/data_poisoning_development.md)
     m = re.search(r"3\. scan-data: (\w+) — flagged (\d+) of (\d+) training samples; (\d+) of "
                   r"the (\d+) poisoned", story)
     assert m, story

@@ -218,7 +218,7 @@ def filter_(
     calibrate: Annotated[str, typer.Option("--calibrate", help="Clean data for the "
                                            "threshold.")],
     frr: Annotated[float, typer.Option("--frr", help="Target false-rejection rate.")] = 0.01,
-    detector: Annotated[str, typer.Option("--detector", help="strip or scale_up.")] = "strip",
+    detector: Annotated[str, typer.Option("--detector", help="Detector: strip.")] = "strip",
     param: Annotated[list[str] | None, typer.Option(
         "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. blend=max, "
                         "threshold_method=empirical, n_overlays=50).")] = None,
@@ -242,7 +242,7 @@ def guard(
     calibrate: Annotated[str, typer.Option("--calibrate", help="Clean data for the "
                                            "threshold.")],
     frr: Annotated[float, typer.Option("--frr", help="Target false-rejection rate.")] = 0.01,
-    detector: Annotated[str, typer.Option("--detector", help="strip or scale_up.")] = "strip",
+    detector: Annotated[str, typer.Option("--detector", help="Detector: strip.")] = "strip",
     param: Annotated[list[str] | None, typer.Option(
         "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. blend=max, "
                         "threshold_method=empirical, n_overlays=50).")] = None,

@@ -1,4 +1,4 @@
-"""Pure maths of the runtime (input-level) detectors: STRIP and SCALE-UP.
+"""Pure maths of the runtime (input-level) detector STRIP.
 
 Everything here works on arrays or tensors only — no model — so it is tested on
 hand-made numbers.
@@ -23,16 +23,6 @@ Thresholds at a chosen false-rejection rate (FRR)
     score is *strictly greater* than the threshold. :func:`conservative_threshold`
     (beyond the paper) picks the order statistic whose true FRR is at most ``frr`` with
     90% confidence. All three are non-increasing in ``frr``.
-
-SCALE-UP (Guo, Li, Chen, Guo, Sun & Liu, "SCALE-UP: An Efficient Black-box Input-level
-Backdoor Detection via Analyzing Scaled Prediction Consistency", ICLR 2023)
-    The input's pixels are multiplied by each factor of a scale set (``{3, 5, 7, 9,
-    11}`` in the paper and BackdoorBox) and clipped to [0, 1]; the *scaled prediction
-    consistency* is the share of scaled copies predicted as the original input's class.
-    Triggered inputs stay consistent (high = suspicious). :func:`scale_consistency`
-    computes it from labels (the paper's black-box form); :func:`soft_scale_consistency`
-    is our finer variant (mean softmax probability of the original class over the
-    scaled copies), which breaks the ties of a score with only ``|S| + 1`` values.
 """
 
 from __future__ import annotations
@@ -111,7 +101,7 @@ def strip_entropy(logits: torch.Tensor, statistic: str = "mean") -> torch.Tensor
     clean input is confident on most overlays too but not on all — what sets it apart is
     the few overlays that leave the model unsure. The mean dilutes those few among ~90
     confident ones; the tail mean reads them directly (beyond the paper; measured in
-    docs/benchmarks/runtime.md).
+    benchmarks/notes/runtime_development.md).
     """
     _check_overlay_logits(logits)
     if statistic not in ENTROPY_STATISTICS:
@@ -352,67 +342,3 @@ def calibration_split(n: int, *, pool_fraction: float, holdout_fraction: float,
     hold = np.sort(perm[n_pool:n_pool + n_hold])
     fit = np.sort(perm[n_pool + n_hold:])
     return pool, fit, hold
-
-
-# ---------------------------------------------------------------------------
-# SCALE-UP
-# ---------------------------------------------------------------------------
-
-def scale_inputs(x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
-    """``B×C×H×W`` → ``B×S×C×H×W``: each input times each scale, clipped to [0, 1]."""
-    s = torch.as_tensor(list(scales), dtype=x.dtype, device=x.device).view(1, -1, 1, 1, 1)
-    return (x.unsqueeze(1) * s).clamp_(0.0, 1.0)
-
-
-def scale_consistency(scaled_preds: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
-    """SCALE-UP's scaled prediction consistency from labels.
-
-    ``scaled_preds`` is ``B×S`` (class of each scaled copy), ``preds`` is ``B`` (class of
-    the input itself); returns the share of the ``S`` copies that keep the class.
-    """
-    if scaled_preds.dim() != 2 or preds.dim() != 1 or scaled_preds.shape[0] != preds.shape[0]:
-        raise bad_param("scaled_preds/preds", "shapes B×S and B",
-                        (tuple(scaled_preds.shape), tuple(preds.shape)))
-    return (scaled_preds == preds.unsqueeze(1)).double().mean(dim=1)
-
-
-def soft_scale_consistency(scaled_logits: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
-    """Mean softmax probability of the input's own class over its ``S`` scaled copies.
-
-    ``scaled_logits`` is ``B×S×K``; returns ``B`` values in [0, 1].
-    """
-    if scaled_logits.dim() != 3 or preds.dim() != 1 or scaled_logits.shape[0] != preds.shape[0]:
-        raise bad_param("scaled_logits/preds", "shapes B×S×K and B",
-                        (tuple(scaled_logits.shape), tuple(preds.shape)))
-    p = torch.softmax(scaled_logits.double(), dim=-1)
-    idx = preds.view(-1, 1, 1).expand(-1, p.shape[1], 1)
-    return p.gather(2, idx).squeeze(2).mean(dim=1)
-
-
-def class_standardise(values: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray,
-                      stats: dict[int, tuple[float, float]],
-                      fallback: tuple[float, float]) -> np.ndarray:
-    """``(v - μ_c) / σ_c`` with ``c`` each value's class (SCALE-UP's data-limited mode).
-
-    ``stats`` maps a class to ``(μ, σ)`` of clean values; classes without statistics use
-    ``fallback``. ``σ`` below 1e-6 is treated as 1e-6.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    c = np.asarray(classes).astype(np.int64)
-    mu = np.array([stats.get(int(k), fallback)[0] for k in c], dtype=np.float64)
-    sd = np.array([stats.get(int(k), fallback)[1] for k in c], dtype=np.float64)
-    return (v - mu) / np.maximum(sd, 1e-6)
-
-
-def class_statistics(values: np.ndarray, classes: np.ndarray, *, min_count: int = 5
-                     ) -> tuple[dict[int, tuple[float, float]], tuple[float, float]]:
-    """Per-class ``(mean, std)`` of clean values (classes with ≥ ``min_count`` samples)
-    and the global ``(mean, std)`` used as fallback."""
-    v = np.asarray(values, dtype=np.float64)
-    c = np.asarray(classes).astype(np.int64)
-    stats: dict[int, tuple[float, float]] = {}
-    for k in np.unique(c):
-        sel = v[c == k]
-        if sel.size >= min_count:
-            stats[int(k)] = (float(sel.mean()), float(sel.std()))
-    return stats, (float(v.mean()), float(v.std()))
