@@ -31,7 +31,7 @@ def test_detectors_lists_names_levels_and_parameters(capsys: pytest.CaptureFixtu
     assert "statistic=" not in r.out
     r = run_cli(capsys, "detectors", "--params")
     strip = r.out.split("strip\tinput", 1)[1].split("\n", 1)[1]
-    assert "    statistic='mean'" in strip and "    n_overlays=100" in strip
+    assert "    statistic='confidence'" in strip and "    n_overlays=32" in strip
 
 
 def test_usage_error_exits_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:

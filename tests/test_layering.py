@@ -42,11 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 #: Known arrows against the layers, each with what removes it. Empty this as the
 #: modules named here move; a stale entry fails the test too.
-KNOWN_EXCEPTIONS: frozenset[tuple[str, str]] = frozenset({
-    # the scan-zoo worker writes its reports with the command's writer: import
-    # write_scan_report from trojanscan.reports.scan instead
-    ("fleet.worker", "commands.scan"),
-})
+KNOWN_EXCEPTIONS: frozenset[tuple[str, str]] = frozenset()
 
 
 def _modules() -> dict[str, Path]:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import __version__
+from ._version import __version__
 from .exceptions import TrojanscanError
 
 app = typer.Typer(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .dataset import ImageDataset
 from .exceptions import bad_param
 from .training import TrainConfig, evaluate, train_model

@@ -38,7 +38,7 @@ ROW_FILE = "zoo-row.json"
 
 def settings_hash(shared: Shared) -> str:
     """Hash of everything besides the model that shapes a model's report."""
-    from .. import __version__
+    from .._version import __version__
 
     def plain(v: Any) -> Any:
         if hasattr(v, "tolist"):

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..report import json_safe, utf8_safe
 from ..utils import atomic_write_text
 from .metrics import auroc, confusion, roc_points

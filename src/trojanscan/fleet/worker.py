@@ -5,7 +5,7 @@ system); it is written to a private temporary folder under its own file name, lo
 scanned exactly as ``trojanscan scan`` does — :func:`trojanscan.utils.seed_everything`
 with the seed, :func:`trojanscan.io.models.load_model` and ``check_compatible`` against
 the clean data, :func:`trojanscan.scan.scan_model` with the same detectors and settings,
-and :func:`trojanscan.commands.scan.write_scan_report` — so the report is the one
+and :func:`trojanscan.reports.scan.write_scan_report` — so the report is the one
 ``scan`` writes (timings and creation time aside). The report's files come back as
 bytes; the caller writes them. Any failure is returned as the model's error, never
 raised: one bad model must not stop a zoo.
@@ -109,8 +109,8 @@ def scan_one(job: Job, blob: bytes, shared: Shared, tmp_root: str | None = None)
 
 def _scan(job: Job, model_path: Path, out: Path, shared: Shared,
           t0: float) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from ..commands.scan import write_scan_report
     from ..io.models import check_compatible, load_model
+    from ..reports.scan import write_scan_report
     from ..scan import scan_model
     from ..utils import seed_everything
 

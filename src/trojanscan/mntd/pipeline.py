@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..dataset import ImageDataset
 from ..exceptions import DataError, bad_param
 from .calibration import auroc, threshold_at_fpr
