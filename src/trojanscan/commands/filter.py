@@ -116,6 +116,7 @@ def run(*, model: Path, inputs: str, calibrate: str, frr: float, detector: str, 
     rep = Report(command="filter", out_dir=out, seed=seed,
                  params={"detector": detector, "frr": frr, "device": str(loaded.device),
                          "arch": arch, "detector_params": det.get_params()})
+    rep.set_class_names(clean.class_names or data.class_names)
     rep.add_input(role="model", path=str(model), sha256=loaded.sha256, format=loaded.format)
     rep.add_input(role="inputs", path=inputs, sha256=data.sha256, format=data.format)
     rep.add_input(role="calibrate", path=calibrate, sha256=clean.sha256, format=clean.format)

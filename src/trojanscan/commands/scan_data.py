@@ -375,6 +375,7 @@ def run(*, train: str, model: Path, detectors: str | None, poison_rate_bound: fl
                          "device": str(loaded.device), "arch": retrain,
                          "export_clean": None if export_clean is None else str(export_clean),
                          "verify": verify})
+    rep.set_class_names(ds.class_names)
     rep.add_input(role="train", path=train, sha256=ds.sha256, format=ds.format)
     rep.add_input(role="model", path=str(model), sha256=loaded.sha256, format=loaded.format)
     write_report(scan, rep=rep, train=ds)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..classifier import check_logits
 from ..dataset import ImageDataset
-from ..exceptions import DataError, ModelError, ParameterError, bad_param
+from ..exceptions import DataError, ModelError, NotFittedError, bad_param
 from ..maths import runtime as rt
 from ..progress import progress
 from ..utils import pick_device
@@ -230,7 +230,7 @@ class CalibratedInputDetector(InputDetector):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "threshold_"):
-            raise ParameterError(f"{type(self).__name__} is not calibrated: call fit(model, "
+            raise NotFittedError(f"{type(self).__name__} is not calibrated: call fit(model, "
                                  "clean) first")
 
     # -- hooks for subclasses ----------------------------------------------------

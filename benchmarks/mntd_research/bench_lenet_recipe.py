@@ -5,7 +5,7 @@ them lenet (clean accuracy 0.75 under the target recipe: 5,000 images, batch 128
 trains one SIG and one WaNet lenet on the same data for 12 (the recipe), 24 and 40 epochs
 and prints clean accuracy and attack success rate (benchmarks/notes/mntd_development.md).
 
-    python benchmarks/bench_lenet_recipe.py [--results benchmarks/results/lenet_recipe.json]
+    python benchmarks/mntd_research/bench_lenet_recipe.py [--results OUT.json]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_mntd
 
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"
-                                             / "lenet_recipe.json"))
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent.parent
+                                             / "results" / "lenet_recipe.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     d = bench_mntd._data()
