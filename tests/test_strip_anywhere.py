@@ -70,7 +70,7 @@ def test_sequential_same_answers_fewer_evaluations(centred: Any) -> None:
     assert float((a.flagged != b.flagged).mean()) <= 0.02
     # clean inputs, far below the thresholds, stop early; inputs at the margin do not
     clean_cost = float(a.forwards[60:].mean())
-    assert clean_cost < 0.7 * b.mean_forwards, (clean_cost, b.mean_forwards)
+    assert clean_cost < 0.8 * b.mean_forwards, (clean_cost, b.mean_forwards)
     assert a.mean_forwards <= b.mean_forwards
     assert np.array_equal(a.flagged, a.scores > seq.threshold_)
     # the decision does not depend on the batch it came in

@@ -129,7 +129,8 @@ def _scan(job: Job, model_path: Path, out: Path, shared: Shared,
                                   if (q := {k: v for k, v in p.items() if k != "reference"})}}
     write_scan_report(result, out=out, model_path=Path(job.shown), loaded=loaded,
                       data=shared.data, clean_sha=clean.sha256, clean_format=clean.format,
-                      seed=shared.seed, params=params, seconds=time.perf_counter() - t0)
+                      seed=shared.seed, params=params, seconds=time.perf_counter() - t0,
+                      class_names=clean.class_names)
     files = {p.relative_to(out).as_posix(): p.read_bytes()
              for p in sorted(out.rglob("*")) if p.is_file()}
     row = row_of(result)
