@@ -24,9 +24,9 @@ from trojanscan.detectors.base import (
     FilterResult,
     InputDetector,
     ModelScanResult,
-    count_hooks,
 )
-from trojanscan.exceptions import DetectorNotApplicable, TrojanscanError
+from trojanscan.exceptions import TrojanscanError
+from trojanscan.testing import _assert_unchanged, _comparable, _fit, _snapshot
 
 NAMES = sorted(registry._REGISTRY)
 
@@ -45,40 +45,6 @@ def _data_for(cls: Any, tiny: Any) -> ImageDataset:
 def _model_for(cls: Any, tiny: Any) -> nn.Module:
     # a private copy, so a buggy detector cannot spoil the shared fixture
     return copy.deepcopy(tiny.backdoored)
-
-
-def _snapshot(model: nn.Module) -> dict[str, Any]:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "grad": [p.requires_grad for p in model.parameters()],
-        "hooks": count_hooks(model),
-    }
-
-
-def _assert_unchanged(model: nn.Module, snap: dict[str, Any]) -> None:
-    state = model.state_dict()
-    assert set(state) == set(snap["state"])
-    for k, v in snap["state"].items():
-        assert torch.equal(state[k], v), f"parameter/buffer {k} changed"
-    assert [m.training for m in model.modules()] == snap["training"], "training flags changed"
-    assert [p.requires_grad for p in model.parameters()] == snap["grad"], "requires_grad changed"
-    assert count_hooks(model) == snap["hooks"], "hooks were left on the model"
-
-
-def _fit(det: Any, model: nn.Module, data: ImageDataset) -> Any:
-    try:
-        return det.fit(model, data)
-    except DetectorNotApplicable as exc:
-        pytest.skip(f"{det.name} does not apply to the tiny model: {exc}")
-
-
-def _comparable(result: Any, det: Any, data: ImageDataset) -> Any:
-    if isinstance(det, InputDetector):
-        return det.score(data.x[:40]).tolist()
-    d = result.to_dict()
-    d.pop("seconds", None)
-    return d
 
 
 @pytest.mark.parametrize("name", NAMES)
