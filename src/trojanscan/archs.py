@@ -95,12 +95,77 @@ def cifar_cnn(input_shape: Shape = (3, 32, 32), num_classes: int = 10) -> nn.Mod
                                           nn.Linear(256, num_classes)))
 
 
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al., 2016): BN-ReLU-conv twice, identity shortcut
+    (a 1×1 convolution where the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.shortcut: nn.Module = (
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+            if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        short = self.shortcut(out) if not isinstance(self.shortcut, nn.Identity) else x
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + short
+
+
+def _preact_resnet18(input_shape: Shape, num_classes: int, width: int) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], width, 3, padding=1, bias=False)]
+    cin = width
+    for stage, mult in enumerate((1, 2, 4, 8)):
+        cout = width * mult
+        for block in range(2):
+            layers.append(PreActBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1)]
+    return Classifier(nn.Sequential(*layers), nn.Sequential(nn.Linear(cin, num_classes)))
+
+
+def preact_resnet18(input_shape: Shape = (3, 32, 32), num_classes: int = 10) -> nn.Module:
+    """PreAct-ResNet18 as BackdoorBench trains it on CIFAR-10: stages of 64, 128, 256, 512
+    channels, two pre-activation blocks each, global average pooling, one linear layer
+    (11.2 M parameters at 3×32×32 → 10)."""
+    return _preact_resnet18(input_shape, num_classes, 64)
+
+
+def preact_resnet18_narrow(input_shape: Shape = (3, 32, 32),
+                           num_classes: int = 10) -> nn.Module:
+    """PreAct-ResNet18 at a quarter of the width (16, 32, 64, 128 channels; 0.7 M
+    parameters): the same residual topology, trainable and scannable on a CPU."""
+    return _preact_resnet18(input_shape, num_classes, 16)
+
+
+def vgg_small(input_shape: Shape = (3, 32, 32), num_classes: int = 10) -> nn.Module:
+    """VGG-style: three stages of two 3×3 conv-BN-ReLU layers (32, 64, 128) with
+    max-pooling, global average pooling, a 256-unit hidden layer."""
+    c = input_shape[0]
+    layers: list[nn.Module] = []
+    for i, o in ((c, 32), (32, 64), (64, 128)):
+        layers += [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(),
+                   nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(),
+                   nn.MaxPool2d(2)]
+    layers.append(nn.AdaptiveAvgPool2d(1))
+    return Classifier(nn.Sequential(*layers), nn.Sequential(nn.Linear(128, 256), nn.ReLU(),
+                                                            nn.Linear(256, num_classes)))
+
+
 ARCHS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "small_cnn": small_cnn,
     "bn_cnn": bn_cnn,
     "lenet": lenet,
     "mlp": mlp,
     "cifar_cnn": cifar_cnn,
+    "preact_resnet18": preact_resnet18,
+    "preact_resnet18_narrow": preact_resnet18_narrow,
+    "vgg_small": vgg_small,
 }
 
 

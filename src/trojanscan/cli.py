@@ -40,7 +40,8 @@ Arch = Annotated[
     str | None,
     typer.Option("--arch", help="package.module:factory building the nn.Module (for "
                                 "safetensors / state_dict files), or a built-in name "
-                                "(small_cnn, bn_cnn, lenet, mlp, cifar_cnn)."),
+                                "(small_cnn, bn_cnn, lenet, mlp, cifar_cnn, "
+                                "preact_resnet18, preact_resnet18_narrow, vgg_small)."),
 ]
 TrustPickle = Annotated[
     bool,
@@ -305,7 +306,8 @@ def train(
                                         "badnets:size=4,target=0 (or none).")] = "none",
     poison_rate: Annotated[float, typer.Option("--poison-rate")] = 0.1,
     arch: Annotated[str, typer.Option("--arch", help="small_cnn, bn_cnn, lenet, mlp, "
-                                      "cifar_cnn.")] = "small_cnn",
+                                      "cifar_cnn, preact_resnet18, preact_resnet18_narrow, "
+                                      "vgg_small.")] = "small_cnn",
     test_data: Annotated[str | None, typer.Option("--test-data", help="Held-out data for "
                                                   "accuracy/ASR (default: the dataset's "
                                                   "test split).")] = None,
