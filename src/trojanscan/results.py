@@ -100,6 +100,9 @@ class ModelScanResult:
     evidence: Mapping[str, Any] = field(default_factory=dict)
     images: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
     warnings: tuple[str, ...] = ()
+    #: one p-value per class label for "this label is a backdoor target" (``None`` when
+    #: the detector has no per-label evidence); scan names targets from these
+    label_p_values: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (images are not included; reports save them as files)."""
@@ -107,6 +110,8 @@ class ModelScanResult:
             "verdict": self.verdict,
             "score": float(self.score),
             "p_value": self.p_value,
+            **({} if self.label_p_values is None
+               else {"label_p_values": list(self.label_p_values)}),
             "suspected_targets": list(self.suspected_targets),
             "seconds": self.seconds,
             "seed": self.seed,
