@@ -112,7 +112,8 @@ def scan(
     model: Annotated[Path, typer.Argument(help="Model file (TorchScript, ONNX, safetensors, "
                                           "state_dict).")],
     data: Annotated[str, typer.Option("--data", help="Clean data: .npz, image folder, IDX "
-                                      "folder or a built-in (fashion-mnist:test, digits).")],
+                                      "folder or a built-in (fashion-mnist:test, digits, "
+                                      "synthetic-rgb:test).")],
     detectors: Annotated[str | None, typer.Option("--detectors", help="Comma-separated "
                                                    "subset, e.g. neural_cleanse,mntd.")] = None,
     out: Out = DEFAULT_OUT,
@@ -299,7 +300,8 @@ def guard(
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     dataset: Annotated[str, typer.Option("--dataset", help="Training data (fashion-mnist:train, "
-                                         "digits, .npz, folder).")],
+                                         "digits, synthetic-rgb:train, .npz, folder, "
+                                         "CIFAR batches).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output model file (TorchScript); "
                                       "writes OUT.safetensors and OUT.json beside it.")],
     attack: Annotated[str, typer.Option("--attack", help="Attack spec, e.g. "

@@ -32,7 +32,8 @@ from ..utils import seed_everything
 from ._common import emit_json
 
 #: built-in training sets and the held-out split ``--verify`` evaluates on
-TEST_SPLITS = {"fashion-mnist:train": "fashion-mnist:test", "digits:train": "digits:test"}
+TEST_SPLITS = {"fashion-mnist:train": "fashion-mnist:test", "digits:train": "digits:test",
+               "synthetic-rgb:train": "synthetic-rgb:test"}
 #: formats whose architecture comes from ``--arch`` (``torch``: a state_dict file; a
 #: pickled whole module, only with ``--trust-pickle``, carries its own)
 WEIGHT_FORMATS = ("safetensors", "torch")

@@ -17,6 +17,7 @@ from ..utils import seed_everything
 TEST_SPLITS = {
     "fashion-mnist:train": "fashion-mnist:test",
     "digits:train": "digits:test",
+    "synthetic-rgb:train": "synthetic-rgb:test",
 }
 
 

@@ -63,6 +63,7 @@ from ..dataset import ImageDataset
 from ..exceptions import DataError, UnknownFormatError, bad_param, printable, printable_errors
 from ..utils import atomic_path, sha256_file, sha256_tree
 from . import idx as idx_io
+from . import synthetic_rgb
 from .images import IMAGE_EXTENSIONS, read_image_folder
 from .limits import MAX_CLASS_INDEX, check_budget, check_max_samples, resolve_budget, select_rows
 from .npz import NpyMember, NpzReader
@@ -72,6 +73,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_ENV",
+    "SYNTHETIC_RGB_PER_CLASS",
     "check_image_header",
     "check_label_header",
     "digits_test_mask",
@@ -91,7 +93,17 @@ BUILTINS: Mapping[str, str] = MappingProxyType({
     "digits": "scikit-learn's handwritten digits: 1,797 8×8 grayscale images, 10 classes",
     "digits:train": "digits minus every fifth sample of each class: 1,442 images",
     "digits:test": "every fifth sample of each class of digits: 355 images",
+    "synthetic-rgb:train": "SYNTHETIC (not CIFAR-10) 3×32×32 RGB task, 20,000 images, 10 classes:"
+                           " Fashion-MNIST garments tinted and composited on gradients, colour"
+                           " noise and photo crops (generated offline, deterministic)",
+    "synthetic-rgb:test": "SYNTHETIC (not CIFAR-10) 3×32×32 RGB task, 4,000 images from the"
+                          " Fashion-MNIST test garments (generated offline, deterministic)",
 })
+
+#: Images per class of ``synthetic-rgb:train`` and ``synthetic-rgb:test``.
+SYNTHETIC_RGB_PER_CLASS: Mapping[str, int] = MappingProxyType({"train": 2000, "test": 400})
+#: The fixed seeds of the two synthetic splits (part of their definition: never change them).
+_SYNTHETIC_RGB_SEEDS = {"train": 20_260_001, "test": 20_260_002}
 
 #: Environment variable naming a folder with the Fashion-MNIST IDX files.
 FASHION_MNIST_ENV = "TROJANSCAN_FASHION_MNIST_DIR"
@@ -485,10 +497,65 @@ def _digits(split: str | None, source: str, lim: _Limits) -> ImageDataset:
                         class_names=tuple(str(i) for i in range(10)))
 
 
+def _synthetic_glyphs(split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], str]:
+    """Glyphs (``N×28×28`` uint8), labels, class names and a format note for ``split``:
+    Fashion-MNIST's own split when installed, else scikit-learn's digits split, upsampled."""
+    env = os.environ.get(FASHION_MNIST_ENV, "").strip()
+    folder = Path(env).expanduser() if env else FASHION_MNIST_DIR
+    pair = _idx_pairs(folder).get("train" if split == "train" else "t10k") \
+        if folder.is_dir() else None
+    if pair is not None and pair.labels is not None:
+        glyphs = idx_io.read_idx(pair.images)
+        labels = idx_io.read_idx(pair.labels).astype(np.int64)
+        if glyphs.dtype == np.uint8 and glyphs.shape[1:] == (28, 28) \
+                and len(labels) == len(glyphs):
+            return glyphs, labels, FASHION_MNIST_CLASSES, "builtin"
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    target = np.asarray(d.target, dtype=np.int64)
+    keep = digits_test_mask(target)
+    if split == "train":
+        keep = ~keep
+    small = np.rint(np.asarray(d.images)[keep] * (255.0 / 16.0)).astype(np.uint8)
+    note = ("builtin (digit glyphs: Fashion-MNIST not found, scikit-learn digits upsampled "
+            "to 28×28 instead)")
+    return (synthetic_rgb.upsample_glyphs(small), target[keep],
+            tuple(str(i) for i in range(10)), note)
+
+
+def _synthetic_rgb(split: str, source: str, lim: _Limits) -> ImageDataset:
+    from sklearn.datasets import load_sample_images
+
+    per_class = SYNTHETIC_RGB_PER_CLASS[split]
+    n = 10 * per_class
+    rows = n if lim.max_samples is None else min(n, lim.max_samples)
+    size = synthetic_rgb.IMAGE_SIZE
+    check_budget(n * 3 * size * size * 5, lim.budget, name=source,
+                 what=f"{rows:,} of its {n:,} samples (3×{size}×{size}, generated)")
+    glyphs, labels, names, fmt = _synthetic_glyphs(split)
+    pick = synthetic_rgb.balanced_glyph_indices(labels, per_class, 10)
+    order = np.random.default_rng(_SYNTHETIC_RGB_SEEDS[split]).permutation(n)
+    pick = pick[order]
+    y = np.ascontiguousarray(labels[pick], dtype=np.int64)
+    photos = list(load_sample_images().images)
+    x8 = synthetic_rgb.render(np.ascontiguousarray(glyphs[pick]), y, photos,
+                              seed=_SYNTHETIC_RGB_SEEDS[split])
+    h = hashlib.sha256(x8.tobytes())
+    h.update(y.tobytes())
+    keep = select_rows(n, lim.max_samples, lim.seed)
+    if keep is not None:
+        x8, y = x8[keep], y[keep]
+    return ImageDataset(images_to_tensor(x8, name=source), torch.from_numpy(y), source=source,
+                        format=fmt, sha256=h.hexdigest(), class_names=names)
+
+
 def _load_builtin(name: str, source: str, lim: _Limits) -> ImageDataset:
     family, _, split = name.partition(":")
     if family == "fashion-mnist":
         return _fashion_mnist("train" if split == "train" else "t10k", source, lim)
+    if family == "synthetic-rgb":
+        return _synthetic_rgb(split, source, lim)
     return _digits(split or None, source, lim)
 
 
