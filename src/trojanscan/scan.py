@@ -120,7 +120,8 @@ def _scan(model: nn.Module, clean: ImageDataset, names: list[str], *, explicit: 
         reasons = "; ".join(f"{n}: {r}" for n, r in skipped.items())
         raise DetectorNotApplicable(
             f"no detector could run on this model, so no verdict can be given ({reasons})")
-    evidence = [Evidence(n, r.verdict == "backdoored", r.p_value, tuple(r.suspected_targets))
+    evidence = [Evidence(n, r.verdict == "backdoored", r.p_value, tuple(r.suspected_targets),
+                         r.label_p_values)
                 for n, r in results.items()]
     fused = fuse(evidence, alpha=alpha)
     verdict = "backdoored" if fused.backdoored else "clean"

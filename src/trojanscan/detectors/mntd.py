@@ -41,7 +41,8 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -52,9 +53,10 @@ from ..exceptions import DetectorNotApplicable, ModelError, TrojanscanWarning, b
 from ..mntd.calibration import (
     combine_standardised,
     ecdf_score,
-    p_value,
+    fit_tail,
     sigmoid,
     standardised_sums,
+    tail_p_value,
     threshold_at_fpr,
 )
 from ..mntd.meta import VARIANTS
@@ -66,7 +68,7 @@ from ..mntd.pretrained import (
     resolve,
 )
 from ..mntd.recipe import Recipe, single
-from ..mntd.search import SearchProbe, shared_respond
+from ..mntd.search import FlowProbe, SearchProbe, shared_respond, target_flow_z
 from ..utils import pick_device
 from .base import ModelDetector, ModelScanResult, borrow_model
 
@@ -160,6 +162,7 @@ class MNTD(ModelDetector):
             raws: dict[str, float] = {}
             cals = {}
             memo: dict[str, torch.Tensor] = {}  # the search's two readouts: one search
+            target_z: np.ndarray | None = None
             for v in parts:
                 meta, cals[v] = bundle.variant(v)
                 if dev.type != "cpu":
@@ -168,6 +171,8 @@ class MNTD(ModelDetector):
                     responses = (shared_respond(meta, model, memo, seed=self.seed)
                                  if isinstance(meta, SearchProbe) else meta.respond(model))
                     raws[v] = float(meta.head(responses.unsqueeze(0))[0])
+                    if isinstance(meta, FlowProbe):
+                        target_z = target_flow_z(responses, meta.ref_mean, meta.ref_std)
                 if v == parts[0]:
                     shown = meta
                     with torch.no_grad():
@@ -180,7 +185,9 @@ class MNTD(ModelDetector):
         on_reference = null is not benign
         score = ecdf_score(raw, null) if (on_reference or one_class) else sigmoid(raw)
         threshold = float(self.threshold if self.threshold is not None else threshold)
-        p = p_value(raw, null) if len(null) else None
+        tail = fit_tail(null) if len(null) else None
+        p, p_source = tail_p_value(raw, null, tail) if len(null) else (None, None)
+        label_p = self._label_p_values(target_z, cals.get("search_flow", {}), on_reference)
         verdict: Literal["backdoored", "clean"] = "backdoored" if raw > threshold else "clean"
         label = "default" if self.variant == AUTO else self.variant
         warn: tuple[str, ...] = ()
@@ -195,6 +202,11 @@ class MNTD(ModelDetector):
             "meta_classifier_path": None if bundle.path is None else str(bundle.path),
             "num_queries": shown.num_queries, "query_predictions": query_pred,
             "component_raw_scores": raws if summed else None,
+            "p_value_source": p_source,
+            "p_value_empirical": None if p is None else (1 + sum(b >= raw for b in null))
+            / (len(null) + 1),
+            "tail_model": None if tail is None else tail.to_dict(),
+            "target_flow_z": None if target_z is None else target_z.tolist(),
             "calibration": {"source": ("reference_models" if on_reference
                                        else "benign_shadows"),
                             "benign_shadows": len(benign),
@@ -205,8 +217,25 @@ class MNTD(ModelDetector):
         return ModelScanResult(
             detector=self.name, verdict=verdict, score=float(score), suspected_targets=(),
             seconds=time.perf_counter() - t0, seed=self.seed, params=self.get_params(),
-            p_value=p, evidence=evidence, warnings=warn,
+            p_value=p, evidence=evidence, warnings=warn, label_p_values=label_p,
             images={"mntd_queries": query_grid(shown.preview())})
+
+    @staticmethod
+    def _label_p_values(target_z: np.ndarray | None, flow_cal: Mapping[str, Any],
+                        on_reference: bool,
+                        ) -> tuple[float, ...] | None:
+        """Per-label p-values for "this label is a target", from the trigger search's
+        flows: label ``t``'s statistic is its largest flow z-score from any other class,
+        read against the clean reference models' largest flow z-score over *all* class
+        pairs (left-out, so a clean model's own maximum), by :func:`tail_p_value`. Each is
+        therefore a p-value over every label at once (family-wise). ``None`` without the
+        search, or when the verdict is not calibrated on reference models."""
+        refs = flow_cal.get("reference_raw")
+        if target_z is None or not on_reference or not refs:
+            return None
+        tail = fit_tail(refs)
+        return tuple(float(tail_p_value(float(z), refs, tail)[0]) if np.isfinite(z) else 1.0
+                     for z in target_z)
 
     def _recipe(self, bundle: MetaBundle) -> Recipe:
         """The bundle's recipe (``auto``) or the named variant alone, on the null that

@@ -20,6 +20,10 @@ class needs a small trigger in every clean model), :func:`reference_p_values` co
 label's norm with the same label's norm in the references instead of with the other
 labels: it removes what is intrinsic to a class and keeps what the backdoor adds.
 
+:func:`target_p_values` gives, per label, an *unadjusted* p-value for "this label is a
+backdoor target" — the common currency in which a scan combines detectors to name targets
+(the multiplicity over labels is handled there, by a Holm step across labels).
+
 All functions are pure (arrays in, arrays out).
 """
 
@@ -161,6 +165,13 @@ def reference_p_values(norms: np.ndarray | list[float], reference: np.ndarray | 
     than the pooled MAD of a few references suggests; with the earlier floor of 0.05 one of
     five clean models was flagged in fast mode (docs/benchmarks/neural_cleanse.md).
     """
+    z, df = _reference_z(norms, reference, min_scale)
+    return np.minimum(1.0, z.size * stats.t.cdf(z, df=df))
+
+
+def _reference_z(norms: np.ndarray | list[float], reference: np.ndarray | list[list[float]],
+                 min_scale: float) -> tuple[np.ndarray, float]:
+    """The per-label ``z_k`` and degrees of freedom of :func:`reference_p_values`."""
     arr = _as_norms(norms)
     ref = np.asarray(reference, dtype=np.float64)
     if ref.ndim != 2 or ref.shape[0] < 2 or ref.shape[1] != arr.size:
@@ -179,8 +190,38 @@ def reference_p_values(norms: np.ndarray | list[float], reference: np.ndarray | 
     scale = CONSISTENCY * float(np.median(np.abs(resid))) * np.sqrt(n_ref / (n_ref - 1))
     scale = max(scale, min_scale)
     z = (r - mu) / (scale * np.sqrt(1.0 + 1.0 / n_ref))
-    p = stats.t.cdf(z, df=max(1.0, MAD_EFFICIENCY * k * (n_ref - 1)))
-    return np.minimum(1.0, k * p)
+    return z, max(1.0, MAD_EFFICIENCY * k * (n_ref - 1))
+
+
+def target_p_values(norms: np.ndarray | list[float],
+                    reference: np.ndarray | list[list[float]] | None = None, *,
+                    reached: np.ndarray | list[bool] | None = None,
+                    min_scale: float = 0.15) -> np.ndarray:
+    """Unadjusted one-sided p-value per label for "this label is a backdoor target".
+
+    Without ``reference``: the normal upper tail of the label's robust z on the log-norms,
+    ``p_k = 1 − Φ((median_j log n_j − log n_k) / (1.4826 · MAD))`` (the one-sided anomaly
+    index of :func:`anomaly_index` on log-norms, read as a standard normal; a zero MAD gives
+    0 below the median and 1 above). With ``reference`` (R×K clean models' norms): the
+    Student-t lower tail of :func:`reference_p_values`'s ``z_k`` without its Bonferroni
+    factor. Labels whose search never ``reached`` its attack success get 1. Norms must be
+    positive.
+    """
+    arr = _as_norms(norms)
+    if np.any(arr <= 0):
+        raise bad_param("norms", "positive values (L1 norms)", arr.tolist())
+    if reference is None:
+        p = stats.norm.sf(anomaly_index(np.log(arr)))
+    else:
+        z, df = _reference_z(arr, reference, min_scale)
+        p = stats.t.cdf(z, df=df)
+    p = np.asarray(p, dtype=np.float64)
+    if reached is not None:
+        ok = np.asarray(reached, dtype=bool)
+        if ok.shape != arr.shape:
+            raise bad_param("reached", f"{arr.size} booleans", ok.shape)
+        p = np.where(ok, p, 1.0)
+    return np.clip(p, 0.0, 1.0)
 
 
 __all__ = [
@@ -193,4 +234,5 @@ __all__ = [
     "mad",
     "null_max_index",
     "reference_p_values",
+    "target_p_values",
 ]

@@ -21,13 +21,30 @@ Beyond the paper, a bundle may also hold *reference* raw outputs: those of clean
 trained outside the defender's share the way real models are (trojanscan.mntd.reference).
 The detector then takes them, not the benign shadows, as the null distribution of the
 threshold, p-value and one-class score.
+
+Beyond the paper, :func:`tail_p_value` lets the p-value go below the conformal floor
+``1/(n + 1)`` for a raw output beyond every null value, so that p-values (and the scan's
+fused score) still order models the null cannot separate. Inside the null's range it *is*
+the conformal p-value; beyond the largest null value ``x_max`` it is
+``S(raw) / S(x_max) / (n + 1)``, where ``S`` is a survival function fitted to the null's
+upper tail — continuous at ``x_max`` and decreasing. Candidates (:func:`fit_tail`): a normal
+and a logistic fitted to every null value, and a generalized Pareto fitted to the
+exceedances over the ``m``-th largest (``m = max(8, ⌈n/4⌉)``). Each is checked by a
+Kolmogorov–Smirnov test of the ``m`` top null values against its distribution conditional
+on exceeding that threshold; of the candidates that pass (KS p ≥ 0.05; all of them when none
+passes) the p-value takes the *largest* (the heaviest tail: conservative). Because the
+p-value equals the conformal one wherever that is above ``1/(n + 1)``, the false-alarm rate
+at any level ``α ≥ 1/(n + 1)`` is exactly the conformal guarantee; below it the guarantee is
+the fitted tail's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 #: one list of raw outputs
 Floats = Sequence[float] | np.ndarray
@@ -45,6 +62,117 @@ def p_value(raw: float, benign: Sequence[float] | np.ndarray) -> float:
     """Conformal p-value of ``raw`` (higher = more suspicious) against benign raws."""
     b = np.asarray(benign, dtype=np.float64)
     return float((1 + np.sum(b >= raw)) / (b.size + 1))
+
+
+#: a tail candidate passes the goodness-of-fit check when its KS p-value is at least this
+TAIL_FIT_LEVEL = 0.05
+#: smallest null for which a tail is fitted (fewer values: the conformal p-value only)
+MIN_TAIL_NULL = 16
+
+
+@dataclass(frozen=True)
+class TailCandidate:
+    """One fitted upper-tail model: its name, parameters and KS check on the top values."""
+
+    name: str
+    params: tuple[float, ...]
+    ks_p: float
+
+    def log_sf(self, x: float | np.ndarray, threshold: float) -> np.ndarray:
+        """Log survival function (for ``gpd``: of the excess over ``threshold``)."""
+        xs = np.asarray(x, dtype=np.float64)
+        if self.name == "normal":
+            return np.asarray(stats.norm.logsf(xs, *self.params))
+        if self.name == "logistic":
+            return np.asarray(stats.logistic.logsf(xs, *self.params))
+        c, scale = self.params
+        return np.asarray(stats.genpareto.logsf(np.maximum(xs - threshold, 0.0), c, 0.0,
+                                                scale))
+
+
+@dataclass(frozen=True)
+class TailModel:
+    """The fitted candidates of a null's upper tail (see the module docstring)."""
+
+    n: int
+    x_max: float
+    threshold: float  # the GPD's threshold: the m-th largest null value
+    top: int  # m
+    candidates: tuple[TailCandidate, ...]
+
+    @property
+    def passing(self) -> tuple[TailCandidate, ...]:
+        ok = tuple(c for c in self.candidates if c.ks_p >= TAIL_FIT_LEVEL)
+        return ok or self.candidates
+
+    def p_beyond(self, raw: float) -> tuple[float, str]:
+        """``S(raw) / S(x_max) / (n + 1)`` for ``raw > x_max`` and the candidate used."""
+        best, name = -np.inf, ""
+        for c in self.passing:
+            lr = float(c.log_sf(raw, self.threshold) - c.log_sf(self.x_max, self.threshold))
+            lr = min(0.0, lr) if lr == lr else 0.0
+            if lr > best:
+                best, name = lr, c.name
+        return float(np.exp(best - np.log(self.n + 1.0))), name
+
+    def to_dict(self) -> dict[str, object]:
+        return {"null_size": self.n, "x_max": self.x_max, "threshold": self.threshold,
+                "top": self.top, "fit_level": TAIL_FIT_LEVEL,
+                "candidates": {c.name: {"params": list(c.params), "ks_p": c.ks_p,
+                                        "passed": c.ks_p >= TAIL_FIT_LEVEL}
+                               for c in self.candidates}}
+
+
+def fit_tail(null: Floats) -> TailModel | None:
+    """Fit the upper-tail candidates to ``null`` (``None`` when it has fewer than
+    :data:`MIN_TAIL_NULL` values or no spread)."""
+    b = np.sort(np.asarray(null, dtype=np.float64))
+    b = b[np.isfinite(b)]
+    n = int(b.size)
+    if n < MIN_TAIL_NULL or not float(b[-1]) > float(b[0]):
+        return None
+    m = max(8, int(np.ceil(n / 4)))
+    u = float(b[n - m - 1])
+    top = b[n - m:]
+    cands: list[TailCandidate] = []
+    for name, dist in (("normal", stats.norm), ("logistic", stats.logistic)):
+        loc, scale = dist.fit(b)
+        if not scale > 0:
+            continue
+        cand = TailCandidate(name, (float(loc), float(scale)), 0.0)
+        log_su = float(cand.log_sf(u, u))
+
+        def cdf(x: np.ndarray, c: TailCandidate = cand, lsu: float = log_su) -> np.ndarray:
+            return np.asarray(-np.expm1(c.log_sf(x, u) - lsu))
+
+        cands.append(TailCandidate(name, cand.params, float(stats.kstest(top, cdf).pvalue)))
+    excess = top - u
+    if float(excess.max()) > 0:
+        with np.errstate(all="ignore"):
+            c, _, scale = stats.genpareto.fit(excess, floc=0.0)
+        if scale > 0 and np.isfinite(c):
+            ks = float(stats.kstest(excess, "genpareto", (c, 0.0, scale)).pvalue)
+            cands.append(TailCandidate("gpd", (float(c), float(scale)), ks))
+    if not cands:
+        return None
+    return TailModel(n, float(b[-1]), u, m, tuple(cands))
+
+
+def tail_p_value(raw: float, null: Floats, tail: TailModel | None = None,
+                 ) -> tuple[float, str]:
+    """The p-value of ``raw`` (higher = more suspicious) against ``null``: the conformal
+    p-value inside the null's range, the fitted tail beyond it (module docstring), and
+    which of the two (``"empirical"`` or the tail candidate's name) gave it. ``tail``:
+    ``fit_tail(null)`` when already computed."""
+    b = np.asarray(null, dtype=np.float64)
+    p = p_value(raw, b)
+    if b.size == 0 or not raw > float(np.max(b)):
+        return p, "empirical"
+    model = tail if tail is not None else fit_tail(b)
+    if model is None:
+        return p, "empirical"
+    q, name = model.p_beyond(float(raw))
+    return min(p, q), name
 
 
 def ecdf_score(raw: float, benign: Sequence[float] | np.ndarray) -> float:

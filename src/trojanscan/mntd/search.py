@@ -165,6 +165,19 @@ def high_flow_z(flows: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     return z[..., off].nan_to_num(nan=float("-inf")).max(dim=-1).values
 
 
+def target_flow_z(flows: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    """Per target class ``t``: ``max_{s≠t} (flows_st − mean_st) / std_st`` for one model's
+    ``K²`` flattened flows — the per-label evidence behind :func:`high_flow_z` (whose value
+    is the largest of these). ``-inf`` for a class no other class's anchors can reach."""
+    k = math.isqrt(flows.shape[-1])
+    if flows.dim() != 1 or k * k != flows.shape[-1]:
+        raise bad_param("flows", "one model's K×K values flattened", tuple(flows.shape))
+    z = ((flows - mean) / std).view(k, k).detach().cpu().double()
+    z = z.nan_to_num(nan=float("-inf"))
+    z.fill_diagonal_(float("-inf"))
+    return z.max(dim=0).values.numpy()
+
+
 class SearchProbe(nn.Module):
     """Per-class trigger search on fixed anchors, read against clean reference models:
     the cost of leaving each class (:class:`FlowProbe`: where it went)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .report import Report
-from .sections import model_result_section
+from .sections import model_result_section, target_section
 
 if TYPE_CHECKING:
     from ..scan import ScanResult
@@ -27,13 +27,20 @@ def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded
     rep.add_input(role="clean_data", path=data, sha256=clean_sha, format=clean_format)
     rep.set(verdict=result.verdict, score=result.score, p_value=result.p_value,
             suspected_targets=list(result.suspected_targets),
+            target_p_values=(None if result.fused.target_p_values is None
+                             else list(result.fused.target_p_values)),
             fusion={"rule": "bonferroni-min-p", "alpha": result.alpha,
                     "decisive": result.fused.decisive,
+                    "target_rule": ("per-label bonferroni-min-p, holm across labels"
+                                    if result.fused.target_p_values is not None
+                                    else "significant detectors' targets"),
                     "detectors_used": list(result.results)},
             model={"input_shape": list(getattr(loaded, "input_shape", None) or []),
                    "num_classes": getattr(loaded, "num_classes", None)})
     for name, d in result.detectors_dict().items():
         rep.add_detector(name, d)
+    target_section(rep, result.fused.target_p_values, result.suspected_targets,
+                   {n: r.label_p_values for n, r in result.results.items()})
     for name, r in result.results.items():
         model_result_section(rep, name, r)
     return rep.write(seconds)

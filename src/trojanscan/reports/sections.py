@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,28 @@ _DECISIONS = {
     "p_value": "calibrated p-value of the anomaly index under a no-backdoor null",
     "reference": "compared with the same labels' norms in {n} clean reference models",
 }
+
+
+def target_section(rep: Report, fused: Sequence[float] | None, named: Sequence[int],
+                   per_detector: Mapping[str, Sequence[float] | None]) -> None:
+    """A table of the per-label p-values for "this label is a backdoor target": fused
+    across detectors and each detector's own (nothing when no detector gave any)."""
+    if fused is None:
+        return
+    dets = [(n, p) for n, p in per_detector.items() if p is not None]
+    head = "".join(f"<th>{esc(n)}</th>" for n, _ in dets)
+    rows = []
+    for label, q in enumerate(fused):
+        cells = "".join(f"<td>{number(p[label], '.3g') if label < len(p) else '-'}</td>"
+                        for _, p in dets)
+        tag = ' class="suspect"' if label in set(named) else ""
+        rows.append(f"<tr{tag}><td>{esc(class_label(label, rep.class_names))}</td>"
+                    f"<td>{number(q, '.3g')}</td>{cells}</tr>")
+    rep.add_section("Target labels", "<p>p-value per label that it is a backdoor target: "
+                    "fused across detectors (Bonferroni min-p per label; targets named by a "
+                    "Holm step across labels, suspects highlighted).</p>"
+                    f"<table><tr><th>label</th><th>fused</th>{head}</tr>"
+                    + "".join(rows) + "</table>")
 
 
 def model_result_section(rep: Report, name: str, result: ModelScanResult) -> None:

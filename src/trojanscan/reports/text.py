@@ -61,8 +61,15 @@ def verdict_sentence(doc: dict[str, Any], names: Sequence[str] | None = None) ->
     if command == "scan":
         if verdict == "backdoored":
             targets = targets_text(doc.get("suspected_targets"), names)
+            tp = doc.get("target_p_values")
+            tp = tp if isinstance(tp, list) else []
+            named = [t for t in doc.get("suspected_targets") or []
+                     if isinstance(t, int) and 0 <= t < len(tp)
+                     and isinstance(tp[t], (int, float))]
+            p_text = (" (target p-value" + ("s " if len(named) > 1 else " ")
+                      + ", ".join(f"{tp[t]:.2g}" for t in named) + ")") if named else ""
             return (f"This model looks backdoored{with_score}; suspected target class(es): "
-                    f"{targets}.")
+                    f"{targets}{p_text}.")
         if verdict == "clean":
             return f"No backdoor was found in this model{with_score}."
     if command == "scan-data":
