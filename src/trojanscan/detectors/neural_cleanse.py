@@ -72,7 +72,7 @@ from ..exceptions import (
     TrojanscanWarning,
     bad_param,
 )
-from ..maths.outliers import anomaly_index, anomaly_p_values, reference_p_values
+from ..maths.outliers import anomaly_index, anomaly_p_values, reference_p_values, target_p_values
 from ..maths.triggers import stamp
 from ..progress import progress
 from ..utils import pick_device, seed_everything
@@ -362,6 +362,7 @@ class NeuralCleanse(ModelDetector):
             evidence=evidence,
             images=images,
             warnings=tuple(warn),
+            label_p_values=tuple(target_p_values(safe, ref, reached=reached).tolist()),
         )
 
 
