@@ -62,8 +62,8 @@ import torch
 from ..dataset import ImageDataset
 from ..exceptions import DataError, UnknownFormatError, bad_param, printable, printable_errors
 from ..utils import atomic_path, sha256_file, sha256_tree
+from . import cifar, synthetic_rgb
 from . import idx as idx_io
-from . import synthetic_rgb
 from .images import IMAGE_EXTENSIONS, read_image_folder
 from .limits import MAX_CLASS_INDEX, check_budget, check_max_samples, resolve_budget, select_rows
 from .npz import NpyMember, NpzReader
@@ -116,7 +116,9 @@ _FLOAT_TOLERANCE = 1e-6
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _NPY_MAGIC = b"\x93NUMPY"
 _FORMATS = ("an .npz file with x (and y)", "a folder of class sub-folders of images",
-            "a folder of MNIST-style IDX files", "a built-in (" + ", ".join(BUILTINS) + ")")
+            "a folder of MNIST-style IDX files",
+            "a CIFAR-10/100 folder or batch file (binary or python layout)",
+            "a built-in (" + ", ".join(BUILTINS) + ")")
 
 
 
@@ -394,7 +396,22 @@ def _load_idx_file(path: Path, source: str, need_labels: bool, lim: _Limits) -> 
 
 # --------------------------------------------------------------------------- folders
 
+def _load_cifar(split: cifar.CifarSplit, source: str, lim: _Limits) -> ImageDataset:
+    x8, y8, names = cifar.read_cifar(split, max_samples=lim.max_samples, seed=lim.seed,
+                                     budget=lim.budget)
+    where = str(split.files[0]) if len(split.files) == 1 else str(split.files[0].parent)
+    x = images_to_tensor(x8, name=where)
+    del x8
+    y = labels_to_tensor(y8, x.shape[0], name=where)
+    digests = {p.name: _sha256(p) for p in split.files}
+    return ImageDataset(x, y, source=source, format=split.format,
+                        sha256=_combined_sha256(digests), class_names=names)
+
+
 def _load_folder(folder: Path, source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
+    splits = cifar.find_cifar_splits(folder)
+    if splits:
+        return _load_cifar(cifar.select_split(splits, None, folder=str(folder)), source, lim)
     pairs = _idx_pairs(folder)
     if pairs:
         pair = idx_io.select_pair(pairs, None, folder=str(folder))
@@ -429,6 +446,9 @@ def _load_file(path: Path, source: str, need_labels: bool, lim: _Limits) -> Imag
                         "data to a file first")
     if idx_io.is_idx_images_name(path.name):
         return _load_idx_file(path, source, need_labels, lim)
+    batch = cifar.describe_file(path)
+    if batch is not None:
+        return _load_cifar(batch, source, lim)
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -605,6 +625,9 @@ def _load(source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
         return _load_builtin(key, source, lim)
     base, sep, selector = source.rpartition(":")
     if sep and base and selector and Path(base).expanduser().is_dir():
+        splits = cifar.find_cifar_splits(Path(base).expanduser())
+        if splits:
+            return _load_cifar(cifar.select_split(splits, selector, folder=base), source, lim)
         pairs = _idx_pairs(Path(base).expanduser())
         if not pairs:
             raise DataError(f"{source}: ':{selector}' selects a split of a folder of IDX files, "
