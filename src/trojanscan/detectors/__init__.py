@@ -31,6 +31,7 @@ from .base import (
 _REGISTRY: dict[str, str] = {
     "neural_cleanse": "neural_cleanse:NeuralCleanse",
     "mntd": "mntd:MNTD",
+    "mmbd": "mmbd:MMBD",
     "spectral_signatures": "spectral_signatures:SpectralSignatures",
     "activation_clustering": "activation_clustering:ActivationClustering",
     "spectre": "spectre:Spectre",
