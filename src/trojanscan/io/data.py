@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -64,7 +65,7 @@ from ..exceptions import DataError, UnknownFormatError, bad_param, printable, pr
 from ..utils import atomic_path, sha256_file, sha256_tree
 from . import cifar, synthetic_rgb
 from . import idx as idx_io
-from .images import IMAGE_EXTENSIONS, read_image_folder
+from .images import IMAGE_EXTENSIONS, MAX_RESIZE, read_image_folder
 from .limits import MAX_CLASS_INDEX, check_budget, check_max_samples, resolve_budget, select_rows
 from .npz import NpyMember, NpzReader
 
@@ -113,6 +114,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 _FLOAT_TOLERANCE = 1e-6
+_RESIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[x×]\s*(\d{1,6})\s*$", re.IGNORECASE)
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _NPY_MAGIC = b"\x93NUMPY"
 _FORMATS = ("an .npz file with x (and y)", "a folder of class sub-folders of images",
@@ -408,7 +410,8 @@ def _load_cifar(split: cifar.CifarSplit, source: str, lim: _Limits) -> ImageData
                         sha256=_combined_sha256(digests), class_names=names)
 
 
-def _load_folder(folder: Path, source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
+def _load_folder(folder: Path, source: str, need_labels: bool, lim: _Limits, *,
+                 size: tuple[int, int] | None = None) -> ImageDataset:
     splits = cifar.find_cifar_splits(folder)
     if splits:
         return _load_cifar(cifar.select_split(splits, None, folder=str(folder)), source, lim)
@@ -426,13 +429,15 @@ def _load_folder(folder: Path, source: str, need_labels: bool, lim: _Limits) -> 
     if any(idx_io.is_idx_labels_name(p.name) for p in entries):
         raise DataError(f"{folder}: holds IDX labels files but no *images-idx3-ubyte[.gz] file")
     data = read_image_folder(folder, max_samples=lim.max_samples, seed=lim.seed,
-                             max_bytes=lim.budget)
+                             max_bytes=lim.budget, size=size)
     if data.y is None and need_labels:
         raise DataError(f"{folder}: holds images but no class sub-folders, and labels are "
                         "needed; expected one sub-folder per class (e.g. 0/, 1/, …)")
     return ImageDataset(torch.from_numpy(data.x),
                         None if data.y is None else torch.from_numpy(data.y),
-                        source=source, format="image-folder", sha256=sha256_tree(folder),
+                        source=source, format="image-folder" if size is None else
+                        f"image-folder (resized to {size[0]}×{size[1]})",
+                        sha256=sha256_tree(folder),
                         class_names=data.class_names)
 
 
@@ -466,6 +471,15 @@ def _load_file(path: Path, source: str, need_labels: bool, lim: _Limits) -> Imag
     else:
         hint = "expected " + "; ".join(_FORMATS)
     raise UnknownFormatError(f"{path}: unknown data format; {hint}")
+
+
+def _load_image_folder_resized(folder: Path, source: str, need_labels: bool, lim: _Limits,
+                               size: tuple[int, int]) -> ImageDataset:
+    w, h = size
+    if not (1 <= w <= MAX_RESIZE and 1 <= h <= MAX_RESIZE):
+        raise DataError(f"{source}: cannot resize to {w}×{h}; width and height must be from 1 "
+                        f"to {MAX_RESIZE}")
+    return _load_folder(folder, source, need_labels, lim, size=size)
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -629,9 +643,13 @@ def _load(source: str, need_labels: bool, lim: _Limits) -> ImageDataset:
         if splits:
             return _load_cifar(cifar.select_split(splits, selector, folder=base), source, lim)
         pairs = _idx_pairs(Path(base).expanduser())
+        if not pairs and (m := _RESIZE_RE.match(selector)) is not None:
+            return _load_image_folder_resized(Path(base).expanduser(), source, need_labels, lim,
+                                              (int(m.group(1)), int(m.group(2))))
         if not pairs:
-            raise DataError(f"{source}: ':{selector}' selects a split of a folder of IDX files, "
-                            f"but {base} holds no *images-idx3-ubyte[.gz] file")
+            raise DataError(f"{source}: ':{selector}' is neither a size WxH to resize an image "
+                            "folder to (e.g. :32x32) nor a split: "
+                            f"{base} holds no IDX or CIFAR files")
         pair = idx_io.select_pair(pairs, selector, folder=base)
         return _load_idx_pair(pair, source, need_labels, lim)
     families = {b.partition(":")[0] for b in BUILTINS}

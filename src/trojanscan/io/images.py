@@ -1,4 +1,4 @@
-"""Folders of image files (PNG, JPEG, …) read with Pillow.
+"""Folders of image files (PNG, JPEG, PPM, …) read with Pillow.
 
 Layout (as torchvision's ``ImageFolder``)::
 
@@ -15,8 +15,16 @@ Layout (as torchvision's ``ImageFolder``)::
 * Modes: ``L``/``1``/``LA`` -> 1 channel; ``RGB`` -> 3; ``RGBA``/``P``/``CMYK``/…
   -> RGB (alpha is dropped, not composited); 16-bit grayscale (``I;16``, ``I``) -> 1
   channel scaled by 1/65535. 8-bit values are scaled by 1/255.
-* All images must share the same size and channel count after that conversion;
-  otherwise a :class:`~trojanscan.exceptions.DataError` names the first file that differs.
+* All images must share the channel count after that conversion, and — unless a size is
+  given — the same size; otherwise a :class:`~trojanscan.exceptions.DataError` names the
+  first file that differs and, for sizes, the range of sizes found and how to resize.
+* ``size=(w, h)`` (the ``folder:WxH`` spec of :mod:`trojanscan.io.data`, e.g.
+  ``GTSRB/Final_Training/Images:32x32``) resizes every image to ``w×h`` pixels with
+  Pillow's bilinear filter, which antialiases when shrinking; the aspect ratio is not kept
+  (as ``torchvision.transforms.Resize((h, w))``). Images are converted to 8-bit grayscale
+  or RGB (16-bit grayscale to 32-bit) before resizing.
+* Netpbm files (``.ppm``, ``.pgm``, ``.pbm``, ``.pnm`` — GTSRB ships ``.ppm``) are read
+  like the other formats.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from .limits import check_budget, resolve_budget, select_rows
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_RESIZE",
     "ImageFolderData",
     "image_to_array",
     "list_images",
@@ -39,12 +48,16 @@ __all__ = [
 ]
 
 #: Lower-case file extensions read as images.
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".pbm", ".pnm"})
 
 #: The only Pillow decoders tried, whatever a file's content claims: Pillow detects the
 #: format from the bytes, and some decoders run external programs (an EPS file named
 #: ``x.png`` would start Ghostscript).
-PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+
+#: Largest width or height ``size`` may resize to.
+MAX_RESIZE = 4096
 
 _GRAY_MODES = {"1": "L", "L": "L", "LA": "L", "La": "L"}
 _RGB_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -131,23 +144,41 @@ def _pillow_formats() -> list[str]:
     return [f for f in PILLOW_FORMATS if f in Image.OPEN]
 
 
+class _SizeMismatch(Exception):
+    """An image's size differs from the first one's (no resizing asked for)."""
+
+    def __init__(self, path: Path, size: tuple[int, int]) -> None:
+        super().__init__(str(path))
+        self.path, self.size = path, size
+
+
+def _resized(img: Image.Image, resize: tuple[int, int]) -> Image.Image:
+    mode = img.mode
+    if mode in _GRAY_MODES:
+        img = img.convert("L")
+    elif mode in _RGB_MODES:
+        img = img.convert("RGB")
+    elif mode in _GRAY16_MODES:
+        img = img.convert("I")
+    return img.resize(resize, Image.Resampling.BILINEAR)
+
+
 def _open(path: Path, *, budget: int, size: tuple[int, int] | None = None,
-          first: Path | None = None) -> np.ndarray:
+          resize: tuple[int, int] | None = None) -> np.ndarray:
     """Decode one image; its header is checked first: the decoded float32 image must fit
-    ``budget``, and its size must be ``size`` (that of ``first``) when given."""
+    ``budget``, and its size must be ``size`` when given (else :class:`_SizeMismatch`).
+    With ``resize``, the image is resized to that ``(w, h)`` instead."""
     try:
         with Image.open(path, formats=_pillow_formats()) as img:
             channels = _channels(img.mode) or 4
             w, h = img.size
             check_budget(w * h * channels * 4, budget, name=str(path),
                          what=f"a {w}×{h} image")
-            if size is not None and (w, h) != size and first is not None:
-                raise DataError(
-                    f"{path}: image is {w}×{h} but {first} is {size[0]}×{size[1]}; expected "
-                    "all images to have the same size and channels (resize or convert them "
-                    "first)"
-                )
+            if resize is None and size is not None and (w, h) != size:
+                raise _SizeMismatch(path, (w, h))
             img.load()
+            if resize is not None:
+                return image_to_array(_resized(img, resize), name=str(path))
             return image_to_array(img, name=str(path))
     except DataError:
         raise
@@ -156,16 +187,54 @@ def _open(path: Path, *, budget: int, size: tuple[int, int] | None = None,
         raise DataError(f"{path}: cannot read image ({exc})") from exc
 
 
+def _sizes_found(files: list[Path]) -> list[tuple[int, int]]:
+    """The sizes in the files' headers (unreadable files are left for the decoder)."""
+    out = []
+    for f in files:
+        try:
+            with Image.open(f, formats=_pillow_formats()) as img:
+                out.append(img.size)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+                Image.DecompressionBombError):
+            continue
+    return out
+
+
+def _size_error(folder: Path, files: list[Path], first: Path, mismatch: _SizeMismatch,
+                size: tuple[int, int]) -> DataError:
+    sizes = _sizes_found(files)
+    counts: dict[tuple[int, int], int] = {}
+    for s in sizes:
+        counts[s] = counts.get(s, 0) + 1
+    common = max(counts, key=lambda s: (counts[s], s)) if counts else size
+    by_area = sorted(counts, key=lambda s: (s[0] * s[1], s))
+    span = (f"{len(counts)} different sizes from {by_area[0][0]}×{by_area[0][1]} to "
+            f"{by_area[-1][0]}×{by_area[-1][1]}" if counts else "different sizes")
+    w, h = mismatch.size
+    return DataError(
+        f"{folder}: images do not all have the same size: {span} ({mismatch.path} is {w}×{h}, "
+        f"{first} is "
+        f"{size[0]}×{size[1]}); append the size the model expects to resize every image, "
+        f"e.g. {folder}:{common[0]}x{common[1]} (bilinear, aspect ratio not kept)"
+    )
+
+
 def read_image_folder(folder: str | Path, *, max_samples: int | None = None, seed: int = 0,
-                      max_bytes: int | None = None) -> ImageFolderData:
+                      max_bytes: int | None = None,
+                      size: tuple[int, int] | None = None) -> ImageFolderData:
     """Read the images under ``folder`` into one float32 array (layout in the module docstring).
 
     ``max_samples``/``seed``: decode only the files :func:`~trojanscan.io.limits.select_rows`
     picks. ``max_bytes``: the data budget (:mod:`trojanscan.io.limits`); the first image's
     header × the number of images is checked against it before the array is allocated.
+    ``size``: ``(width, height)`` every image is resized to (otherwise all must match).
     """
     folder = Path(folder)
     budget = resolve_budget(max_bytes)
+    if size is not None and not (len(size) == 2 and all(
+            isinstance(v, int) and 1 <= v <= MAX_RESIZE for v in size)):
+        raise DataError(f"{folder}: resize to {size!r} is not a size; expected width and "
+                        f"height from 1 to {MAX_RESIZE}")
     try:
         files, labels, class_names = list_images(folder)
     except OSError as exc:
@@ -181,7 +250,7 @@ def read_image_folder(folder: str | Path, *, max_samples: int | None = None, see
     if keep is not None:
         files = [files[i] for i in keep]
         labels = None if labels is None else [labels[i] for i in keep]
-    first = _open(files[0], budget=budget)
+    first = _open(files[0], budget=budget, resize=size)
     need = len(files) * first.nbytes + (0 if keep is None else 8 * n)
     c, h, w = first.shape
     check_budget(need, budget, name=str(folder),
@@ -189,7 +258,10 @@ def read_image_folder(folder: str | Path, *, max_samples: int | None = None, see
     x = np.empty((len(files), *first.shape), dtype=np.float32)
     x[0] = first
     for i, f in enumerate(files[1:], start=1):
-        arr = _open(f, budget=budget, size=(w, h), first=files[0])
+        try:
+            arr = _open(f, budget=budget, size=(w, h), resize=size)
+        except _SizeMismatch as mismatch:
+            raise _size_error(folder, files, files[0], mismatch, (w, h)) from None
         if arr.shape != first.shape:
             raise DataError(
                 f"{f}: image is {_describe(arr.shape)} but {files[0]} is "
