@@ -10,9 +10,16 @@ What :func:`load_dataset` accepts (the "Data files" section of the contract):
     one recognised when dimension 1 is neither 1 nor 3. ``y`` holds class indices ≥ 0 of any
     integer dtype (floats holding whole numbers are accepted; shape ``N`` or ``N×1``).
     An optional ``class_names`` array of strings names the classes.
-folder of class sub-folders of images (PNG, JPEG, …)
+folder of class sub-folders of images (PNG, JPEG, PPM, …)
     class index = position of the sub-folder name in sorted order; see
     :mod:`trojanscan.io.images`. A folder of images without sub-folders loads without labels.
+    All images must have one size, unless the folder is given as ``folder:WxH``
+    (``GTSRB/Final_Training/Images:32x32``): every image is then resized to W×H.
+CIFAR-10 / CIFAR-100 (binary or python layout, see :mod:`trojanscan.io.cifar`)
+    A folder holding both splits is named with ``:train`` or ``:test``
+    (``cifar-10-batches-py:test``); a folder holding one split, or one batch file
+    (``data_batch_3.bin``, ``test_batch``, ``cifar-100-python/test``), loads as it is.
+    CIFAR-100 uses its fine labels. The pickles are read by a restricted unpickler.
 folder with MNIST-style IDX files (``*images-idx3-ubyte[.gz]``, ``*labels-idx1-ubyte[.gz]``)
     One images/labels pair just loads. A folder holding several splits (``train-…`` and
     ``t10k-…``) needs one chosen by appending ``:<split>`` to the folder —
@@ -28,6 +35,10 @@ built-in data sets (:data:`BUILTINS`)
     ``digits:train``/``digits:test`` split it deterministically: within each class, in the
     original order, every fifth sample (positions 4, 9, 14, …) goes to ``test`` (355 samples)
     and the others to ``train`` (1,442).
+    ``synthetic-rgb:train`` (20,000) and ``synthetic-rgb:test`` (4,000) are a *synthetic*
+    3×32×32 task (not CIFAR-10) generated deterministically by
+    :mod:`trojanscan.io.synthetic_rgb` from Fashion-MNIST's train/test glyphs (scikit-learn
+    digits, upsampled, when Fashion-MNIST is absent — the ``format`` then says so).
 
 An existing file or folder always wins over a built-in of the same name (write ``./digits``
 or not — a folder called ``digits`` in the working directory is loaded as a folder).
