@@ -96,8 +96,38 @@ def main() -> None:
     summarise(out)
 
 
+def refuse(row: dict[str, Any], alpha: float) -> dict[str, Any]:
+    """The *after* fusion recomputed from the stored evidence with the current code (the
+    p-values are pure functions of MNTD's raw output and flow z-scores and of Neural
+    Cleanse's per-label p-values), so a change of the tail fit needs no new scan."""
+    from trojanscan.detectors.mntd import MNTD
+    from trojanscan.maths.fusion import Evidence, fuse
+    from trojanscan.mntd.calibration import standardised_sums, tail_p_value
+    from trojanscan.mntd.pretrained import find_builtin
+
+    bundle = find_builtin((1, 28, 28), 10)
+    assert bundle is not None
+    parts, weights = bundle.recipe.entries(bundle.ensembles)
+    null = standardised_sums([bundle.calibration[v]["reference_raw"] for v in parts],
+                             [bundle.calibration[v]["benign_raw"] for v in parts], weights)
+    ev = []
+    for name, d in row["detectors"].items():
+        p, label_p = d["p_value"], d["label_p_values"]
+        if name == "mntd":
+            p = tail_p_value(float(d["raw_score"]), null)[0]
+            z = d["target_flow_z"]
+            label_p = (None if z is None else MNTD._label_p_values(
+                np.asarray(z, dtype=np.float64), bundle.calibration["search_flow"], True))
+        ev.append(Evidence(name, d["verdict"] == "backdoored", p,
+                           tuple(d["suspected_targets"]), label_p))
+    f = fuse(ev, alpha=alpha)
+    return {"p": f.p_value, "score": f.score, "targets": list(f.suspected_targets)}
+
+
 def summarise(out: Path, alpha: float = 0.05) -> dict[str, Any]:
     rows = [json.loads(line) for line in (out / "results.jsonl").open()]
+    for r in rows:
+        r["after"] = refuse(r, alpha)
     summary: dict[str, Any] = {"models": len(rows)}
     for when in ("before", "after"):
         bd = [r for r in rows if r["backdoored"]]
