@@ -13,7 +13,15 @@ its own parameters, Adam state and schedule, and its loss only reaches its own
 parameters, so running K labels jointly is the same maths as K separate runs, except
 that they share the mini-batch draws. Faithful mode calls it once per label; fast mode
 once for all labels, retiring labels as they stop (and, optionally, K-Arm-style, labels
-whose norm is clearly too large to ever be an outlier).
+whose norm is clearly too large to ever be an outlier), and, after a warm-up, optimising
+only the ``arms`` most promising labels per step (Shen et al., "Backdoor Scanning for
+Deep Neural Networks through K-Arm Optimization", ICML 2021): the small-norm labels
+converge first, the median of the norms falls, and labels far above it are retired
+without spending steps on them.
+
+A step's stamped inputs may be split into several forward/backward passes of at most
+``pass_batch`` inputs (memory); the gradients are summed before the optimiser step, so
+the update is the one of a single pass.
 """
 
 from __future__ import annotations
@@ -49,18 +57,30 @@ class ReverseConfig:
     multiplier_down: float = 2.0 ** 1.5
     early_stop_patience: int = 25
     early_stop_threshold: float = 1.0
+    #: stop a label whose norm has not improved for this many steps once λ went up,
+    #: even if λ never came down (None: only the reference's early stop)
+    stall_patience: int | None = None
     #: K-Arm-style pruning: retire a label whose best norm exceeds this × the median of
     #: all labels' best norms (None: never)
     prune_ratio: float | None = None
-    #: pruning starts after this many steps
+    #: pruning and arm scheduling start after this many steps (the warm-up, when every
+    #: label is optimised)
     prune_after: int = 0
+    #: K-Arm-style scheduling: after the warm-up at most this many labels — those with the
+    #: smallest current trigger norm — are optimised per step; the others wait, keeping
+    #: their state, until they are pruned or their turn comes (None: all labels, always)
+    arms: int | None = None
+    #: stamped inputs per forward/backward pass; a step's ``labels × batch_size`` inputs
+    #: are split into passes of at most this many, gradients accumulated (None: one pass)
+    pass_batch: int | None = None
 
     def schedule(self) -> CostSchedule:
         return CostSchedule(init_cost=self.init_cost, threshold=self.attack_success,
                             patience=self.patience, multiplier_up=self.multiplier_up,
                             multiplier_down=self.multiplier_down, early_stop=True,
                             early_stop_threshold=self.early_stop_threshold,
-                            early_stop_patience=self.early_stop_patience)
+                            early_stop_patience=self.early_stop_patience,
+                            stall_patience=self.stall_patience)
 
 
 @dataclass
@@ -77,6 +97,8 @@ class LabelTrigger:
     final_cost: float        # λ when the label stopped
     moved: float             # max |mask − initial mask|: 0 means the optimiser did nothing
     stop_reason: str         # "early_stop", "max_steps" or "pruned"
+    #: best L1 so far after each of its steps (inf before the threshold is reached)
+    history: tuple[float, ...] = ()
 
 
 def to_unit(w: torch.Tensor) -> torch.Tensor:
@@ -165,7 +187,7 @@ def reverse_engineer(
     best: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
     done: dict[int, LabelTrigger] = {}
     stream = BatchStream(len(x), cfg.batch_size, batch_gen)
-    active = list(labels)
+    active = sorted(labels)
     step = 0
 
     def finish(lab: int, reason: str) -> None:
@@ -179,79 +201,208 @@ def reverse_engineer(
         done[lab] = LabelTrigger(
             label=lab, mask=m, pattern=p, l1=float(m.abs().sum()), step_asr=asr,
             reached=s.reached, steps=s.steps, final_cost=s.cost,
-            moved=float((m - start_mask[lab]).abs().max()), stop_reason=reason)
+            moved=float((m - start_mask[lab]).abs().max()), stop_reason=reason,
+            history=tuple(hist[lab]))
 
     last_asr: dict[int, float] = {}
+    hist: dict[int, list[float]] = {lab: [] for lab in labels}
     while active:
-        n_act = len(active)
-        targets = torch.tensor(active, device=dev)
-        costs = torch.tensor([scheds[lab].cost for lab in active], device=dev,
-                             dtype=x.dtype)
-        tgt_rep = targets.repeat_interleave(cfg.batch_size)
+        run = _select_arms(active, scheds, cfg.arms) if step >= cfg.prune_after else active
+        n_act = len(run)
+        targets = torch.tensor(run, device=dev)
+        costs = torch.tensor([scheds[lab].cost for lab in run], device=dev, dtype=x.dtype)
         sum_asr = torch.zeros(n_act, device=dev)
         sum_l1 = torch.zeros(n_act, device=dev)
+        w_mask = [mask_w[lab] for lab in run]
+        w_pat = [pat_w[lab] for lab in run]
         for _ in range(cfg.mini_batches):
             xb = x[stream.next().to(dev)]
-            m = to_unit(torch.stack([mask_w[lab] for lab in active]))  # L×H×W
-            p = to_unit(torch.stack([pat_w[lab] for lab in active]))   # L×C×H×W
-            m4 = m.unsqueeze(1).unsqueeze(1)                             # L×1×1×H×W
-            stamped = (1.0 - m4) * xb.unsqueeze(0) + (m.unsqueeze(1) * p).unsqueeze(1)
-            logits = _logits(model, stamped.reshape(n_act * len(xb), c, h, w), num_classes)
-            ce = F.cross_entropy(logits, tgt_rep, reduction="none")
-            ce = ce.view(n_act, len(xb)).mean(1)
-            l1 = m.abs().sum((1, 2))
-            loss = (ce + costs * l1).sum()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            hit, l1 = _accumulate(model, xb, w_mask, w_pat, targets, costs, num_classes,
+                                  cfg.pass_batch)
             opt.step()
-            with torch.no_grad():
-                hit = logits.argmax(1).view(n_act, len(xb)) == targets.unsqueeze(1)
-                sum_asr += hit.float().mean(1)
-                sum_l1 += l1.detach()
+            sum_asr += hit
+            sum_l1 += l1
         step += 1
         asr_mean = (sum_asr / cfg.mini_batches).tolist()
         l1_mean = (sum_l1 / cfg.mini_batches).tolist()
         still: list[int] = []
-        for i, lab in enumerate(active):
+        for i, lab in enumerate(run):
             s = scheds[lab]
             last_asr[lab] = asr_mean[i]
             if s.update(asr_mean[i], l1_mean[i]):
                 best[lab] = (to_unit(mask_w[lab].detach()).cpu(),
                              to_unit(pat_w[lab].detach()).cpu(), asr_mean[i])
+            hist[lab].append(s.best_l1)
             if s.stopped:
                 finish(lab, "early_stop")
             elif s.steps >= cfg.max_steps:
                 finish(lab, "max_steps")
             else:
                 still.append(lab)
+        waiting = [lab for lab in active if lab not in set(run)]
+        if cfg.prune_ratio is not None and waiting:
+            waiting = _retire_waiting(waiting, hist, done, finish)
+        still = sorted(still + waiting)
         if cfg.prune_ratio is not None and step >= cfg.prune_after and still:
-            still = _prune(still, scheds, done, cfg.prune_ratio, finish)
+            still = _prune(still, scheds, hist, cfg.prune_ratio, finish)
         active = still
         if on_step is not None:
             on_step(n_act)
     return done
 
 
-def _prune(active: list[int], scheds: dict[int, CostSchedule], done: dict[int, LabelTrigger],
-           ratio: float, finish: Callable[[int, str], None]) -> list[int]:
-    """Retire labels whose best norm is ``> ratio ×`` the median of all labels' norms.
+def _select_arms(active: list[int], scheds: dict[int, CostSchedule],
+                 arms: int | None) -> list[int]:
+    """The ``arms`` labels with the smallest best norm so far (unreached ones last).
 
-    Only labels that reached the threshold and whose λ has already been raised (the
-    shrinking phase) are retired; their norm can only shrink further, but a label this
-    far above the median does not move the median or the MAD of the others.
+    K-Arm's scheduler picks the arm with the best current objective; here the objective
+    is the label's best trigger norm (its λ-weighted loss is not comparable across labels
+    whose λ differ). Deterministic: ties go to the lower label.
     """
-    norms = [scheds[lab].best_l1 for lab in active] + [t.l1 for t in done.values()]
-    finite = [v for v in norms if math.isfinite(v)]
-    if len(finite) < len(norms):
+    if arms is None or len(active) <= arms:
         return active
-    finite.sort()
-    k = len(finite)
-    med = (finite[(k - 1) // 2] + finite[k // 2]) / 2.0
+    order = sorted(active, key=lambda lab: (scheds[lab].best_l1, lab))
+    return sorted(order[:arms])
+
+
+def _accumulate(model: nn.Module, xb: torch.Tensor, w_mask: list[torch.Tensor],
+                w_pat: list[torch.Tensor], targets: torch.Tensor, costs: torch.Tensor,
+                num_classes: int, pass_batch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``Σ_labels CE_mean + λ·‖m‖₁`` on one mini-batch, in passes.
+
+    Returns each label's hit rate on the mini-batch and its mask L1 (detached). With
+    ``pass_batch`` None or at least ``labels × batch`` this is one pass.
+    """
+    n_lab, b = len(w_mask), len(xb)
+    c, h, w = (int(v) for v in xb.shape[1:])
+    hits = torch.zeros(n_lab, device=xb.device)
+    l1_out = torch.zeros(n_lab, device=xb.device)
+    cap = n_lab * b if pass_batch is None else max(1, pass_batch)
+    if cap >= b:  # whole labels per pass
+        per = cap // b
+        for lo in range(0, n_lab, per):
+            hi = min(n_lab, lo + per)
+            m = to_unit(torch.stack(w_mask[lo:hi]))                      # L×H×W
+            p = to_unit(torch.stack(w_pat[lo:hi]))                       # L×C×H×W
+            stamped = ((1.0 - m.unsqueeze(1).unsqueeze(1)) * xb.unsqueeze(0)
+                       + (m.unsqueeze(1) * p).unsqueeze(1))
+            logits = _logits(model, stamped.reshape((hi - lo) * b, c, h, w), num_classes)
+            tgt = targets[lo:hi]
+            ce = F.cross_entropy(logits, tgt.repeat_interleave(b), reduction="none")
+            ce = ce.view(hi - lo, b).mean(1)
+            l1 = m.abs().sum((1, 2))
+            (ce + costs[lo:hi] * l1).sum().backward()
+            with torch.no_grad():
+                hit = logits.argmax(1).view(hi - lo, b) == tgt.unsqueeze(1)
+                hits[lo:hi] = hit.float().mean(1)
+                l1_out[lo:hi] = l1.detach()
+        return hits, l1_out
+    for i in range(n_lab):  # one label's mini-batch split over several passes
+        n_hit = 0
+        for lo in range(0, b, cap):
+            part = xb[lo:lo + cap]
+            m = to_unit(w_mask[i])
+            p = to_unit(w_pat[i])
+            stamped = (1.0 - m) * part + m * p
+            logits = _logits(model, stamped, num_classes)
+            tgt = targets[i].expand(len(part))
+            loss = F.cross_entropy(logits, tgt, reduction="sum") / b
+            l1 = m.abs().sum()
+            if lo == 0:
+                loss = loss + costs[i] * l1
+                l1_out[i] = l1.detach()
+            loss.backward()
+            n_hit += int((logits.argmax(1) == tgt).sum())
+        hits[i] = n_hit / b
+    return hits, l1_out
+
+
+def median_upper_bound(norms: Sequence[float]) -> float:
+    """Median of per-label best norms (``inf`` for labels without one yet).
+
+    Each label's best norm only falls as its optimisation goes on, and the median is
+    monotone in every value, so this bounds the median of the final norms from above.
+    """
+    vals = sorted(norms)
+    k = len(vals)
+    lo, hi = vals[(k - 1) // 2], vals[k // 2]
+    return hi if math.isinf(hi) else (lo + hi) / 2.0
+
+
+def norm_at(history: Sequence[float], stage: int) -> float:
+    """A label's best norm after ``stage`` steps (its latest one if it ran fewer)."""
+    if not history:
+        return math.inf
+    return history[min(stage, len(history)) - 1]
+
+
+def _prune(active: list[int], scheds: dict[int, CostSchedule], hist: dict[int, list[float]],
+           ratio: float, finish: Callable[[int, str], None]) -> list[int]:
+    """Retire labels whose best norm is ``> ratio ×`` the median norm at equal effort.
+
+    Successive-halving style: a label that has run ``s`` steps is compared with every
+    label's best norm after ``s`` steps (its latest for labels that ran fewer, an upper
+    bound). All labels follow the same λ schedule, so norms shrink alike and the
+    comparison at equal effort predicts the order of the converged norms; comparing a
+    waiting label's early norm with other labels' converged ones would not (it can
+    still shrink several-fold). Only labels that reached the threshold are retired.
+    """
     keep: list[int] = []
     for lab in active:
         s = scheds[lab]
-        if s.reached and s.up_flag and s.best_l1 > ratio * med:
+        stage = len(hist[lab])
+        med = median_upper_bound([norm_at(h, stage) for h in hist.values()])
+        if s.reached and not math.isinf(med) and s.best_l1 > ratio * med:
             finish(lab, "pruned")
         else:
             keep.append(lab)
     return keep
+
+
+def _retire_waiting(waiting: list[int], hist: dict[int, list[float]],
+                    done: dict[int, LabelTrigger], finish: Callable[[int, str], None]
+                    ) -> list[int]:
+    """Retire waiting labels whose norm cannot fall below the median any more.
+
+    A waiting label's converged norm is bounded from below by its current norm times
+    the smallest shrink factor that any finished label showed from the same number of
+    steps to its end (:func:`converged_estimate`); the median of all labels' current
+    best norms bounds the final median from above. A label whose lower bound exceeds
+    that median ends in the upper half, where its exact norm does not move the median.
+    """
+    finished = [t.history for t in done.values() if t.stop_reason != "pruned" and t.reached]
+    if len(finished) < 2:
+        return waiting
+    med = median_upper_bound([h[-1] if h else math.inf for h in hist.values()])
+    keep: list[int] = []
+    for lab in waiting:
+        est = converged_estimate(hist[lab], finished)
+        if est is not None and est[0] > med:
+            finish(lab, "pruned")
+        else:
+            keep.append(lab)
+    return keep
+
+
+def converged_estimate(history: Sequence[float], converged: Sequence[Sequence[float]]
+                       ) -> tuple[float, float, float] | None:
+    """(low, middle, high) estimate of a retired label's converged norm, or None.
+
+    ``history`` is the retired label's best norm per step, ``converged`` those of
+    labels that ran to their end. Each converged label's shrink factor from the
+    retired label's stage to its end (final / norm at that stage) scales the retired
+    norm; the range of those factors gives the range of the estimate. None when fewer
+    than two converged labels ran that long.
+    """
+    if not history or math.isinf(history[-1]):
+        return None
+    stage = len(history)
+    factors = sorted(h[-1] / h[stage - 1] for h in converged
+                     if len(h) >= stage and math.isfinite(h[stage - 1]) and h[stage - 1] > 0)
+    if len(factors) < 2:
+        return None
+    mid = factors[len(factors) // 2] if len(factors) % 2 else (
+        factors[len(factors) // 2 - 1] + factors[len(factors) // 2]) / 2.0
+    raw = history[-1]
+    return raw * factors[0], raw * mid, raw * factors[-1]

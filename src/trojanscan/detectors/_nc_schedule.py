@@ -15,7 +15,11 @@ and whether to stop, and moves λ:
 * early stop: once a best mask exists, a step that does not improve the best L1 below
   ``early_stop_threshold ×`` the best so far counts towards ``early_stop_patience``
   (reset on improvement); stop when the count is reached *and* λ has moved both up
-  and down.
+  and down;
+* stall stop (``stall_patience``, not in the reference; None turns it off): also stop
+  once λ has gone up and the count reaches ``stall_patience`` even if λ never came
+  down — the step ASR hovering around the threshold (e.g. 0.97/1.0 on small
+  mini-batches) keeps λ from moving either way while the norm no longer shrinks.
 
 No torch, no randomness: tested on scripted ASR sequences.
 """
@@ -38,6 +42,7 @@ class CostSchedule:
     early_stop: bool = True
     early_stop_threshold: float = 1.0
     early_stop_patience: int = 25
+    stall_patience: int | None = None
 
     # state
     cost: float = 0.0
@@ -79,6 +84,10 @@ class CostSchedule:
             self.early_stop_best = min(self.best_l1, self.early_stop_best)
             if (self.up_flag and self.down_flag
                     and self.early_stop_counter >= self.early_stop_patience):
+                self.stopped = True
+                return improved
+            if (self.stall_patience is not None and self.up_flag
+                    and self.early_stop_counter >= self.stall_patience):
                 self.stopped = True
                 return improved
 

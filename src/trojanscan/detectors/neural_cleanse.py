@@ -18,9 +18,22 @@ Modes:
 ``fast`` (default)
     the same loss, parameterisation, optimiser and schedule, but all K labels optimised
     jointly in one batched forward/backward pass (labels × mini-batch), 4 mini-batches
-    per step, early stop once the best norm has not improved by 1% for 10 steps, and
-    K-Arm-style pruning (Shen et al., ICML 2021): a label whose trigger stays over
-    1.5× the median norm is retired, since it cannot be a small-norm outlier.
+    per step, early stop once the best norm has not improved by 1% for 10 steps (or,
+    once λ has gone up, for 20 steps even if λ never came down: the norm has converged
+    while the step ASR hovers around the threshold), and
+    K-Arm-style scheduling and pruning (Shen et al., "Backdoor Scanning for Deep Neural
+    Networks through K-Arm Optimization", ICML 2021): after a warm-up of 15 steps only
+    the ``K // 2 + 1`` labels with the smallest norms so far are optimised per step (the
+    others wait), and a label whose trigger is over 1.5× the median norm (an upper bound
+    of the final median) is retired, since it cannot be a small-norm outlier. The
+    decision is re-checked with every retired norm divided by 1.5 (how far it could
+    still have shrunk); a label is flagged only if both agree.
+
+Both modes split a step's stamped inputs into forward/backward passes that fit memory
+(:mod:`._nc_memory`: the model's measured activation bytes per input against a budget —
+free CUDA memory, or a share of the available RAM); gradients are summed before the
+optimiser step, so the maths does not change. The chosen ``pass_batch`` is in the
+evidence.
 
 Decision (``decision``):
 
@@ -76,7 +89,14 @@ from ..maths.outliers import anomaly_index, anomaly_p_values, reference_p_values
 from ..maths.triggers import stamp
 from ..progress import progress
 from ..utils import pick_device, seed_everything
-from ._nc_reverse import LabelTrigger, ReverseConfig, label_generator, reverse_engineer
+from ._nc_memory import memory_budget, per_sample_bytes, plan_pass_batch
+from ._nc_reverse import (
+    LabelTrigger,
+    ReverseConfig,
+    converged_estimate,
+    label_generator,
+    reverse_engineer,
+)
 from .base import ModelDetector, ModelScanResult
 
 MODES = ("fast", "faithful")
@@ -85,10 +105,20 @@ DECISIONS = ("auto", "index", "p_value", "reference")
 #: settings each mode uses for the options left at None
 PRESETS: dict[str, dict[str, Any]] = {
     "faithful": {"max_steps": 1000, "mini_batches": None, "early_stop_patience": 25,
-                 "early_stop_threshold": 1.0, "prune_ratio": None},
+                 "early_stop_threshold": 1.0, "prune_ratio": None, "arms": "all"},
     "fast": {"max_steps": 200, "mini_batches": 4, "early_stop_patience": 10,
-             "early_stop_threshold": 0.99, "prune_ratio": 1.5},
+             "early_stop_threshold": 0.99, "prune_ratio": 1.5, "arms": "half"},
 }
+#: values of ``arms`` besides a positive integer
+ARMS = ("all", "half")
+
+
+def resolve_arms(arms: int | str, k: int) -> int | None:
+    """Labels optimised per step after the warm-up (None: all of them)."""
+    if arms == "all":
+        return None
+    n = k // 2 + 1 if arms == "half" else int(arms)
+    return None if n >= k else n
 
 
 def _int(name: str, value: Any, minimum: int) -> int:
@@ -134,6 +164,8 @@ class NeuralCleanse(ModelDetector):
         early_stop_patience: int | None = None,
         early_stop_threshold: float | None = None,
         prune_ratio: float | None = None,
+        arms: int | str | None = None,
+        pass_batch: int | None = None,
         decision: str = "auto",
         reference: Any = None,
         threshold: float = 2.0,
@@ -154,6 +186,8 @@ class NeuralCleanse(ModelDetector):
         self.early_stop_patience = early_stop_patience
         self.early_stop_threshold = early_stop_threshold
         self.prune_ratio = prune_ratio
+        self.arms = arms
+        self.pass_batch = pass_batch
         self.decision = decision
         self.reference = reference
         self.threshold = threshold
@@ -200,6 +234,16 @@ class NeuralCleanse(ModelDetector):
                             self.prune_ratio)
         p["prune_ratio"] = None if pr is None else _float("prune_ratio", pr, 1.0, math.inf,
                                                           high_open=True)
+        arms = preset["arms"] if self.arms is None else self.arms
+        if self.mode == "faithful" and arms != "all":
+            raise bad_param("arms", "None or 'all' in faithful mode (every label runs)",
+                            self.arms)
+        if not (arms in ARMS or (isinstance(arms, (int, np.integer))
+                                 and not isinstance(arms, bool) and arms >= 1)):
+            raise bad_param("arms", "'all', 'half' or an integer >= 1", self.arms)
+        p["arms"] = arms if isinstance(arms, str) else int(arms)
+        p["pass_batch"] = (None if self.pass_batch is None
+                           else _int("pass_batch", self.pass_batch, 1))
         p["threshold"] = _float("threshold", self.threshold, 0.0, math.inf, high_open=True)
         p["alpha"] = _float("alpha", self.alpha, 0.0, 1.0, high_open=True)
         if not isinstance(self.images, bool):
@@ -213,13 +257,16 @@ class NeuralCleanse(ModelDetector):
         p["reference"] = None if ref is None else ref
         return p
 
-    def _config(self, p: Mapping[str, Any]) -> ReverseConfig:
+    def _config(self, p: Mapping[str, Any], k: int, pass_batch: int) -> ReverseConfig:
         return ReverseConfig(
+            arms=resolve_arms(p["arms"], k), pass_batch=pass_batch,
             max_steps=p["max_steps"], mini_batches=p["mini_batches"],
             batch_size=p["batch_size"], lr=p["lr"], init_cost=p["init_cost"],
             attack_success=p["attack_success"], patience=p["patience"],
             early_stop_patience=p["early_stop_patience"],
             early_stop_threshold=p["early_stop_threshold"], prune_ratio=p["prune_ratio"],
+            stall_patience=(None if p["mode"] == "faithful"
+                            else 2 * p["early_stop_patience"]),
             prune_after=3 * p["patience"])
 
     # -- the method ---------------------------------------------------------------
@@ -256,17 +303,18 @@ class NeuralCleanse(ModelDetector):
                     f"neural_cleanse needs a model with at least 3 classes for its outlier "
                     f"test, this one has {k}")
             _check_gradients(net, x[:2])
-            triggers = self._reverse(net, x, k, p)
-            asr = _trigger_asr(net, x, sub.y, triggers)
-        return self._result(triggers, asr, sub, k, p, time.perf_counter() - t0)
+            plan = _plan_passes(net, x, k, p, dev)
+            cfg = self._config(p, k, plan["pass_batch"])
+            triggers = self._reverse(net, x, k, p, cfg)
+            asr = _trigger_asr(net, x, sub.y, triggers, batch_size=plan["pass_batch"])
+        return self._result(triggers, asr, sub, k, p, plan, time.perf_counter() - t0)
 
     def reference_norms(self) -> np.ndarray | None:
         """The reference models' norms (R×K) this detector compares with, or None."""
         return load_reference(self.reference, self.mode)
 
-    def _reverse(self, net: nn.Module, x: torch.Tensor, k: int,
-                 p: Mapping[str, Any]) -> dict[int, LabelTrigger]:
-        cfg = self._config(p)
+    def _reverse(self, net: nn.Module, x: torch.Tensor, k: int, p: Mapping[str, Any],
+                 cfg: ReverseConfig) -> dict[int, LabelTrigger]:
         seed = p["seed"]
         with progress(f"neural cleanse ({p['mode']})", k * cfg.max_steps) as bar:
             if p["mode"] == "faithful":
@@ -283,21 +331,35 @@ class NeuralCleanse(ModelDetector):
                                     on_step=bar.advance)
 
     def _result(self, triggers: dict[int, LabelTrigger], asr: list[float], sub: ImageDataset,
-                k: int, p: Mapping[str, Any], seconds: float) -> ModelScanResult:
+                k: int, p: Mapping[str, Any], plan: Mapping[str, Any],
+                seconds: float) -> ModelScanResult:
         labels = list(range(k))
         norms = np.array([triggers[lab].l1 for lab in labels], dtype=np.float64)
         reached = [triggers[lab].reached for lab in labels]
-        index = anomaly_index(norms)
-        safe = np.maximum(norms, 1e-12)
-        pvals = anomaly_p_values(safe, seed=p["seed"])
-        paper = [lab for lab in labels if index[lab] > p["threshold"] and reached[lab]]
-        calibrated = [lab for lab in labels if pvals[lab] < p["alpha"] and reached[lab]]
+        pruned = [lab for lab in labels if triggers[lab].stop_reason == "pruned"]
+        ends = _pruned_estimates(triggers, pruned, p["prune_ratio"])
         ref: np.ndarray | None = p["reference"]
-        ref_p: np.ndarray | None = None
-        by_ref: list[int] = []
-        if ref is not None:
-            ref_p = reference_p_values(safe, ref)
-            by_ref = [lab for lab in labels if ref_p[lab] < p["alpha"] and reached[lab]]
+        index, pvals, ref_p, paper, calibrated, by_ref = _decide(norms, reached, ref, p)
+        safe = np.maximum(norms, 1e-12)
+        sensitive = False
+        if pruned:
+            # a retired label's norm is an upper bound of its converged norm. If the label
+            # ends above the median, the upper bound only enlarges the MAD (conservative);
+            # if its converged norm were lower, the median would be overestimated (false
+            # alarms): flags must also hold with each retired norm at its low estimate
+            other = norms.copy()
+            other[pruned] = [e[0] for e in ends]
+            _i, o_p, o_ref_p, o_paper, o_cal, o_ref = _decide(other, reached, ref, p)
+            keep = (set(paper) & set(o_paper), set(calibrated) & set(o_cal),
+                    set(by_ref) & set(o_ref))
+            sensitive = sensitive or (keep[0] != set(paper) or keep[1] != set(calibrated)
+                                      or keep[2] != set(by_ref))
+            paper = [lab for lab in paper if lab in keep[0]]
+            calibrated = [lab for lab in calibrated if lab in keep[1]]
+            by_ref = [lab for lab in by_ref if lab in keep[2]]
+            pvals = np.maximum(pvals, o_p)
+            if ref_p is not None and o_ref_p is not None:
+                ref_p = np.maximum(ref_p, o_ref_p)
         chosen = {"index": paper, "p_value": calibrated, "reference": by_ref}[p["decision"]]
         flagged = sorted(chosen, key=lambda lab: norms[lab])
         used_p = ref_p if p["decision"] == "reference" and ref_p is not None else pvals
@@ -346,6 +408,16 @@ class NeuralCleanse(ModelDetector):
             "median_l1": float(np.median(norms)),
             "mad_l1": float(1.4826 * np.median(np.abs(norms - np.median(norms)))),
             "total_steps": int(sum(triggers[lab].steps for lab in labels)),
+            "sample_passes": int(sum(triggers[lab].steps for lab in labels)
+                                 * p["mini_batches"] * p["batch_size"]),
+            "pruned_labels": pruned,
+            "pruned_norm_estimates": [[e[0], e[1], e[2]] for e in ends],
+            "pruning_sensitive": sensitive,
+            "arms": resolve_arms(p["arms"], k),
+            "pass_batch": plan["pass_batch"],
+            "per_sample_bytes": plan["per_sample_bytes"],
+            "memory_budget_bytes": plan["budget_bytes"],
+            "device": plan["device"],
         }
         images = _images(triggers, sub) if p["images"] else {}
         params = {key: v for key, v in p.items() if key not in ("images", "reference")}
@@ -367,6 +439,62 @@ class NeuralCleanse(ModelDetector):
 
 
 # -- helpers -------------------------------------------------------------------------
+
+
+def _decide(norms: np.ndarray, reached: list[bool], ref: np.ndarray | None,
+            p: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                           list[int], list[int], list[int]]:
+    """Anomaly indices, MAD-null p-values, reference p-values and each rule's flags."""
+    labels = range(len(norms))
+    index = anomaly_index(norms)
+    safe = np.maximum(norms, 1e-12)
+    pvals = anomaly_p_values(safe, seed=p["seed"])
+    paper = [lab for lab in labels if index[lab] > p["threshold"] and reached[lab]]
+    calibrated = [lab for lab in labels if pvals[lab] < p["alpha"] and reached[lab]]
+    ref_p: np.ndarray | None = None
+    by_ref: list[int] = []
+    if ref is not None:
+        ref_p = reference_p_values(safe, ref)
+        by_ref = [lab for lab in labels if ref_p[lab] < p["alpha"] and reached[lab]]
+    return index, pvals, ref_p, paper, calibrated, by_ref
+
+
+def _pruned_estimates(triggers: Mapping[int, LabelTrigger], pruned: list[int],
+                      ratio: float | None) -> list[tuple[float, float, float]]:
+    """(low, middle, high) converged-norm estimate of each retired label.
+
+    Scaled by how much the labels that ran to their end shrank from the same number of
+    steps (:func:`~._nc_reverse.converged_estimate`); the smallest-norm finished label
+    (the candidate target, which shrinks more than the others) is left out of the
+    factors. Without two such labels: (norm / ``ratio``, norm, norm).
+    """
+    ran = [lab for lab, t in triggers.items() if t.stop_reason != "pruned" and t.reached]
+    if ran:
+        ran.remove(min(ran, key=lambda lab: triggers[lab].l1))
+    histories = [triggers[lab].history for lab in ran]
+    out: list[tuple[float, float, float]] = []
+    for lab in pruned:
+        t = triggers[lab]
+        est = converged_estimate(t.history, histories)
+        out.append(est if est is not None else (t.l1 / (ratio or 1.0), t.l1, t.l1))
+    return out
+
+
+def _plan_passes(net: nn.Module, x: torch.Tensor, k: int, p: Mapping[str, Any],
+                 dev: torch.device) -> dict[str, Any]:
+    """Inputs per forward/backward pass: given, or from measured memory and a budget."""
+    labels = k if p["mode"] == "fast" else 1
+    wanted = labels * p["batch_size"]
+    if p["pass_batch"] is not None:
+        return {"pass_batch": min(wanted, p["pass_batch"]), "per_sample_bytes": None,
+                "budget_bytes": None, "device": str(dev)}
+    try:
+        per = per_sample_bytes(net, x[:2])
+    except Exception as exc:  # a model that cannot run on the data
+        raise ModelError(f"the model failed on clean inputs: {exc}") from exc
+    budget = memory_budget(dev)
+    return {"pass_batch": plan_pass_batch(per, budget, wanted), "per_sample_bytes": per,
+            "budget_bytes": budget, "device": str(dev)}
 
 
 def _subset(clean: ImageDataset, n: int, seed: int) -> ImageDataset:
@@ -550,5 +678,5 @@ def reversed_trigger(result: ModelScanResult, label: int) -> tuple[torch.Tensor,
     return torch.from_numpy(mask), pat_t.contiguous()
 
 
-__all__ = ["DECISIONS", "MODES", "PRESETS", "NeuralCleanse", "load_reference",
+__all__ = ["ARMS", "DECISIONS", "MODES", "PRESETS", "NeuralCleanse", "load_reference",
            "reversed_trigger", "write_reference"]
