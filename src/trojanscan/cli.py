@@ -111,11 +111,17 @@ def demo(
 def scan(
     model: Annotated[Path, typer.Argument(help="Model file (TorchScript, ONNX, safetensors, "
                                           "state_dict).")],
-    data: Annotated[str, typer.Option("--data", help="Clean data: .npz, image folder, IDX "
-                                      "folder or a built-in (fashion-mnist:test, digits, "
-                                      "synthetic-rgb:test).")],
+    data: Annotated[str | None, typer.Option("--data", help="Clean data: .npz, image folder, "
+                                             "IDX folder or a built-in (fashion-mnist:test, "
+                                             "digits, synthetic-rgb:test). Without it only "
+                                             "the data-free detectors run (mmbd, mntd).")
+    ] = None,
     detectors: Annotated[str | None, typer.Option("--detectors", help="Comma-separated "
                                                    "subset, e.g. neural_cleanse,mntd.")] = None,
+    input_shape: Annotated[str | None, typer.Option(
+        "--input-shape", help="C,H,W of the model's input, for a scan without --data "
+                              "(read from the graph for ONNX models with fixed dims).")
+    ] = None,
     out: Out = DEFAULT_OUT,
     seed: Seed = 0,
     device: Device = "auto",
@@ -138,7 +144,8 @@ def scan(
     """Is this model backdoored? Runs model-level detectors and fuses their verdicts."""
     _run("scan", model=model, data=data, detectors=detectors, out=out, seed=seed,
          device=device, arch=arch, trust_pickle=trust_pickle, max_samples=max_samples,
-         nc_reference=nc_reference, param=param, quiet=quiet, json_out=json_out)
+         nc_reference=nc_reference, param=param, quiet=quiet, json_out=json_out,
+         input_shape=input_shape)
 
 
 @app.command("scan-data")

@@ -25,6 +25,8 @@ from .results import ModelScanResult
 
 #: model-level detectors run by default, in this order
 DEFAULT_MODEL_DETECTORS = ("neural_cleanse", "mntd")
+#: model-level detectors run by default without clean data (``scan`` without ``--data``)
+DATA_FREE_DETECTORS = ("mmbd", "mntd")
 
 
 @dataclass(frozen=True)
@@ -67,23 +69,54 @@ def parse_detectors(spec: str | Sequence[str] | None, level: str) -> list[str]:
     return names
 
 
+def data_free_detectors(names: Sequence[str]) -> list[str]:
+    """The detectors among ``names`` that run without clean data (``data_free``)."""
+    out = []
+    for n in names:
+        try:
+            if getattr(registry.get(n), "data_free", False):
+                out.append(n)
+        except ParameterError:
+            continue
+    return out
+
+
+def _check_input_shape(input_shape: Any) -> tuple[int, int, int]:
+    try:
+        dims = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1 or isinstance(input_shape, (str, bytes)):
+        raise ParameterError(f"invalid input_shape: expected (C, H, W) with positive "
+                             f"integers, got {input_shape!r}")
+    return dims[0], dims[1], dims[2]
+
+
 def scan_model(
     model: nn.Module,
-    clean: ImageDataset,
+    clean: ImageDataset | None = None,
     *,
     detectors: str | Sequence[str] | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     alpha: float = 0.05,
     detector_params: dict[str, dict[str, Any]] | None = None,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> ScanResult:
     """Run model-level detectors on ``model`` with clean data ``clean`` and fuse them.
 
-    The model is checked once (:func:`trojanscan.classifier.check_classifier`); the
-    detectors reuse that answer instead of probing it again.
+    Without ``clean`` (``None``) only the data-free detectors run (by default
+    :data:`DATA_FREE_DETECTORS`; naming another is an error) on inputs of
+    ``input_shape`` (C, H, W), which is then required. The model is checked once
+    (:func:`trojanscan.classifier.check_classifier`); the detectors reuse that answer
+    instead of probing it again.
     """
     if not 0.0 < alpha < 1.0:
         raise ParameterError(f"invalid alpha: expected a float in (0, 1), got {alpha!r}")
+    if clean is None:
+        return _scan_data_free(model, detectors=detectors, seed=seed, device=device,
+                               alpha=alpha, detector_params=detector_params,
+                               input_shape=input_shape)
     names = parse_detectors(detectors, "model")
     if not isinstance(clean, ImageDataset):
         raise ParameterError(f"invalid clean data: expected an ImageDataset, got "
@@ -95,7 +128,30 @@ def scan_model(
                      device=device, alpha=alpha, detector_params=detector_params)
 
 
-def _scan(model: nn.Module, clean: ImageDataset, names: list[str], *, explicit: bool,
+def _scan_data_free(model: nn.Module, *, detectors: str | Sequence[str] | None, seed: int,
+                    device: str | torch.device | None, alpha: float,
+                    detector_params: dict[str, dict[str, Any]] | None,
+                    input_shape: tuple[int, int, int] | None) -> ScanResult:
+    if input_shape is None:
+        raise ParameterError("scanning without clean data needs the model's input shape: "
+                             "give input_shape (C, H, W)")
+    shape = _check_input_shape(input_shape)
+    names = (list(DATA_FREE_DETECTORS) if detectors is None
+             else parse_detectors(detectors, "model"))
+    needs_data = [n for n in names if n not in data_free_detectors([n])]
+    if needs_data:
+        raise ParameterError(f"{', '.join(needs_data)} need{'s' if len(needs_data) == 1 else ''}"
+                             f" clean data (--data); without data only the data-free "
+                             f"detectors run ({', '.join(DATA_FREE_DETECTORS)})")
+    probe = torch.full((2, *shape), 0.5)
+    k = check_classifier(model, probe, what=f"inputs of shape {'×'.join(map(str, shape))}")
+    params = {n: {"input_shape": shape, **(detector_params or {}).get(n, {})} for n in names}
+    with known_classifier(model, shape, k):
+        return _scan(model, None, names, explicit=detectors is not None, seed=seed,
+                     device=device, alpha=alpha, detector_params=params)
+
+
+def _scan(model: nn.Module, clean: ImageDataset | None, names: list[str], *, explicit: bool,
           seed: int, device: str | torch.device | None, alpha: float,
           detector_params: dict[str, dict[str, Any]] | None) -> ScanResult:
     t0 = time.perf_counter()

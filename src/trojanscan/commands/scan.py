@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from ..classifier import known_classifier
+import torch
+
+from ..classifier import check_classifier, known_classifier
 from ..exceptions import ParameterError
 from ..io.outputs import Input, check_outputs, report_folder, sidecar_of
 from ..reports.scan import write_scan_report
 from ..reports.text import score_text, targets_text
-from ..scan import ScanResult, scan_model
+from ..scan import (
+    DATA_FREE_DETECTORS,
+    ScanResult,
+    data_free_detectors,
+    parse_detectors,
+    scan_model,
+)
 from ..utils import seed_everything
 from ._common import emit_json, load_inputs, nc_references, parse_detector_params, subsample
 
@@ -43,12 +53,33 @@ def print_summary(result: ScanResult, json_path: Path,
     console.print(f"report: {json_path} and {json_path.with_suffix('.html')}")
 
 
-def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, device: str,
-        arch: str | None, trust_pickle: bool, max_samples: int | None, quiet: bool,
-        json_out: bool, nc_reference: list[Path] | None = None,
-        param: list[str] | None = None) -> int:
+def parse_input_shape(text: str | None) -> tuple[int, int, int] | None:
+    """``--input-shape C,H,W`` as a tuple (``None`` when not given)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).replace("x", ",").replace("×", ",").split(",")]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1 or max(dims) > 100_000:
+        raise ParameterError(f"invalid --input-shape {text!r}: expected C,H,W with three "
+                             "positive integers, e.g. 1,28,28")
+    return dims[0], dims[1], dims[2]
+
+
+def run(*, model: Path, data: str | None, detectors: str | None, out: Path, seed: int,
+        device: str, arch: str | None, trust_pickle: bool, max_samples: int | None,
+        quiet: bool, json_out: bool, nc_reference: list[Path] | None = None,
+        param: list[str] | None = None, input_shape: str | None = None) -> int:
+    if data is None:
+        return run_data_free(model=model, detectors=detectors, out=out, seed=seed,
+                             device=device, arch=arch, trust_pickle=trust_pickle,
+                             max_samples=max_samples, quiet=quiet, json_out=json_out,
+                             nc_reference=nc_reference, param=param, input_shape=input_shape)
     t0 = time.perf_counter()
     seed_everything(seed)
+    shape = parse_input_shape(input_shape)
     check_outputs([report_folder("--out", out)],
                   [Input("MODEL", model), Input("model sidecar", sidecar_of(model)),
                    Input("--data", data),
@@ -63,6 +94,9 @@ def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, 
     loaded, clean = load_inputs(model, data, arch=arch, trust_pickle=trust_pickle,
                                 device=device, min_classes=2, max_samples=max_samples, seed=seed)
     assert clean is not None
+    if shape is not None and tuple(clean.input_shape) != shape:
+        raise ParameterError(f"--input-shape {','.join(map(str, shape))} disagrees with the "
+                             f"data's {','.join(map(str, clean.input_shape))}")
     clean = subsample(clean, max_samples, seed)
     # load_inputs checked the model on this data once; the detectors reuse that answer
     assert loaded.num_classes is not None
@@ -82,3 +116,82 @@ def run(*, model: Path, data: str, detectors: str | None, out: Path, seed: int, 
     elif not quiet:
         print_summary(result, path, clean.class_names)
     return 1 if result.verdict == "backdoored" else 0
+
+
+def _model_input_shape(loaded: Any, given: tuple[int, int, int] | None, model: Path
+                       ) -> tuple[int, int, int]:
+    """The shape a data-free scan probes: ``--input-shape``, else the ONNX graph's."""
+    if given is not None:
+        return given
+    graph_shape = getattr(loaded.module, "input_shape", None) if loaded.format == "onnx" \
+        else None
+    if isinstance(graph_shape, tuple) and len(graph_shape) == 3:
+        return int(graph_shape[0]), int(graph_shape[1]), int(graph_shape[2])
+    raise ParameterError(f"the input shape of {model} is unknown: give --input-shape C,H,W "
+                         "(e.g. 1,28,28) or --data")
+
+
+def run_data_free(*, model: Path, detectors: str | None, out: Path, seed: int, device: str,
+                  arch: str | None, trust_pickle: bool, max_samples: int | None, quiet: bool,
+                  json_out: bool, nc_reference: list[Path] | None, param: list[str] | None,
+                  input_shape: str | None) -> int:
+    """``scan MODEL`` without ``--data``: the data-free detectors on the input shape."""
+    from ..io.models import load_model
+
+    t0 = time.perf_counter()
+    seed_everything(seed)
+    shape = parse_input_shape(input_shape)
+    if nc_reference:
+        raise ParameterError("--nc-reference needs --data (Neural Cleanse needs clean data)")
+    if max_samples is not None:
+        raise ParameterError("--max-samples needs --data (it limits the clean samples)")
+    check_outputs([report_folder("--out", out)],
+                  [Input("MODEL", model), Input("model sidecar", sidecar_of(model))])
+    det_params = parse_detector_params(param)
+    names = (list(DATA_FREE_DETECTORS) if detectors is None
+             else parse_detectors(detectors, "model"))
+    needs_data = [n for n in names if n not in data_free_detectors([n])]
+    if needs_data:
+        raise ParameterError(f"{', '.join(needs_data)} need{'s' if len(needs_data) == 1 else ''}"
+                             f" clean data: give --data, or run only the data-free detectors "
+                             f"({', '.join(DATA_FREE_DETECTORS)})")
+    if not Path(model).exists():
+        raise ParameterError(f"invalid MODEL: expected an existing file, got {str(model)!r}")
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, device=device,
+                        input_shape=shape)
+    shape = _model_input_shape(loaded, shape, model)
+    k = check_classifier(loaded.module, torch.full((2, *shape), 0.5),
+                         what=f"inputs of shape {','.join(map(str, shape))}")
+    loaded = dataclasses.replace(loaded, input_shape=shape, num_classes=k)
+    with known_classifier(loaded.module, shape, k):
+        result = scan_model(loaded.module, None, detectors=names, seed=seed,
+                            device=loaded.device, detector_params=det_params,
+                            input_shape=shape)
+    params = {"detectors": detectors, "device": str(loaded.device), "arch": arch,
+              "input_shape": list(shape), "detector_params": det_params}
+    path = write_scan_report(result, out=out, model_path=model, loaded=loaded, data=None,
+                             clean_sha=None, clean_format=None, seed=seed, params=params,
+                             seconds=time.perf_counter() - t0,
+                             data_free=data_free_summary(result, shape))
+    if json_out:
+        emit_json(path)
+    elif not quiet:
+        print_summary(result, path, None)
+        print("no clean data: data-free detectors only "
+              f"({', '.join(result.results) or 'none'} ran)")
+    return 1 if result.verdict == "backdoored" else 0
+
+
+def data_free_summary(result: ScanResult, shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The report's ``data_free`` entry: what ran without data, and what could not."""
+    ran = list(result.results)
+    note = (f"No clean data were given: only data-free detectors ran ({', '.join(ran)}), on "
+            f"the input shape {','.join(map(str, shape))} and the [0,1] input range alone.")
+    if "mntd" in result.not_applicable:
+        note += f" MNTD did not run: {result.not_applicable['mntd']}."
+    for name, reason in result.not_applicable.items():
+        if name != "mntd":
+            note += f" {name} did not run: {reason}."
+    return {"clean_data_used": False, "detectors_run": ran,
+            "not_applicable": dict(result.not_applicable), "input_shape": list(shape),
+            "note": note}

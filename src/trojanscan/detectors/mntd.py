@@ -121,18 +121,22 @@ class MNTD(ModelDetector):
     """
 
     name: ClassVar[str] = "mntd"
+    #: runs without clean data (``input_shape`` instead): only the shape is read
+    data_free: ClassVar[bool] = True
 
     def __init__(self, *, meta_classifier: str | None = None, variant: str = AUTO,
                  threshold: float | None = None, calibration: str = AUTO, seed: int = 0,
-                 device: str | None = None) -> None:
+                 device: str | None = None,
+                 input_shape: tuple[int, int, int] | None = None) -> None:
         self.meta_classifier = meta_classifier
         self.variant = variant
         self.threshold = threshold
         self.calibration = calibration
         self.seed = seed
         self.device = device
+        self.input_shape = input_shape
 
-    def fit(self, model: nn.Module, clean: ImageDataset) -> ModelScanResult:
+    def fit(self, model: nn.Module, clean: ImageDataset | None = None) -> ModelScanResult:
         t0 = time.perf_counter()
         if self.variant not in DETECTOR_VARIANTS:
             raise bad_param("variant", DETECTOR_VARIANTS, self.variant)
@@ -141,9 +145,14 @@ class MNTD(ModelDetector):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
                 0 <= self.seed < 2**32):
             raise bad_param("seed", "an integer in [0, 2**32)", self.seed)
-        if not isinstance(clean, ImageDataset):
-            raise bad_param("clean", "an ImageDataset", type(clean).__name__)
-        shape = clean.input_shape
+        if clean is None and self.input_shape is not None and len(self.input_shape) == 3:
+            c, h, w = (int(d) for d in self.input_shape)
+            shape = (c, h, w)
+        elif not isinstance(clean, ImageDataset):
+            raise bad_param("clean", "an ImageDataset (or input_shape (C, H, W) without data)",
+                            type(clean).__name__)
+        else:
+            shape = clean.input_shape
         bundle = resolve(self.meta_classifier)
         with borrow_model(model):
             dev = _device_of(model, self.device)

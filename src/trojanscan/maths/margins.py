@@ -46,7 +46,8 @@ def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class GammaNull:
     """A Gamma distribution fitted to null statistics (``scipy.stats.gamma``'s
     parameters), or the empirical distribution where a Gamma cannot be fitted
-    (``kind == "empirical"``: fewer than 3 distinct values or a failed fit)."""
+    (``kind == "empirical"``: fewer than 3 distinct values or a failed fit; its
+    p-values are conformal, see :func:`log_max_p_value`)."""
 
     kind: str
     shape: float | None
@@ -103,9 +104,13 @@ def fit_gamma_null(null: np.ndarray, *, loc: float | None = None) -> GammaNull:
 
 def log_max_p_value(stat: float, null: GammaNull, k: int) -> float:
     """``log(1 − H0(stat)^k)``: the log p-value of ``stat`` as the largest of ``k``
-    draws from ``null``, accurate also where the p-value underflows."""
+    draws from ``null``, accurate also where the p-value underflows. For an empirical
+    null (no Gamma could be fitted), the conformal ``(1 + #{v ≥ stat}) / (n + 1)``."""
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
+    if null.kind != "gamma":  # too few distinct values for a fit: the conformal p-value
+        above = sum(v >= stat for v in null.values)
+        return math.log((1 + above) / (len(null.values) + 1))
     log_cdf = null.log_cdf(stat)
     if log_cdf == -math.inf:
         return 0.0

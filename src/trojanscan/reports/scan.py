@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from .report import Report
 from .sections import model_result_section, target_section
+from .text import esc
 
 if TYPE_CHECKING:
     from ..scan import ScanResult
@@ -16,15 +17,22 @@ __all__ = ["write_scan_report"]
 
 
 def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded: object,
-                      data: str, clean_sha: str | None, clean_format: str, seed: int,
-                      params: Mapping[str, object], seconds: float,
-                      class_names: Sequence[str] | None = None) -> Path:
-    """The contract's ``scan`` report (JSON + HTML) in ``out``."""
+                      data: str | None, clean_sha: str | None, clean_format: str | None,
+                      seed: int, params: Mapping[str, object], seconds: float,
+                      class_names: Sequence[str] | None = None,
+                      data_free: Mapping[str, object] | None = None) -> Path:
+    """The contract's ``scan`` report (JSON + HTML) in ``out``. ``data`` is ``None`` for a
+    data-free scan; ``data_free`` then says what ran without data (key ``data_free``)."""
     rep = Report(command="scan", out_dir=out, seed=seed, params=dict(params))
     rep.set_class_names(class_names)
     rep.add_input(role="model", path=str(model_path), sha256=getattr(loaded, "sha256", None),
                   format=getattr(loaded, "format", "unknown"))
-    rep.add_input(role="clean_data", path=data, sha256=clean_sha, format=clean_format)
+    if data is not None:
+        rep.add_input(role="clean_data", path=data, sha256=clean_sha,
+                      format=clean_format or "unknown")
+    if data_free is not None:
+        rep.set(data_free=dict(data_free))
+        rep.add_section("No clean data", f"<p>{esc(str(data_free.get('note', '')))}</p>")
     rep.set(verdict=result.verdict, score=result.score, p_value=result.p_value,
             suspected_targets=list(result.suspected_targets),
             target_p_values=(None if result.fused.target_p_values is None
