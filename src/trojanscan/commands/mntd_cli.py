@@ -41,7 +41,8 @@ def train(
                           "calibration.")] = 32,
     archs: Annotated[str, typer.Option(
         "--archs", help="Shadow architectures, comma-separated (small_cnn, bn_cnn, lenet, "
-                        "mlp, cifar_cnn, preact_resnet18[_narrow], vgg_small); use the families of the models you will scan.")
+                        "mlp, cifar_cnn, preact_resnet18[_narrow], vgg_small); use the "
+                        "families of the models you will scan.")
                      ] = "small_cnn,lenet,mlp",
     shadow_epochs: Annotated[int, typer.Option("--shadow-epochs")] = 20,
     meta_epochs: Annotated[int, typer.Option("--meta-epochs")] = 40,
