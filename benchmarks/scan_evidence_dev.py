@@ -101,7 +101,7 @@ def refuse(row: dict[str, Any], alpha: float) -> dict[str, Any]:
     p-values are pure functions of MNTD's raw output and flow z-scores and of Neural
     Cleanse's per-label p-values), so a change of the tail fit needs no new scan."""
     from trojanscan.detectors.mntd import MNTD
-    from trojanscan.maths.fusion import Evidence, fuse
+    from trojanscan.maths.fusion import Evidence, fuse, holm
     from trojanscan.mntd.calibration import standardised_sums, tail_p_value
     from trojanscan.mntd.pretrained import find_builtin
 
@@ -121,7 +121,10 @@ def refuse(row: dict[str, Any], alpha: float) -> dict[str, Any]:
         ev.append(Evidence(name, d["verdict"] == "backdoored", p,
                            tuple(d["suspected_targets"]), label_p))
     f = fuse(ev, alpha=alpha)
-    return {"p": f.p_value, "score": f.score, "targets": list(f.suspected_targets)}
+    tp = f.target_p_values
+    return {"p": f.p_value, "score": f.score, "targets": list(f.suspected_targets),
+            "target_p_values": None if tp is None else list(tp),
+            "named_by_holm": bool(tp is not None and holm(tp, alpha=alpha))}
 
 
 def summarise(out: Path, alpha: float = 0.05) -> dict[str, Any]:
@@ -148,6 +151,16 @@ def summarise(out: Path, alpha: float = 0.05) -> dict[str, Any]:
             "wrong_labels_named": int(np.sum([len(set(r[when]["targets"]) - set(r["targets"]))
                                               for r in flagged])),
         }
+    summary["after"]["detected_named_by_holm"] = sum(
+        r["after"]["named_by_holm"] for r in rows if r["backdoored"] and r["after"]["p"] < alpha)
+    summary["per_model"] = [
+        {"name": r["name"], "kind": r["kind"], "targets": r["targets"],
+         "before": {"p": r["before"]["p"], "targets": r["before"]["targets"]},
+         "after": {"p": r["after"]["p"], "targets": r["after"]["targets"],
+                   "named_by_holm": r["after"]["named_by_holm"]},
+         "nc_p": r["detectors"]["neural_cleanse"]["p_value"],
+         "mntd_p_empirical": r["detectors"]["mntd"]["p_value_empirical"],
+         "seconds": r["seconds"]} for r in rows]
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary

@@ -3,7 +3,10 @@ Using Meta Neural Analysis", IEEE S&P 2021.
 
 Needs the model only (the clean data just give the input shape): the model answers a
 few tuned query inputs and a meta-classifier, trained beforehand on hundreds of benign
-and jumbo-trojaned shadow models, reads the answers. MNTD names no target class.
+and jumbo-trojaned shadow models, reads the answers. MNTD's verdict names no target
+class; with the trigger search of the shipped Fashion-MNIST bundle it gives one p-value
+per label (``label_p_values``: where the search's stamped anchors go, against the
+reference models), from which ``scan`` names targets.
 
 Meta-classifier *bundles* for 1×28×28 → 10 (Fashion-MNIST-like) and 1×8×8 → 10 (digits)
 models ship with the package and are picked by shape; for other shapes train one with
@@ -23,7 +26,9 @@ bundle holds them (the digits bundle does; the Fashion-MNIST one holds ``one_cla
 Score: one binary meta-classifier (``qt``, ``no_qt``) on its held-out benign shadows
 gives its probability (sigmoid of its BCE-trained output); otherwise the score is the
 share of the null (reference models, or held-out benign shadows) the model out-scores.
-The conformal p-value is no smaller than 1/(n+1); the verdict is raw output above the
+The p-value is the conformal one inside the null's range and a fitted tail beyond it
+(:func:`~trojanscan.mntd.calibration.tail_p_value`), so it orders models beyond every
+reference; the verdict is raw output above the
 threshold at the recipe's false-positive rate (5%) on that null unless ``threshold``
 overrides it. Clean models trained on other data than the shadows out-score held-out
 shadows, so a verdict calibrated on shadows flags many clean models (the detector warns);
