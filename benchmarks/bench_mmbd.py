@@ -38,19 +38,22 @@ DEFAULT_RESULTS = ROOT / "benchmarks/results/mmbd.json"
 SHAPE = (1, 28, 28)
 
 
-def _first_pairs(models: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
-    if n is None:
+def _first_pairs(models: list[dict[str, Any]], n: int | None, skip: int = 0
+                 ) -> list[dict[str, Any]]:
+    if n is None and not skip:
         return models
-    pairs = sorted({s["pair"] for s in models})[:n]
+    pairs = sorted({s["pair"] for s in models})[skip:n]
     return [s for s in models if s["pair"] in pairs]
 
 
 def select(sidecars: list[dict[str, Any]], split: str, heldout_pairs: int | None,
-           dev_pairs: int | None = None) -> list[dict[str, Any]]:
+           dev_pairs: int | None = None, heldout_skip: int = 0) -> list[dict[str, Any]]:
     """Dev models and/or held-out ones, each limited to its first N pairs (by pair
-    index); development models come first."""
+    index; the first ``heldout_skip`` held-out pairs left out, for a second worker);
+    development models come first."""
     dev = _first_pairs([s for s in sidecars if s["split"] == "dev"], dev_pairs)
-    held = _first_pairs([s for s in sidecars if s["split"] == "heldout"], heldout_pairs)
+    held = _first_pairs([s for s in sidecars if s["split"] == "heldout"], heldout_pairs,
+                        heldout_skip)
     chosen = {"dev": dev, "heldout": held, "all": dev + held}[split]
     return sorted(chosen, key=lambda s: (s["split"] != "dev", s["pair"], s["name"]))
 
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("dev", "heldout", "all"), default="dev")
     ap.add_argument("--heldout-pairs", type=int, default=None,
                     help="score only the first N held-out pairs")
+    ap.add_argument("--heldout-skip", type=int, default=0,
+                    help="leave out the first N held-out pairs (another worker scores them)")
     ap.add_argument("--dev-pairs", type=int, default=None,
                     help="score only the first N development pairs")
     ap.add_argument("--limit", type=int, default=None, help="at most N models (cost probe)")
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     chosen = select(load_sidecars(args.cache), args.split, args.heldout_pairs,
-                    args.dev_pairs)
+                    args.dev_pairs, args.heldout_skip)
     if args.limit is not None:
         chosen = chosen[:args.limit]
     args.records.parent.mkdir(parents=True, exist_ok=True)
