@@ -1,0 +1,188 @@
+"""Score every RGB benchmark model with each command's default settings (resumable).
+
+    python -m benchmarks.rgb.run [--cache benchmarks/.cache/rgb] [--levels scan,free,data,filter]
+                                 [--workers 2] [--out benchmarks/results/rgb]
+
+Levels, each through the real CLI in a subprocess (timed, peak RSS by ``/usr/bin/time``):
+``scan`` — ``scan MODEL --data defender.npz`` (default detectors); ``free`` — ``scan MODEL
+--input-shape 3,32,32`` (no data: the data-free detectors); ``data`` — ``scan-data`` on
+the model's own training set (``poison_mask`` is the truth); ``filter`` — ``filter`` on
+500 clean evaluation images and, for backdoored models, 500 evaluation images of other
+classes carrying the trigger, calibrated on the defender's clean data. Writes
+``OUT/rgb.json`` (every row) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LEVELS = ("scan", "free", "data", "filter")
+
+
+def _run(cmd: list[str], threads: int) -> tuple[int, float, float, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "trojanscan",
+                           *cmd], capture_output=True, text=True, env=env)
+    secs = time.perf_counter() - t0
+    lines = proc.stderr.strip().splitlines()
+    try:
+        rss = int(lines[-1]) / 1024
+        err = "\n".join(lines[:-1])
+    except (ValueError, IndexError):
+        rss, err = float("nan"), proc.stderr
+    return proc.returncode, secs, rss, err.strip()[-500:]
+
+
+def filter_inputs(cache: Path, row: dict[str, Any], n: int = 500) -> Path:
+    """Clean evaluation images, then (backdoored) the same number triggered."""
+    path = cache / "work" / "inputs" / f"{row['name']}.npz"
+    if path.exists():
+        return path
+    import torch
+
+    from trojanscan.attacks.spec import parse_attack
+
+    ev = np.load(cache / "data" / "eval.npz")
+    x, y = ev["x"], ev["y"]
+    clean = x[:n]
+    parts, truth = [clean], [np.zeros(len(clean), bool)]
+    if row["backdoored"]:
+        attack = parse_attack(row["attack"])
+        assert attack is not None
+        targets = set(getattr(attack, "targets", None) or [attack.target])  # type: ignore[attr-defined]
+        pool = x[n:][~np.isin(y[n:], list(targets))][:n]
+        xt = torch.from_numpy(pool).float() / 255
+        trig = (attack.apply(xt).numpy() * 255).round().astype(np.uint8)
+        parts.append(trig)
+        truth.append(np.ones(len(trig), bool))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=np.concatenate(parts), triggered=np.concatenate(truth))
+    return path
+
+
+def score(cache: Path, row: dict[str, Any], level: str, threads: int) -> dict[str, Any]:
+    name = row["name"]
+    model = cache / "models" / f"{name}.pt"
+    out = cache / "work" / level / name
+    data = cache / "data" / "defender.npz"
+    res: dict[str, Any] = {"name": name, "level": level}
+    if level == "scan":
+        cmd = ["scan", str(model), "--data", str(data), "--out", str(out), "--quiet"]
+    elif level == "free":
+        cmd = ["scan", str(model), "--input-shape", "3,32,32", "--out", str(out), "--quiet"]
+    elif level == "data":
+        cmd = ["scan-data", str(cache / "models" / f"{name}.train.npz"), "--model", str(model),
+               "--out", str(out), "--quiet"]
+    else:
+        inputs = filter_inputs(cache, row)
+        cmd = ["filter", str(model), str(inputs), "--calibrate", str(data), "--out", str(out),
+               "--quiet"]
+    rc, secs, rss, err = _run([*cmd, "--seed", "0"], threads)
+    res.update(rc=rc, seconds=round(secs, 1), peak_rss_mib=round(rss, 1))
+    if rc not in (0, 1):
+        res["error"] = err
+        return res
+    rep = json.loads((out / "report.json").read_text())
+    res["verdict"] = rep["verdict"]
+    if level in ("scan", "free"):
+        res["score"] = rep.get("score")
+        res["targets"] = rep.get("suspected_targets", [])
+        res["detectors"] = {k: {"verdict": v.get("verdict"), "score": v.get("score"),
+                                "targets": v.get("suspected_targets", []),
+                                "seconds": v.get("seconds")}
+                            for k, v in rep.get("detectors", {}).items()}
+    elif level == "data":
+        mask = np.load(cache / "models" / f"{name}.train.npz")["poison_mask"].astype(bool)
+        flagged = np.zeros(len(mask), bool)
+        flagged[np.asarray(rep.get("flagged_indices", []), dtype=int)] = True
+        tp = int((flagged & mask).sum())
+        res.update(num_poison=int(mask.sum()), flagged=int(flagged.sum()), true_pos=tp,
+                   recall=tp / mask.sum() if mask.any() else None,
+                   precision=tp / flagged.sum() if flagged.any() else None,
+                   carried_by=rep.get("carried_by"))
+    else:
+        truth = np.load(filter_inputs(cache, row))["triggered"]
+        flags = np.asarray(rep["flagged"], bool)
+        res.update(frr=float(flags[~truth].mean()),
+                   far=float((~flags[truth]).mean()) if truth.any() else None,
+                   mean_passes=rep.get("mean_passes_per_input"))
+    return res
+
+
+def table(rows: list[dict[str, Any]], index: dict[str, Any]) -> str:
+    lines = ["| model | truth | scan (data) | targets | NC | MNTD | s | MiB | data-free | "
+             "scan-data R/P | filter FAR/FRR |", "|" + "---|" * 11]
+    by: dict[tuple[str, str], dict[str, Any]] = {(r["name"], r["level"]): r for r in rows}
+    for name, m in index.items():
+        truth = (f"bd→{m['attack'].split('target=')[1].split(',')[0]}" if m["backdoored"]
+                 else "clean")
+        s, f = by.get((name, "scan"), {}), by.get((name, "free"), {})
+        d, fl = by.get((name, "data"), {}), by.get((name, "filter"), {})
+        det = s.get("detectors", {})
+
+        def v(x: dict[str, Any]) -> str:
+            return str(x.get("verdict", x.get("error", "-")))[:12]
+
+        rp = (f"{d['recall']:.2f}/{d['precision']:.2f}" if d.get("recall") is not None
+              and d.get("precision") is not None else v(d))
+        ff = (f"{fl['far']:.2f}/{fl['frr']:.3f}" if fl.get("far") is not None
+              else (f"-/{fl['frr']:.3f}" if "frr" in fl else "-"))
+        lines.append(f"| {name} | {truth} | {v(s)} | {s.get('targets', '-')} | "
+                     f"{v(det.get('neural_cleanse', {}))} | {v(det.get('mntd', {}))} | "
+                     f"{s.get('seconds', '-')} | {s.get('peak_rss_mib', '-')} | {v(f)} | "
+                     f"{rp} | {ff} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/rgb"))
+    ap.add_argument("--levels", default=",".join(LEVELS))
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/rgb"))
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--rescore", action="store_true", help="ignore stored rows")
+    args = ap.parse_args(argv)
+    index = json.loads((args.cache / "models.json").read_text())
+    levels = [x for x in args.levels.split(",") if x]
+    args.out.mkdir(parents=True, exist_ok=True)
+    res_path = args.out / "rgb.json"
+    stored = json.loads(res_path.read_text())["rows"] if res_path.exists() else []
+    done = {} if args.rescore else {(r["name"], r["level"]): r for r in stored
+                                    if r.get("rc") in (0, 1)}
+    only = set(args.only.split(",")) if args.only else None
+    jobs = [(m, lv) for lv in levels for n, m in index.items()
+            if (n, lv) not in done and (only is None or n in only)]
+    threads = args.threads or max(1, 2 // args.workers)
+    rows = dict(done)
+
+    def one(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
+        return score(args.cache, job[0], job[1], threads)
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        for r in pool.map(one, jobs):
+            rows[(r["name"], r["level"])] = r
+            print(json.dumps(r)[:300], flush=True)
+            tmp = res_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"models": index, "rows": list(rows.values())},
+                                      indent=1))
+            tmp.replace(res_path)
+    text = table(list(rows.values()), index)
+    (args.out / "rgb.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
