@@ -31,10 +31,10 @@ class AllToAll(PatchAttack):
 
     def __init__(self, *, offset: int = 1, pattern: Any = "white", size: int = 3,
                  location: Any = "bottom-right", margin: int = 1,
-                 trigger_seed: int = 0) -> None:
+                 trigger_seed: int = 0, color: Any = None) -> None:
         self.offset = check_int(f"{self.name}.offset", offset, minimum=1)
         self.target = None
-        self._init_patch(pattern, size, location, margin, trigger_seed)
+        self._init_patch(pattern, size, location, margin, trigger_seed, color)
 
     def check_classes(self, num_classes: int) -> None:
         if self.offset % num_classes == 0:

@@ -4,6 +4,8 @@ Learning Model Supply Chain", arXiv 2017 (IEEE Access 2019).
 A small square patch is pasted at a fixed place; poisoned samples are relabelled to
 the target class (all-to-one). The patch replaces the pixels under it in every
 channel: a 2-D pattern is copied to each channel, a ``C×s×s`` one channel by channel.
+A ``color`` tints it channel by channel (the patch is pattern × colour), e.g.
+``badnets:size=3,color=(255,0,0)`` stamps a solid red square on RGB inputs.
 
 Defaults: a white 3×3 square, 1 px from the bottom-right corner, target 0.
 Measured (Fashion-MNIST, 2-conv small CNN, Adam, 5 epochs, H100): rate 0.1 → clean
@@ -19,7 +21,14 @@ import torch
 
 from ..exceptions import bad_param
 from .base import Attack, check_images, check_int
-from .patterns import checkerboard, fit_channels, resolve_pattern, seeded_binary
+from .patterns import (
+    check_color,
+    checkerboard,
+    color_tensor,
+    fit_channels,
+    resolve_pattern,
+    seeded_binary,
+)
 
 PATCH_PATTERNS = ("white", "black", "checkerboard", "random")
 LOCATIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
@@ -58,7 +67,7 @@ class PatchAttack(Attack):
     name: ClassVar[str] = "patch"
 
     def _init_patch(self, pattern: Any, size: int, location: Any, margin: int,
-                    trigger_seed: int) -> None:
+                    trigger_seed: int, color: Any = None) -> None:
         self.size = check_int(f"{self.name}.size", size, minimum=1)
         self.pattern, self._array = resolve_pattern(f"{self.name}.pattern", pattern,
                                                     PATCH_PATTERNS)
@@ -70,6 +79,7 @@ class PatchAttack(Attack):
         self.location = check_location(f"{self.name}.location", location)
         self.margin = check_int(f"{self.name}.margin", margin, minimum=0)
         self.trigger_seed = check_int(f"{self.name}.trigger_seed", trigger_seed)
+        self.color = check_color(f"{self.name}.color", color)
 
     def patch(self, channels: int) -> torch.Tensor:
         """The ``C×size×size`` patch stamped on inputs with ``channels`` channels."""
@@ -84,7 +94,10 @@ class PatchAttack(Attack):
             base = checkerboard(s, s)
         else:  # random: one 0/1 draw per channel and pixel
             base = seeded_binary((channels, s, s), self.trigger_seed)
-        return fit_channels(base, channels, f"{self.name}.pattern")
+        out = fit_channels(base, channels, f"{self.name}.pattern")
+        if self.color is None:
+            return out
+        return out * color_tensor(self.color, channels, f"{self.name}.color")
 
     def region(self, h: int, w: int) -> tuple[slice, slice]:
         """Rows and columns the patch covers in an ``h×w`` image."""
@@ -112,7 +125,10 @@ class BadNets(PatchAttack):
     drawn from ``trigger_seed``), a ``.npy``/image path or an array of shape
     ``size×size`` / ``C×size×size``; ``size`` in pixels; ``location`` — a corner name,
     ``"center"`` or ``(row, col)`` of the patch's top-left pixel; ``margin`` — distance in
-    pixels from the image border for corner names.
+    pixels from the image border for corner names; ``color`` — ``none`` (the pattern as
+    it is) or a colour multiplying the pattern channel by channel (a name such as
+    ``red``, ``#rrggbb``, ``R/G/B`` or a tuple: integers 0–255 or floats in [0, 1]; see
+    :mod:`trojanscan.attacks.patterns`), e.g. ``color=(255,0,0)`` for a red patch.
     Known weakness: a large, constant patch is what Neural Cleanse and STRIP find best.
     """
 
@@ -122,6 +138,6 @@ class BadNets(PatchAttack):
 
     def __init__(self, *, target: int = 0, pattern: Any = "white", size: int = 3,
                  location: Any = "bottom-right", margin: int = 1,
-                 trigger_seed: int = 0) -> None:
+                 trigger_seed: int = 0, color: Any = None) -> None:
         self.target = check_int(f"{self.name}.target", target, minimum=0)
-        self._init_patch(pattern, size, location, margin, trigger_seed)
+        self._init_patch(pattern, size, location, margin, trigger_seed, color)

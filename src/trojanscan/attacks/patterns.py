@@ -4,6 +4,12 @@ A pattern setting is either a name (``"white"``, ``"black"``, ``"checkerboard"``
 ``"random"``), a path to a ``.npy`` file or an image (``.png``, ``.jpg``, ``.bmp``), or
 an array (``H×W`` or ``C×H×W``, float in ``[0, 1]`` or ``uint8``). Files are read once,
 when the attack is built (``np.load`` with ``allow_pickle=False``).
+
+A colour setting (``color``) tints a pattern channel by channel: ``none`` (the pattern
+as it is), a name (:data:`COLORS`), ``#rrggbb``, ``R/G/B`` or a tuple — integers
+0–255 such as ``(255,0,0)`` or floats in ``[0, 1]`` such as ``(1.0,0.0,0.0)``; one value
+is a grey level. An RGB colour on one-channel inputs becomes its luminance
+(ITU-R BT.601 weights).
 """
 
 from __future__ import annotations
@@ -80,6 +86,87 @@ def resolve_pattern(name: str, value: Any, named: tuple[str, ...]) -> tuple[Any,
         arr = as_pattern_array(name, value)
         return arr, arr
     raise bad_param(name, f"one of {', '.join(named)}, a file path or an array", value)
+
+
+#: named colours (RGB in [0, 1]) a ``color`` setting accepts
+COLORS: dict[str, tuple[float, float, float]] = {
+    "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5),
+    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0), "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0),
+}
+#: most values a colour may have (one per channel)
+MAX_COLOR_CHANNELS = 64
+#: ITU-R BT.601 luma weights: an RGB colour on one-channel inputs
+_LUMA = (0.299, 0.587, 0.114)
+_COLOR_FORMS = (f"none, a name ({', '.join(COLORS)}), #rrggbb, R/G/B, or a tuple of "
+                "integers 0-255 such as (255,0,0) or of floats in [0, 1] such as "
+                "(1.0,0.0,0.0)")
+
+
+def _color_number(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def check_color(name: str, value: Any) -> tuple[float, ...] | None:
+    """A colour setting as one float in ``[0, 1]`` per channel (None: no tint).
+
+    Integers are 0–255 and floats 0–1; an all-integer colour whose largest value is 1,
+    such as ``(1,0,0)``, could mean either and is refused (write ``(255,0,0)`` or
+    ``(1.0,0.0,0.0)``).
+    """
+    if value is None:
+        return None
+    raw: Any = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in COLORS:
+            return COLORS[text]
+        if text.startswith("#") and len(text) == 7:
+            try:
+                return tuple(int(text[i:i + 2], 16) / 255.0 for i in (1, 3, 5))
+            except ValueError:
+                raise bad_param(name, _COLOR_FORMS, value) from None
+        if "/" not in text:
+            raise bad_param(name, _COLOR_FORMS, value)
+        parts: list[Any] = []
+        for part in text.split("/"):
+            try:
+                parts.append(int(part) if part.strip().lstrip("+-").isdigit() else float(part))
+            except ValueError:
+                raise bad_param(name, _COLOR_FORMS, value) from None
+        raw = tuple(parts)
+    if isinstance(raw, (np.ndarray, torch.Tensor)):
+        raw = tuple(raw.tolist()) if raw.ndim == 1 else raw
+    items = tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)
+    if (not items or len(items) > MAX_COLOR_CHANNELS
+            or not all(_color_number(v) for v in items)):
+        raise bad_param(name, _COLOR_FORMS, value)
+    if all(isinstance(v, (int, np.integer)) for v in items):
+        if any(not 0 <= int(v) <= 255 for v in items):
+            raise bad_param(name, "integers in 0-255 (or floats in [0, 1])", value)
+        if max(int(v) for v in items) == 1:
+            raise bad_param(name, "(255,0,0)-style integers 0-255 or (1.0,0.0,0.0)-style "
+                            "floats; integers up to 1 are ambiguous", value)
+        return tuple(int(v) / 255.0 for v in items)
+    floats = tuple(float(v) for v in items)
+    if any(not (np.isfinite(v) and 0.0 <= v <= 1.0) for v in floats):
+        raise bad_param(name, "floats in [0, 1] (or integers 0-255)", value)
+    return floats
+
+
+def color_tensor(color: tuple[float, ...], channels: int, name: str) -> torch.Tensor:
+    """``color`` as a ``C×1×1`` tensor for inputs with ``channels`` channels."""
+    if len(color) == channels:
+        values = list(color)
+    elif len(color) == 1:
+        values = list(color) * channels
+    elif len(color) == 3 and channels == 1:
+        values = [sum(w * c for w, c in zip(_LUMA, color, strict=True))]
+    else:
+        raise bad_param(name, f"a colour with 1 or {channels} values (the input's channels)",
+                        f"{len(color)} values {color}")
+    return torch.tensor(values, dtype=torch.float32).view(channels, 1, 1)
 
 
 def checkerboard(h: int, w: int) -> torch.Tensor:

@@ -49,7 +49,7 @@ class SourceSpecific(PatchAttack):
 
     def __init__(self, *, source: Any = 1, target: int = 0, cover_ratio: float = 1.0,
                  pattern: Any = "white", size: int = 3, location: Any = "bottom-right",
-                 margin: int = 1, trigger_seed: int = 0) -> None:
+                 margin: int = 1, trigger_seed: int = 0, color: Any = None) -> None:
         self.source = check_classes_tuple(f"{self.name}.source", source)
         self.target = check_int(f"{self.name}.target", target, minimum=0)
         if self.target in self.source:
@@ -57,7 +57,7 @@ class SourceSpecific(PatchAttack):
                             f"{self.source}", target)
         self.cover_ratio = check_float(f"{self.name}.cover_ratio", cover_ratio,
                                        low=0.0, high=100.0)
-        self._init_patch(pattern, size, location, margin, trigger_seed)
+        self._init_patch(pattern, size, location, margin, trigger_seed, color)
 
     def check_classes(self, num_classes: int) -> None:
         super().check_classes(num_classes)

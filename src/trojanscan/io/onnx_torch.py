@@ -769,25 +769,48 @@ def _ready(node: _Node, available: set[str]) -> bool:
     return ok
 
 
+def _qualified(segments: Iterable[str]) -> tuple[str, ...]:
+    """Scope segments as the full ``named_modules()`` paths of the modules they name.
+
+    The TorchScript-based exporter writes, per level, the module's name relative to its
+    parent, except that the children of a container carry the container's segment as a
+    prefix: ``/layer/layer.0/down/down.1/Conv`` is ``layer`` → ``layer.0`` →
+    ``layer.0.down`` → ``layer.0.down.1``. The dynamo exporter writes full paths
+    (``block``, ``block.conv``); a segment that extends the previous one by ``.name`` is
+    read as the child ``name`` in both cases.
+    """
+    out: list[str] = []
+    prev = ""
+    for seg in segments:
+        if not seg:
+            continue
+        path = out[-1] if out else ""
+        rel = seg[len(prev) + 1:] if prev and seg.startswith(prev + ".") else seg
+        out.append(f"{path}.{rel}" if path else rel)
+        prev = seg
+    return tuple(out)
+
+
 def _module_scopes(node: Any) -> tuple[str, ...]:
     """The PyTorch module paths a node was exported from, outermost first.
 
-    The TorchScript-based exporter names nodes ``/features/features.3/Conv``; the
-    dynamo exporter stores ``['', 'features', 'features.3', 'conv2d']`` in the
-    ``pkg.torch.onnx.name_scopes`` metadata. Both give ``('features', 'features.3')``.
+    The TorchScript-based exporter names nodes ``/features/features.3/conv1/Conv``; the
+    dynamo exporter stores ``['', 'features', 'features.3', 'features.3.conv1', 'conv2d']``
+    in the ``pkg.torch.onnx.name_scopes`` metadata. Both give ``('features',
+    'features.3', 'features.3.conv1')`` (see :func:`_qualified`).
     """
     for prop in getattr(node, "metadata_props", ()):
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
                 scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
                 break
             if isinstance(scopes, list):
-                return tuple(str(s) for s in scopes[:-1] if s)
+                return _qualified(str(s) for s in scopes[:-1] if s)
     name = str(node.name)
     if not name.startswith("/"):
         return ()
-    return tuple(p for p in name.strip("/").split("/")[:-1] if p)
+    return _qualified(p for p in name.strip("/").split("/")[:-1] if p)
 
 
 class OnnxModule(nn.Module):
