@@ -30,7 +30,8 @@ the conformal p-value; beyond the largest null value ``x_max`` it is
 upper tail — continuous at ``x_max`` and decreasing. Candidates (:func:`fit_tail`): a normal
 and a logistic fitted to every null value, and a generalized Pareto fitted to the
 exceedances over the ``m``-th largest (``m = max(8, ⌈n/4⌉)``; probability-weighted
-moments). Each is checked by a
+moments, its shape then raised by one standard error, since a dozen exceedances estimate it
+loosely). Each is checked by a
 Kolmogorov–Smirnov test of the ``m`` top null values against its distribution conditional
 on exceeding that threshold; of the candidates that pass (KS p ≥ 0.05; all of them when none
 passes) the p-value takes the *largest* (the heaviest tail: conservative). Because the
@@ -86,7 +87,7 @@ class TailCandidate:
             return np.asarray(stats.norm.logsf(xs, *self.params))
         if self.name == "logistic":
             return np.asarray(stats.logistic.logsf(xs, *self.params))
-        c, scale = self.params
+        c, scale = self.params[:2]
         return np.asarray(stats.genpareto.logsf(np.maximum(xs - threshold, 0.0), c, 0.0,
                                                 scale))
 
@@ -143,6 +144,16 @@ def gpd_pwm(excess: np.ndarray) -> tuple[float, float]:
     return float(np.clip(-k, -0.5, 1.0)), float(2.0 * a0 * a1 / den)
 
 
+def gpd_pwm_shape_se(c: float, n: int) -> float:
+    """Asymptotic standard error of the probability-weighted-moment shape estimate
+    (Hosking & Wallis 1987; infinite where it does not exist, ``c >= 0.5``)."""
+    k = -float(c)
+    if not 1.0 + 2.0 * k > 0 or n < 1:
+        return float("inf")
+    var = (1 + k) ** 2 * (2 + k) ** 2 * (1 + k + 2 * k * k) / ((1 + 2 * k) * (3 + 2 * k) * n)
+    return float(np.sqrt(var))
+
+
 def fit_tail(null: Floats) -> TailModel | None:
     """Fit the upper-tail candidates to ``null`` (``None`` when it has fewer than
     :data:`MIN_TAIL_NULL` values or no spread)."""
@@ -171,7 +182,11 @@ def fit_tail(null: Floats) -> TailModel | None:
         c, scale = gpd_pwm(excess)
         if scale > 0 and np.isfinite(c):
             ks = float(stats.kstest(excess, "genpareto", (c, 0.0, scale)).pvalue)
-            cands.append(TailCandidate("gpd", (float(c), float(scale)), ks))
+            # the tail used is one standard error heavier than the estimate: a dozen
+            # exceedances estimate the shape loosely, and a too-light tail would make
+            # p-values too small
+            c_up = float(np.clip(c + gpd_pwm_shape_se(c, excess.size), -0.5, 1.0))
+            cands.append(TailCandidate("gpd", (c_up, float(scale), float(c)), ks))
     if not cands:
         return None
     return TailModel(n, float(b[-1]), u, m, tuple(cands))
