@@ -4,7 +4,11 @@ order models, and target labels named from every detector's per-label p-values."
 from __future__ import annotations
 
 import itertools
+import json
+from importlib import resources
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -21,10 +25,15 @@ from trojanscan.maths.fusion import (
 from trojanscan.maths.outliers import target_p_values
 from trojanscan.mntd.calibration import fit_tail, p_value, tail_p_value
 from trojanscan.mntd.search import target_flow_z
-from trojanscan.scan import scan_model
+from trojanscan.reports.scan import write_scan_report
+from trojanscan.reports.text import verdict_sentence
+from trojanscan.results import ModelScanResult
+from trojanscan.scan import ScanResult, scan_model
 from trojanscan.training import TrainConfig, train_model
 
 N_REF = 64
+SCHEMA = json.loads(resources.files("trojanscan").joinpath("schemas/report.schema.json")
+                    .read_text())
 
 
 def _refs(seed: int, dist: str = "normal", n: int = N_REF) -> np.ndarray:
@@ -220,3 +229,31 @@ def test_scan_names_both_targets_of_a_two_target_backdoor() -> None:
     tp = result.fused.target_p_values
     assert tp is not None and len(tp) == 10
     assert max(tp[0], tp[7]) < min(p for i, p in enumerate(tp) if i not in (0, 7))
+
+
+def test_scan_report_carries_fused_target_p_values(tmp_path: Path) -> None:
+    """``target_p_values`` sits beside ``suspected_targets`` in report.json (valid against
+    the schema), the HTML shows the per-label table and the verdict sentence the p-value."""
+    k = 4
+    nc = ModelScanResult("neural_cleanse", "backdoored", 0.999, (2,), 1.0, 0, {},
+                         p_value=1e-3, evidence={"l1_norms": [9.0, 8.0, 1.0, 10.0]},
+                         label_p_values=(0.6, 0.7, 1e-4, 0.9))
+    mntd = ModelScanResult("mntd", "clean", 0.5, (), 1.0, 0, {}, p_value=0.4,
+                           label_p_values=(0.9, 0.02, 0.03, 1.0))
+    fused = fuse([Evidence(n, r.verdict == "backdoored", r.p_value, r.suspected_targets,
+                           r.label_p_values) for n, r in (("neural_cleanse", nc),
+                                                          ("mntd", mntd))])
+    result = ScanResult("backdoored", fused.score, fused.p_value, fused.suspected_targets,
+                        {"neural_cleanse": nc, "mntd": mntd}, {}, fused, 2.0, 0, 0.05)
+    path = write_scan_report(result, out=tmp_path / "r", model_path=tmp_path / "m.pt",
+                             loaded=None, data="clean.npz", clean_sha=None,
+                             clean_format="npz", seed=0, params={}, seconds=2.0)
+    doc = json.loads(path.read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+    assert doc["suspected_targets"] == [2]
+    assert doc["target_p_values"] == pytest.approx([1.0, 0.04, 2e-4, 1.0])
+    assert doc["detectors"]["mntd"]["label_p_values"] == pytest.approx([0.9, 0.02, 0.03, 1.0])
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "Target labels" in html and "0.0002" in html
+    assert "target p-value 0.0002" in verdict_sentence(doc)
+    assert len(doc["target_p_values"]) == k
