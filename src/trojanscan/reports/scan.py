@@ -39,7 +39,8 @@ def write_scan_report(result: ScanResult, *, out: Path, model_path: Path, loaded
                              else list(result.fused.target_p_values)),
             fusion={"rule": "bonferroni-min-p", "alpha": result.alpha,
                     "decisive": result.fused.decisive,
-                    "target_rule": ("per-label bonferroni-min-p, holm across labels"
+                    "target_rule": ("per-label bonferroni-min-p, holm across labels, "
+                                    "else the smallest"
                                     if result.fused.target_p_values is not None
                                     else "significant detectors' targets"),
                     "detectors_used": list(result.results)},
