@@ -21,13 +21,14 @@ Modes:
     per step, early stop once the best norm has not improved by 1% for 10 steps (or,
     once λ has gone up, for 20 steps even if λ never came down: the norm has converged
     while the step ASR hovers around the threshold), and
-    K-Arm-style scheduling and pruning (Shen et al., "Backdoor Scanning for Deep Neural
-    Networks through K-Arm Optimization", ICML 2021): after a warm-up of 15 steps only
-    the ``K // 2 + 1`` labels with the smallest norms so far are optimised per step (the
-    others wait), and a label whose trigger is over 1.5× the median norm (an upper bound
-    of the final median) is retired, since it cannot be a small-norm outlier. The
-    decision is re-checked with every retired norm divided by 1.5 (how far it could
-    still have shrunk); a label is flagged only if both agree.
+    K-Arm-style pruning (Shen et al., "Backdoor Scanning for Deep Neural Networks through
+    K-Arm Optimization", ICML 2021) restricted to what keeps the outlier test sound:
+    after a 15-step warm-up, a *settled* label (λ went up and came down again) whose
+    norm is over 1.5× the median norm (an upper bound of the final median) is retired,
+    and the decision is re-checked with every retired norm at its low estimate; a label
+    is flagged only if both agree. K-Arm's arm scheduling (``arms``: only the labels
+    with the smallest norms so far run, the others wait) is available, off by default:
+    without retiring unsettled labels it only reorders the work.
 
 Both modes split a step's stamped inputs into forward/backward passes that fit memory
 (:mod:`._nc_memory`: the model's measured activation bytes per input against a budget —
@@ -107,7 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "faithful": {"max_steps": 1000, "mini_batches": None, "early_stop_patience": 25,
                  "early_stop_threshold": 1.0, "prune_ratio": None, "arms": "all"},
     "fast": {"max_steps": 200, "mini_batches": 4, "early_stop_patience": 10,
-             "early_stop_threshold": 0.99, "prune_ratio": 1.5, "arms": "half"},
+             "early_stop_threshold": 0.99, "prune_ratio": 1.5, "arms": "all"},
 }
 #: values of ``arms`` besides a positive integer
 ARMS = ("all", "half")
