@@ -327,3 +327,38 @@ def test_unlearning_an_rgb_trigger_repairs_a_residual_model(rgb: RGBModels) -> N
     save_torchscript(result.model, clean.x[:1], path)
     again = torch.jit.load(str(path))
     assert torch.allclose(again(clean.x[:4]), result.model(clean.x[:4]), atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["ConstantOfShape", "Expand", "Range", "Pad"])
+def test_onnx_graph_asking_for_a_huge_tensor_is_refused_before_allocating(op: str) -> None:
+    """A hostile graph's memory bomb is one ModelError naming the node, never an attempt
+    to allocate terabytes (or an out-of-memory kill)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trojanscan.exceptions import ModelError
+    from trojanscan.io.onnx_torch import OnnxModule
+
+    def ints(*v: int) -> np.ndarray:
+        return np.asarray(v, dtype=np.int64)
+
+    big = 1 << 21  # 2**42 elements in two dimensions
+    consts = {"shape": ints(big, big), "zero": np.asarray(0, dtype=np.int64),
+              "limit": np.asarray(1 << 40, dtype=np.int64), "one": np.asarray(1, np.int64),
+              "pads": ints(0, 0, big, big, 0, 0, big, big)}
+    node = {
+        "ConstantOfShape": helper.make_node("ConstantOfShape", ["shape"], ["c"], name="bomb"),
+        "Expand": helper.make_node("Expand", ["x", "shape"], ["c"], name="bomb"),
+        "Range": helper.make_node("Range", ["zero", "limit", "one"], ["c"], name="bomb"),
+        "Pad": helper.make_node("Pad", ["x", "pads"], ["c"], name="bomb"),
+    }[op]
+    nodes = [node, helper.make_node("Shape", ["c"], ["s"]),
+             helper.make_node("Cast", ["s"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["x"], ["r"], keepdims=0),
+             helper.make_node("Add", ["r", "f"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    module = OnnxModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    with pytest.raises(ModelError, match=r"'bomb'.*more than the \d+ allowed"):
+        module(torch.zeros(1, 1, 2, 2))

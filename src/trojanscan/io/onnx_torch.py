@@ -151,6 +151,24 @@ def _axis(a: int, rank: int) -> int:
     return a + rank if a < 0 else a
 
 
+#: most elements a tensor whose size the graph itself chooses (ConstantOfShape, Expand,
+#: Range, Pad) may have: 2**31 (8 GiB of float32), far above any image classifier's
+#: activations, far below what would exhaust the machine's memory
+MAX_CREATED_ELEMENTS = 1 << 31
+
+
+def _check_created(node: _Node, shape: Sequence[int]) -> None:
+    """Refuse, before allocating, a tensor of ``shape`` the graph asks for when it is
+    negative or larger than :data:`MAX_CREATED_ELEMENTS` (a hostile file's memory bomb)."""
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise node.fail(f"negative dimension in shape {dims}")
+    n = math.prod(dims)
+    if n > MAX_CREATED_ELEMENTS:
+        raise node.fail(f"asks for a tensor of shape {dims} ({n} elements, more than the "
+                        f"{MAX_CREATED_ELEMENTS} allowed)")
+
+
 # ----------------------------------------------------------------------------- operators
 
 
@@ -626,6 +644,7 @@ def _pad(node: _Node, ins: list[_Value]) -> torch.Tensor:
         tp += [begin[a], end[a]]
     while len(tp) > 2 and tp[-1] == 0 and tp[-2] == 0:
         tp = tp[:-2]
+    _check_created(node, [max(0, int(x.shape[a]) + begin[a] + end[a]) for a in range(rank)])
     if mode == "constant":
         return F.pad(x, tp, value=value)
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
@@ -640,6 +659,7 @@ def _constant_of_shape(node: _Node, ins: list[_Value]) -> torch.Tensor:
     value = node.attr("value")
     if value is None:
         value = torch.zeros(1, dtype=torch.float32)
+    _check_created(node, _ints(shape_t))
     return torch.full(_ints(shape_t), value.reshape(-1)[0].item(), dtype=value.dtype,
                       device=shape_t.device)
 
@@ -647,7 +667,10 @@ def _constant_of_shape(node: _Node, ins: list[_Value]) -> torch.Tensor:
 @_op("Expand")
 def _expand(node: _Node, ins: list[_Value]) -> torch.Tensor:
     x = _need(node, ins, 0)
-    shape = torch.broadcast_shapes(tuple(x.shape), tuple(_ints(_need(node, ins, 1))))
+    target = _ints(_need(node, ins, 1))
+    _check_created(node, target)
+    shape = torch.broadcast_shapes(tuple(x.shape), tuple(target))
+    _check_created(node, shape)
     return x.expand(shape)
 
 
@@ -659,6 +682,10 @@ def _where(node: _Node, ins: list[_Value]) -> torch.Tensor:
 @_op("Range")
 def _range(node: _Node, ins: list[_Value]) -> torch.Tensor:
     start, limit, delta = (_need(node, ins, i) for i in range(3))
+    step = float(delta.item())
+    if step == 0 or not all(math.isfinite(float(t.item())) for t in (start, limit, delta)):
+        raise node.fail("Range needs finite bounds and a non-zero delta")
+    _check_created(node, [max(0, math.ceil((float(limit.item()) - float(start.item())) / step))])
     return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype,
                         device=start.device)
 
