@@ -182,6 +182,33 @@ def test_train_refuses_a_bad_colour_with_exit_2(capsys: pytest.CaptureFixture[st
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.parametrize("spec", [
+    "badnets:size=3,color=(255,128,0),target=1", "blend:color=#ff00ff,target=1",
+    "wanet:target=1", "sig:target=1"])
+def test_train_makes_an_rgb_residual_model_with_each_attack(
+        spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x, y = rgb_data(64, 5)
+    np.savez(tmp_path / "rgb.npz", x=(x.numpy() * 255).round().astype(np.uint8), y=y.numpy())
+    out = tmp_path / "m.pt"
+    res = run_cli(capsys, "train", "--dataset", str(tmp_path / "rgb.npz"), "--arch",
+                  "preact_resnet18_narrow", "--attack", spec, "--poison-rate", "0.1",
+                  "--epochs", "1", "--batch-size", "16", "--out", str(out), "--save-data",
+                  str(tmp_path / "poisoned.npz"), "-q")
+    assert res.code == 0, res.err
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["input_shape"] == [3, 32, 32] and meta["arch"] == "preact_resnet18_narrow"
+    assert parse_attack(meta["attack"]["spec"]) == parse_attack(spec)
+    assert load_model(out, device="cpu").module(torch.zeros(2, *SHAPE)).shape == (2, K)
+    with np.load(tmp_path / "poisoned.npz") as f:
+        xs, mask = f["x"], f["poison_mask"]
+    assert mask.any() and xs.shape[1:] == SHAPE
+    if spec.startswith("badnets"):  # orange, 1 px from the bottom-right corner
+        patch = xs[mask][:, :, 28:31, 28:31].astype(np.float32)
+        patch = patch / 255 if xs.dtype == np.uint8 else patch
+        for c, value in enumerate((1.0, 128 / 255, 0.0)):
+            assert np.allclose(patch[:, c], value, atol=1e-6), c
+
+
 def test_the_coloured_backdoor_takes(rgb: RGBModels) -> None:
     """The fixture is a real backdoored residual model, not just a runnable one."""
     assert rgb.asr >= 0.8
