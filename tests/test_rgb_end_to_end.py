@@ -331,9 +331,12 @@ def test_mitigate_on_an_rgb_residual_model(rgb: RGBModels, tmp_path: Path,
     assert doc["mitigation"]["model_written"] == out.exists() == (res.code == 1)
 
 
-def test_unlearning_an_rgb_trigger_repairs_a_residual_model(rgb: RGBModels) -> None:
+@pytest.mark.parametrize("fmt", ["eager", "onnx"])
+def test_unlearning_an_rgb_trigger_repairs_a_residual_model(rgb: RGBModels, fmt: str,
+                                                            tmp_path: Path) -> None:
     """Unlearning with a C×H×W pattern and an H×W mask (the true magenta patch here) runs on
-    the residual net, cuts the trigger's success and exports as TorchScript."""
+    the residual net, cuts the trigger's success and exports as TorchScript that takes any
+    batch size (an ONNX model's repaired copy is traced from one sample)."""
     from trojanscan.commands.mitigate import save_torchscript
     from trojanscan.mitigation import Trigger, mitigate, split_clean
 
@@ -345,15 +348,19 @@ def test_unlearning_an_rgb_trigger_repairs_a_residual_model(rgb: RGBModels) -> N
     pattern = torch.zeros(3, 32, 32)
     pattern[0] = pattern[2] = 1.0
     finetune, holdout = split_clean(clean, 0.25, 0)
-    before = {k: v.clone() for k, v in rgb.eager.state_dict().items()}
-    result = mitigate(rgb.eager, finetune, holdout, [Trigger(0, mask, pattern)], seed=0,
+    model = rgb.eager if fmt == "eager" else load_model(rgb.onnx, device="cpu").module
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = mitigate(model, finetune, holdout, [Trigger(0, mask, pattern)], seed=0,
                       device="cpu")
-    assert all(torch.equal(v, rgb.eager.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert result.asr_after["reversed_0"] < result.asr_before["reversed_0"]
-    path = Path(str(rgb.scripted) + ".repaired.pt")
-    save_torchscript(result.model, clean.x[:1], path)
+    path = tmp_path / "repaired.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notices
+        save_torchscript(result.model, clean.x[:1], path)
     again = torch.jit.load(str(path))
-    assert torch.allclose(again(clean.x[:4]), result.model(clean.x[:4]), atol=1e-5)
+    for n in (1, 4, 7):
+        assert torch.allclose(again(clean.x[:n]), result.model(clean.x[:n]), atol=1e-5)
 
 
 @pytest.mark.parametrize("op", ["ConstantOfShape", "Expand", "Range", "Pad"])

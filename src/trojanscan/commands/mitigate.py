@@ -42,9 +42,15 @@ def _to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.Script
     except Exception:
         try:
             with torch.no_grad():
-                return torch.jit.trace(model, example.cpu())
+                traced = torch.jit.trace(model, example.cpu())
+                probe = torch.cat([example.cpu()] * 3)  # another batch size than traced
+                same = torch.allclose(traced(probe), model(probe), atol=1e-4)
         except Exception as exc:
             raise ModelError(f"cannot export the repaired model as TorchScript: {exc}") from exc
+        if not same:
+            raise ModelError("cannot export the repaired model as TorchScript: its trace "
+                             "gives other outputs on another batch size") from None
+        return traced
 
 
 def save_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> None:

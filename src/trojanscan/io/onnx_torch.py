@@ -461,9 +461,14 @@ def _layer_norm(node: _Node, ins: list[_Value]) -> torch.Tensor:
 def _flatten(node: _Node, ins: list[_Value]) -> torch.Tensor:
     x = _need(node, ins, 0)
     ax = _axis(int(node.attr("axis", 1)), x.dim())
-    lead = math.prod(int(s) for s in x.shape[:ax])
-    tail = math.prod(int(s) for s in x.shape[ax:])
-    return x.reshape(lead, tail)
+    # torch.flatten rather than sizes read here: a trace of this module (the repaired
+    # model ``mitigate`` writes) then keeps the batch dimension free
+    if ax == 0:
+        return x.reshape(1, -1)
+    if ax == x.dim():
+        return x.flatten().reshape(-1, 1) if ax == 1 else x.flatten(0, ax - 1).unsqueeze(1)
+    out = x.flatten(ax) if ax < x.dim() - 1 else x
+    return out.flatten(0, ax - 1) if ax > 1 else out
 
 
 @_op("Reshape")
@@ -472,6 +477,10 @@ def _reshape(node: _Node, ins: list[_Value]) -> torch.Tensor:
     shape = list(node.attr("shape", [])) if node.opset < 5 else _ints(_need(node, ins, 1))
     if not int(node.attr("allowzero", 0)):
         shape = [int(x.shape[i]) if s == 0 else s for i, s in enumerate(shape)]
+    if shape and x.dim() and shape[0] == int(x.shape[0]):
+        # the same leading size as the input's: written as the input's own, so that a
+        # trace of this module keeps the batch dimension free (same values here)
+        return x.reshape(x.shape[0], *shape[1:])
     return x.reshape(shape)
 
 
