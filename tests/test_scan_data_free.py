@@ -97,3 +97,20 @@ def test_onnx_shape_is_read_from_the_graph_and_missing_mntd_is_said(
     r = run_cli(capsys, "scan", str(model), "--input-shape", "1,8,8", "--out",
                 str(tmp_path / "r2"), "--quiet", *QUICK)
     assert r.code == 2 and "3×8×8" in r.err
+
+
+def test_public_api_scans_without_data(tmp_path: Path) -> None:
+    import trojanscan
+
+    planted = Planted(backdoor=True)
+    params = {"mmbd": {"n_init": 8, "steps": 100}}
+    by_module = trojanscan.scan_model(planted, None, input_shape=(1, 8, 8),
+                                      detectors="mmbd", detector_params=params)
+    by_path = trojanscan.scan_model(_script(planted, tmp_path / "p.pt"),
+                                    input_shape=(1, 8, 8), detectors="mmbd",
+                                    detector_params=params)
+    assert by_module.verdict == by_path.verdict == "backdoored"
+    assert by_module.suspected_targets == by_path.suspected_targets == (3,)
+    assert trojanscan.MMBD.name == "mmbd"
+    with pytest.raises(trojanscan.ParameterError, match="input shape"):
+        trojanscan.scan_model(planted, None, detectors="mmbd")

@@ -26,6 +26,7 @@ from .exceptions import (
 if TYPE_CHECKING:
     from .api import filter_inputs, load_dataset, load_model, scan_data, scan_model
     from .detectors.activation_clustering import ActivationClustering
+    from .detectors.mmbd import MMBD
     from .detectors.mntd import MNTD
     from .detectors.neural_cleanse import NeuralCleanse
     from .detectors.scan_decomp import Scan
@@ -42,6 +43,7 @@ _LAZY = {
     "load_dataset": "api",
     "NeuralCleanse": "detectors.neural_cleanse",
     "MNTD": "detectors.mntd",
+    "MMBD": "detectors.mmbd",
     "SpectralSignatures": "detectors.spectral_signatures",
     "ActivationClustering": "detectors.activation_clustering",
     "Spectre": "detectors.spectre",
@@ -64,6 +66,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "MMBD",
     "MNTD",
     "ActivationClustering",
     "DataError",

@@ -100,27 +100,61 @@ def _inputs(model: Any, data: Any, *, arch: str | None, trust_pickle: bool, devi
     return module, ds, model_device(module), k
 
 
-def scan_model(model: Any, data: Any, *, detectors: str | Sequence[str] | None = None,
+def scan_model(model: Any, data: Any = None, *,
+               detectors: str | Sequence[str] | None = None,
                seed: int = 0, device: str | torch.device | None = "auto",
                max_samples: int | None = None, arch: str | None = None,
                trust_pickle: bool = False,
-               detector_params: Mapping[str, Mapping[str, Any]] | None = None) -> ScanResult:
+               detector_params: Mapping[str, Mapping[str, Any]] | None = None,
+               input_shape: tuple[int, int, int] | None = None) -> ScanResult:
     """Is this model backdoored? ``trojanscan scan MODEL --data DATA`` as a call.
 
     Returns :class:`~trojanscan.scan.ScanResult` (``verdict``, ``score``,
     ``suspected_targets``, each detector's result). Defaults as the command's: the
     default detectors (Neural Cleanse and MNTD), seed 0, the model's own device.
+    With ``data=None`` only the data-free detectors run (MM-BD, and MNTD where a bundle
+    fits), on inputs of ``input_shape`` (C, H, W) — required unless the model is an ONNX
+    file whose graph fixes it — as ``trojanscan scan MODEL --input-shape C,H,W`` does.
     """
     from .scan import scan_model as _scan
 
     seed_everything(seed)
+    params = {n: dict(p) for n, p in (detector_params or {}).items()}
+    if data is None:
+        return _scan_data_free(model, detectors=detectors, seed=seed, device=device,
+                               arch=arch, trust_pickle=trust_pickle, params=params,
+                               input_shape=input_shape)
     module, ds, dev, k = _inputs(model, data, arch=arch, trust_pickle=trust_pickle,
                                  device=device, need_labels=True, min_classes=2,
                                  max_samples=max_samples, seed=seed, what="clean data")
-    params = {n: dict(p) for n, p in (detector_params or {}).items()}
     with known_classifier(module, ds.input_shape, k):
         return _scan(module, ds, detectors=detectors, seed=seed, device=dev,
                      detector_params=params)
+
+
+def _scan_data_free(model: Any, *, detectors: str | Sequence[str] | None, seed: int,
+                    device: str | torch.device | None, arch: str | None, trust_pickle: bool,
+                    params: dict[str, dict[str, Any]],
+                    input_shape: tuple[int, int, int] | None) -> ScanResult:
+    from .classifier import model_device
+    from .scan import scan_model as _scan
+
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, device=device,
+                            input_shape=input_shape)
+        graph_shape = getattr(loaded.module, "input_shape", None) \
+            if loaded.format == "onnx" else None
+        if input_shape is None and isinstance(graph_shape, tuple) and len(graph_shape) == 3:
+            input_shape = (int(graph_shape[0]), int(graph_shape[1]), int(graph_shape[2]))
+        module, dev = loaded.module, loaded.device
+    else:
+        module = getattr(model, "module", model)
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"expected a model path, an nn.Module or a loaded model, got "
+                             f"{type(model).__name__}")
+        dev = model_device(module)
+    return _scan(module, None, detectors=detectors, seed=seed, device=dev,
+                 detector_params=params, input_shape=input_shape)
 
 
 def scan_data(model: Any, train: Any, *, detectors: str | Sequence[str] | None = None,
