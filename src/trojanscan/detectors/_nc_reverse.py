@@ -13,11 +13,10 @@ its own parameters, Adam state and schedule, and its loss only reaches its own
 parameters, so running K labels jointly is the same maths as K separate runs, except
 that they share the mini-batch draws. Faithful mode calls it once per label; fast mode
 once for all labels, retiring labels as they stop (and, optionally, K-Arm-style, labels
-whose norm is clearly too large to ever be an outlier), and, after a warm-up, optimising
-only the ``arms`` most promising labels per step (Shen et al., "Backdoor Scanning for
-Deep Neural Networks through K-Arm Optimization", ICML 2021): the small-norm labels
-converge first, the median of the norms falls, and labels far above it are retired
-without spending steps on them.
+whose norm has settled far above the median), and, optionally, after a warm-up,
+optimising only the ``arms`` most promising labels per step (Shen et al., "Backdoor
+Scanning for Deep Neural Networks through K-Arm Optimization", ICML 2021); waiting
+labels keep their state and run when a running label finishes.
 
 A step's stamped inputs may be split into several forward/backward passes of at most
 ``pass_batch`` inputs (memory); the gradients are summed before the optimiser step, so
@@ -60,8 +59,8 @@ class ReverseConfig:
     #: stop a label whose norm has not improved for this many steps once λ went up,
     #: even if λ never came down (None: only the reference's early stop)
     stall_patience: int | None = None
-    #: K-Arm-style pruning: retire a label whose best norm exceeds this × the median of
-    #: all labels' best norms (None: never)
+    #: K-Arm-style pruning: retire a settled label (λ went up and down) whose best norm
+    #: exceeds this × the median of all labels' best norms (None: never)
     prune_ratio: float | None = None
     #: pruning and arm scheduling start after this many steps (the warm-up, when every
     #: label is optimised)
