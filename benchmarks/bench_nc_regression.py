@@ -45,6 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from benchmarks.wild.zoo import load_sidecars, write_defender_clean
+
     from trojanscan.detectors.neural_cleanse import NeuralCleanse
     from trojanscan.io.data import load_dataset
     from trojanscan.io.models import load_model
