@@ -149,6 +149,64 @@ def table(rows: list[dict[str, Any]], index: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _auroc(pos: list[float], neg: list[float]) -> float | None:
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return round(wins / (len(pos) * len(neg)), 3)
+
+
+def summarise(rows: list[dict[str, Any]], index: dict[str, Any]) -> dict[str, Any]:
+    """Per level and detector: detections, false alarms, AUROC, median time and memory."""
+    out: dict[str, Any] = {}
+    for level in LEVELS:
+        rs = [r for r in rows if r["level"] == level and r.get("rc") in (0, 1)]
+        if not rs:
+            continue
+        bd = [r for r in rs if index[r["name"]]["backdoored"]]
+        cl = [r for r in rs if not index[r["name"]]["backdoored"]]
+        bad = {"scan": "backdoored", "free": "backdoored", "data": "poisoned",
+               "filter": "triggered"}[level]
+        secs = sorted(r["seconds"] for r in rs)
+        rss = sorted(r["peak_rss_mib"] for r in rs)
+        entry: dict[str, Any] = {
+            "models": len(rs), "detected": sum(r["verdict"] == bad for r in bd),
+            "backdoored": len(bd), "false_alarms": sum(r["verdict"] == bad for r in cl),
+            "clean": len(cl),
+            "right": sum(r["verdict"] == bad for r in bd) + sum(r["verdict"] != bad for r in cl),
+            "median_seconds": secs[len(secs) // 2], "max_peak_rss_mib": rss[-1]}
+        if level in ("scan", "free"):
+            entry["auroc"] = _auroc([r["score"] for r in bd], [r["score"] for r in cl])
+            named = [r for r in bd if r["verdict"] == bad]
+            entry["target_named"] = sum(
+                int(index[r["name"]]["attack"].split("target=")[1].split(",")[0])
+                in r.get("targets", []) for r in named)
+            per: dict[str, Any] = {}
+            for r in rs:
+                for det, d in r.get("detectors", {}).items():
+                    e = per.setdefault(det, {"detected": 0, "false_alarms": 0, "ran": 0})
+                    if d.get("verdict") in ("backdoored", "clean"):
+                        e["ran"] += 1
+                        if d["verdict"] == "backdoored":
+                            key = ("detected" if index[r["name"]]["backdoored"]
+                                   else "false_alarms")
+                            e[key] += 1
+                    else:
+                        e["not_applicable"] = e.get("not_applicable", 0) + 1
+            entry["detectors"] = per
+        if level == "data":
+            pois = [r for r in bd if r.get("recall") is not None]
+            entry["mean_recall"] = (round(float(np.mean([r["recall"] for r in pois])), 3)
+                                    if pois else None)
+            prec = [r["precision"] for r in pois if r.get("precision") is not None]
+            entry["mean_precision"] = round(float(np.mean(prec)), 3) if prec else None
+        if level == "filter":
+            entry["far"] = {r["name"]: r.get("far") for r in bd}
+            entry["max_frr"] = max(r["frr"] for r in rs)
+        out[level] = entry
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/rgb"))
@@ -183,9 +241,13 @@ def main(argv: list[str] | None = None) -> None:
             tmp.write_text(json.dumps({"models": index, "rows": list(rows.values())},
                                       indent=1))
             tmp.replace(res_path)
+    summary = summarise(list(rows.values()), index)
+    res_path.write_text(json.dumps({"models": index, "rows": list(rows.values()),
+                                    "summary": summary}, indent=1))
     text = table(list(rows.values()), index)
     (args.out / "rgb.md").write_text(text + "\n")
     print(text)
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
