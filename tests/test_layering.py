@@ -9,7 +9,7 @@ prefix):
 3. building blocks of the methods — ``attacks``, ``features``, ``training``, ``zoo``
 4. MNTD's engine — ``mntd``
 5. detectors — ``detectors``
-6. orchestrators — ``scan``, ``data_scan``, ``mitigation``, ``guard``
+6. orchestrators — ``scan``, ``self_reference``, ``data_scan``, ``mitigation``, ``guard``
 7. outputs — ``reports`` (and the ``report`` alias), ``serve``, ``fleet``
 8. faces — ``commands``, ``cli``, ``__main__``, ``api``, ``testing``, the package itself
 
@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("attacks", "features", "training", "zoo"),
     ("mntd",),
     ("detectors",),
-    ("scan", "data_scan", "mitigation", "guard"),
+    ("scan", "self_reference", "data_scan", "mitigation", "guard"),
     ("reports", "report", "serve", "fleet"),
     ("commands", "cli", "__main__", "api", "testing", ""),
 )

@@ -138,6 +138,17 @@ def scan(
         "--param", help="A detector setting, DETECTOR.KEY=VALUE (JSON values), e.g. "
                         "neural_cleanse.mode=faithful; `trojanscan detectors --params` lists "
                         "them. Repeatable.")] = None,
+    references: Annotated[str, typer.Option(
+        "--references", help="none (default) or auto: train self-references (the model's "
+                             "own architecture, re-initialised, trained briefly on half the "
+                             "labelled --data) as Neural Cleanse's clean references; cached."
+    )] = "none",
+    references_count: Annotated[int | None, typer.Option(
+        "--references-count", help="How many self-references (2-16, default 3).")] = None,
+    references_cache: Annotated[Path | None, typer.Option(
+        "--references-cache", help="Self-reference cache folder (default "
+                                   "$TROJANSCAN_SELF_REFERENCE_CACHE, else "
+                                   "~/.cache/trojanscan/self-references).")] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -145,7 +156,8 @@ def scan(
     _run("scan", model=model, data=data, detectors=detectors, out=out, seed=seed,
          device=device, arch=arch, trust_pickle=trust_pickle, max_samples=max_samples,
          nc_reference=nc_reference, param=param, quiet=quiet, json_out=json_out,
-         input_shape=input_shape)
+         input_shape=input_shape, references=references, references_count=references_count,
+         references_cache=references_cache)
 
 
 @app.command("scan-data")

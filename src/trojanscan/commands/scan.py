@@ -71,7 +71,10 @@ def parse_input_shape(text: str | None) -> tuple[int, int, int] | None:
 def run(*, model: Path, data: str | None, detectors: str | None, out: Path, seed: int,
         device: str, arch: str | None, trust_pickle: bool, max_samples: int | None,
         quiet: bool, json_out: bool, nc_reference: list[Path] | None = None,
-        param: list[str] | None = None, input_shape: str | None = None) -> int:
+        param: list[str] | None = None, input_shape: str | None = None,
+        references: str = "none", references_count: int | None = None,
+        references_cache: Path | None = None) -> int:
+    refs_auto = check_references(references, references_count, data, nc_reference)
     if data is None:
         return run_data_free(model=model, detectors=detectors, out=out, seed=seed,
                              device=device, arch=arch, trust_pickle=trust_pickle,
@@ -100,13 +103,20 @@ def run(*, model: Path, data: str | None, detectors: str | None, out: Path, seed
     clean = subsample(clean, max_samples, seed)
     # load_inputs checked the model on this data once; the detectors reuse that answer
     assert loaded.num_classes is not None
+    self_refs: dict[str, Any] | None = None
+    if refs_auto:
+        clean, det_params, self_refs = _self_references(
+            loaded, clean, detectors, det_params, seed=seed, count=references_count,
+            cache=references_cache)
     with known_classifier(loaded.module, clean.input_shape, loaded.num_classes):
         result = scan_model(loaded.module, clean, detectors=detectors, seed=seed,
                             device=loaded.device, detector_params=det_params)
     params = {"detectors": detectors, "max_samples": max_samples, "device": str(loaded.device),
-              "arch": arch, "nc_reference": refs,
+              "arch": arch, "nc_reference": refs, "references": references,
+              **({"self_references": self_refs} if self_refs is not None else {}),
               "detector_params": {n: q for n, p in det_params.items()
-                                  if (q := {k: v for k, v in p.items() if k != "reference"})}}
+                                  if (q := {k: v for k, v in p.items()
+                                            if k not in ("reference", "architecture_null")})}}
     path = write_scan_report(result, out=out, model_path=model, loaded=loaded, data=data,
                              clean_sha=clean.sha256, clean_format=clean.format, seed=seed,
                              params=params, seconds=time.perf_counter() - t0,
@@ -115,7 +125,48 @@ def run(*, model: Path, data: str | None, detectors: str | None, out: Path, seed
         emit_json(path)
     elif not quiet:
         print_summary(result, path, clean.class_names)
+        if self_refs is not None:
+            print(f"self-references: {self_refs['note']} ({self_refs['seconds']:.1f} s)")
     return 1 if result.verdict == "backdoored" else 0
+
+
+REFERENCES = ("none", "auto")
+
+
+def check_references(references: str, count: int | None, data: str | None,
+                     nc_reference: list[Path] | None) -> bool:
+    """``--references`` checked before any work; True for ``auto``."""
+    if references not in REFERENCES:
+        raise ParameterError(f"invalid --references {references!r}: expected one of "
+                             f"{', '.join(REFERENCES)}")
+    if count is not None and (references != "auto" or not 2 <= count <= 16):
+        raise ParameterError(f"invalid --references-count {count!r}: expected an integer in "
+                             "[2, 16], with --references auto")
+    if references != "auto":
+        return False
+    if data is None:
+        raise ParameterError("--references auto needs --data (self-references are trained "
+                             "on the labelled clean data)")
+    if nc_reference:
+        raise ParameterError("give Neural Cleanse's references with --nc-reference or "
+                             "--references auto, not both")
+    return True
+
+
+def _self_references(loaded: Any, clean: Any, detectors: str | None,
+                     det_params: dict[str, dict[str, Any]], *, seed: int, count: int | None,
+                     cache: Path | None) -> tuple[Any, dict[str, dict[str, Any]],
+                                                  dict[str, Any]]:
+    """Self-references for ``scan --references auto``: the held-out clean data, the
+    detector settings with their null, and the report's ``self_references`` entry."""
+    from ..self_reference import DEFAULT_COUNT, default_cache_dir, prepare_self_references
+
+    names = parse_detectors(detectors, "model")
+    sr = prepare_self_references(
+        loaded.module, clean, names, n=count or DEFAULT_COUNT, seed=seed,
+        cache_dir=cache if cache is not None else default_cache_dir(),
+        device=loaded.device, detector_params=det_params)
+    return sr.clean, sr.detector_params, sr.summary
 
 
 def _model_input_shape(loaded: Any, given: tuple[int, int, int] | None, model: Path

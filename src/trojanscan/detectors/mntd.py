@@ -132,7 +132,8 @@ class MNTD(ModelDetector):
     def __init__(self, *, meta_classifier: str | None = None, variant: str = AUTO,
                  threshold: float | None = None, calibration: str = AUTO, seed: int = 0,
                  device: str | None = None,
-                 input_shape: tuple[int, int, int] | None = None) -> None:
+                 input_shape: tuple[int, int, int] | None = None,
+                 architecture_null: list[float] | None = None) -> None:
         self.meta_classifier = meta_classifier
         self.variant = variant
         self.threshold = threshold
@@ -140,6 +141,7 @@ class MNTD(ModelDetector):
         self.seed = seed
         self.device = device
         self.input_shape = input_shape
+        self.architecture_null = architecture_null
 
     def fit(self, model: nn.Module, clean: ImageDataset | None = None) -> ModelScanResult:
         t0 = time.perf_counter()
@@ -197,6 +199,8 @@ class MNTD(ModelDetector):
                                                         cals, benign_of)
         one_class = summed or shown.one_class
         on_reference = null is not benign
+        shift = self._architecture_shift(null)
+        raw_seen, raw = raw, raw - shift
         score = ecdf_score(raw, null) if (on_reference or one_class) else sigmoid(raw)
         threshold = float(self.threshold if self.threshold is not None else threshold)
         tail = fit_tail(null) if len(null) else None
@@ -210,7 +214,10 @@ class MNTD(ModelDetector):
             warnings.warn(warn[0], TrojanscanWarning, stacklevel=3)
         cal = cals[parts[0]]
         evidence = {
-            "raw_score": raw, "threshold": threshold, "variant": self.variant,
+            "raw_score": raw_seen, "threshold": threshold,
+            "architecture_null": None if self.architecture_null is None else {
+                "raw_scores": [float(v) for v in self.architecture_null], "shift": shift,
+                "shifted_raw_score": raw}, "variant": self.variant,
             "recipe": recipe.to_dict(),
             "meta_classifier": bundle.name,
             "meta_classifier_path": None if bundle.path is None else str(bundle.path),
@@ -233,6 +240,23 @@ class MNTD(ModelDetector):
             seconds=time.perf_counter() - t0, seed=self.seed, params=self.get_params(),
             p_value=p, evidence=evidence, warnings=warn, label_p_values=label_p,
             images={"mntd_queries": query_grid(shown.preview())})
+
+    def _architecture_shift(self, null: list[float]) -> float:
+        """How far the null moves up to the median raw output of clean models of the
+        model's own architecture (``architecture_null``, e.g. self-references): the
+        model's raw output is lowered by it before threshold, score and p-value. Never
+        negative: an architecture-matched null only removes the offset that clean models
+        of an unlike architecture show, it never makes the detector more sensitive."""
+        arch = self.architecture_null
+        if arch is None:
+            return 0.0
+        vals = np.asarray([float(v) for v in arch], dtype=np.float64)
+        if vals.size < 2 or not np.all(np.isfinite(vals)):
+            raise bad_param("architecture_null", "at least 2 finite raw outputs of clean "
+                            "models of the model's architecture", arch)
+        if not len(null):
+            return 0.0
+        return float(max(0.0, np.median(vals) - float(np.median(null))))
 
     @staticmethod
     def _label_p_values(target_z: np.ndarray | None, flow_cal: Mapping[str, Any],
