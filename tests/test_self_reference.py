@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from conftest import _digits, stamp_patch
+from tests._cli import run_cli
 from trojanscan import archs
 from trojanscan.dataset import ImageDataset
 from trojanscan.io.models import load_model
@@ -126,8 +127,8 @@ def digits_mlps() -> dict[str, object]:
 
 def test_same_seed_same_self_references_and_accuracy_reported(digits_mlps: dict) -> None:
     test = digits_mlps["test"]
-    a = train_self_references(digits_mlps["clean"], test, n=2, seed=5, budget=2000)
-    b = train_self_references(digits_mlps["clean"], test, n=2, seed=5, budget=2000)
+    a = train_self_references(digits_mlps["clean"], test, n=2, seed=5, budget=8000)
+    b = train_self_references(digits_mlps["clean"], test, n=2, seed=5, budget=8000)
     assert len(a.models) == 2 and not a.dropped
     for ma, mb in zip(a.models, b.models):
         assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(),
@@ -146,20 +147,24 @@ def test_untrainable_copy_is_dropped_with_its_reason(digits_mlps: dict) -> None:
                                  budget=500)
     assert sr.summary["active"] is False and "not used" in sr.summary["note"]
     assert "reference" not in sr.detector_params.get("neural_cleanse", {})
+    # under-trained copies (one pass over the data) are no null: dropped by the floor
+    weak = train_self_references(digits_mlps["clean"], digits_mlps["test"], n=2, seed=0,
+                                 budget=1)
+    assert weak.models == [] and all("below the floor" in r for r in weak.dropped.values())
 
 
 def test_cache_hit_for_another_model_of_the_same_architecture(digits_mlps: dict,
                                                               tmp_path: Path) -> None:
     test = digits_mlps["test"]
     first = prepare_self_references(digits_mlps["clean"], test, ["neural_cleanse"], n=2,
-                                    seed=0, budget=3000, cache_dir=tmp_path,
+                                    seed=0, budget=8000, cache_dir=tmp_path,
                                     detector_params={"neural_cleanse": NC})
     assert first.summary["from_cache"] is False
     files = sorted(p.name for p in (tmp_path / first.summary["cache_key"]).iterdir())
     assert files == ["meta.json", "ref0.safetensors", "ref1.safetensors"]
     json.loads((tmp_path / first.summary["cache_key"] / "meta.json").read_text())
     second = prepare_self_references(digits_mlps["clean2"], test, ["neural_cleanse"], n=2,
-                                     seed=0, budget=3000, cache_dir=tmp_path,
+                                     seed=0, budget=8000, cache_dir=tmp_path,
                                      detector_params={"neural_cleanse": NC})
     assert second.summary["from_cache"] is True
     assert second.summary["cache_key"] == first.summary["cache_key"]
@@ -167,9 +172,9 @@ def test_cache_hit_for_another_model_of_the_same_architecture(digits_mlps: dict,
     np.testing.assert_array_equal(second.detector_params["neural_cleanse"]["reference"],
                                   first.detector_params["neural_cleanse"]["reference"])
     # the cached copies are the trained ones: same outputs as freshly built
-    refs, _ = build_self_references(digits_mlps["clean"], test, n=2, seed=0, budget=3000,
+    refs, _ = build_self_references(digits_mlps["clean"], test, n=2, seed=0, budget=8000,
                                     cache_dir=tmp_path)
-    fresh, _ = build_self_references(digits_mlps["clean"], test, n=2, seed=0, budget=3000)
+    fresh, _ = build_self_references(digits_mlps["clean"], test, n=2, seed=0, budget=8000)
     assert refs.cached and not fresh.cached
     with torch.no_grad():
         assert torch.equal(refs.models[0](test.x[:8]), fresh.models[0](test.x[:8]))
@@ -193,3 +198,62 @@ def test_clean_unlike_architecture_stays_clean_and_backdoor_is_still_found(
         verdicts[name] = (r.verdict, r.suspected_targets)
     assert verdicts["clean"] == ("clean", ())
     assert verdicts["backdoored"] == ("backdoored", (0,))
+
+
+def _saved(module: nn.Module, path: Path) -> Path:
+    torch.jit.save(torch.jit.trace(module.eval(), torch.rand(2, *SHAPE)), str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cli_references_auto_reports_and_reuses_the_cache(digits_mlps: dict, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """TorchScript files end to end: the copies train (their parameters are leaves), the
+    report says what was used, and a second model of the same architecture trains none."""
+    cache = tmp_path / "cache"
+    docs = []
+    for name in ("clean", "clean2"):
+        model = _saved(digits_mlps[name], tmp_path / f"{name}.pt")
+        r = run_cli(capsys, "scan", str(model), "--data", "digits:test", "--detectors",
+                    "neural_cleanse", "--references", "auto", "--references-count", "2",
+                    "--references-cache", str(cache), "--param",
+                    "neural_cleanse.max_steps=60", "--out", str(tmp_path / name), "--json")
+        assert r.code == 0, r.err
+        docs.append(json.loads(r.out))
+    first, second = (d["params"]["self_references"] for d in docs)
+    assert first["active"] and first["used"] == 2 and first["from_cache"] is False
+    assert second["from_cache"] is True and second["cache_key"] == first["cache_key"]
+    assert second["training_seconds"] == first["training_seconds"]  # not retrained
+    assert min(first["accuracies"]) > 0.5 and first["applied_to"] == ["neural_cleanse"]
+    nc = docs[0]["detectors"]["neural_cleanse"]
+    assert nc["num_reference_models"] == 2 and nc["decision"] == "reference"
+    assert docs[0]["params"]["references"] == "auto"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--references", "bogus"], "invalid --references"),
+    (["--references-count", "3"], "--references-count"),
+    (["--references", "auto", "--references-count", "1"], "--references-count"),
+])
+def test_cli_bad_references_options_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           args: list[str], needle: str) -> None:
+    torch.manual_seed(0)
+    model = _saved(archs.build("mlp", SHAPE, 10), tmp_path / "m.pt")
+    r = run_cli(capsys, "scan", str(model), "--data", "digits", "--out", str(tmp_path / "o"),
+                *args)
+    lines = [ln for ln in r.err.splitlines() if ln.strip()]
+    assert r.code == 2 and len(lines) == 1 and needle in lines[0], r.err
+    assert "Traceback" not in r.err and not (tmp_path / "o").exists()
+
+
+def test_cli_references_auto_needs_data_and_excludes_nc_reference(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = _saved(archs.build("mlp", SHAPE, 10), tmp_path / "m.pt")
+    r = run_cli(capsys, "scan", str(model), "--references", "auto", "--input-shape", "1,8,8",
+                "--out", str(tmp_path / "o"))
+    assert r.code == 2 and "needs --data" in r.err
+    r = run_cli(capsys, "scan", str(model), "--data", "digits", "--references", "auto",
+                "--nc-reference", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.code == 2 and "not both" in r.err, r.err

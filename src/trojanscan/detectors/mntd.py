@@ -120,6 +120,10 @@ class MNTD(ModelDetector):
     where it has them, else its held-out benign shadows), ``shadows`` or ``reference``
     (an error for a bundle without them). Against a null the score is the share of it
     the model out-scores.
+    ``architecture_null``: raw outputs (on this detector's scale) of clean models of the
+    model's own architecture, e.g. self-references (:mod:`trojanscan.self_reference`); the
+    model's raw output is lowered by how far their median lies above the null's median
+    (never raised) before threshold, score and p-value; the evidence keeps both.
     ``seed``: the trigger search's random start (a recipe with a search; other parts are
     deterministic). Seed 0 starts the search where the bundle's reference models were
     searched from; other seeds show how stable a score is.
