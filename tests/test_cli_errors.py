@@ -246,7 +246,7 @@ def test_param_of_wrong_type_names_parameter_allowed_and_received(
 
 @pytest.mark.parametrize(("args", "path", "needle"), [
     (["scan"], "trojanscan scan", "Missing argument"),
-    (["scan", "m.pt"], "trojanscan scan", "Missing option '--data'"),
+    (["scan", "m.pt", "--bogus"], "trojanscan scan", "No such option: --bogus"),
     (["filter", "m.pt", "x"], "trojanscan filter", "Missing option '--calibrate'"),
     (["train", "--dataset", "digits", "--out", "x.pt", "--bogus"], "trojanscan train",
      "No such option: --bogus"),
