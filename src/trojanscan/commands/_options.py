@@ -95,6 +95,7 @@ INT_RULES: dict[str, tuple[int, int | None]] = {
     "data_members": (0, 64),
     "stamp_members": (0, 64),
     "reference_models": (0, None),
+    "references_count": (2, 16),
 }
 
 
