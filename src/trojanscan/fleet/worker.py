@@ -124,7 +124,7 @@ def _scan(job: Job, model_path: Path, out: Path, shared: Shared,
                         device=loaded.device, detector_params=det_params)
     params = {"detectors": shared.detectors, "max_samples": shared.max_samples,
               "device": str(loaded.device), "arch": job.arch,
-              "nc_reference": shared.nc_reference,
+              "nc_reference": shared.nc_reference, "references": "none",
               "detector_params": {n: q for n, p in shared.detector_params.items()
                                   if (q := {k: v for k, v in p.items() if k != "reference"})}}
     write_scan_report(result, out=out, model_path=Path(job.shown), loaded=loaded,
