@@ -128,6 +128,20 @@ def scan_model(
                      device=device, alpha=alpha, detector_params=detector_params)
 
 
+def data_free_names(detectors: str | Sequence[str] | None,
+                    how: str = "give clean data") -> list[str]:
+    """The detectors a scan without clean data runs: ``detectors`` (default
+    :data:`DATA_FREE_DETECTORS`), refused with one line naming any that need data."""
+    names = (list(DATA_FREE_DETECTORS) if detectors is None
+             else parse_detectors(detectors, "model"))
+    needs_data = [n for n in names if n not in data_free_detectors([n])]
+    if needs_data:
+        raise ParameterError(f"{', '.join(needs_data)} need{'s' if len(needs_data) == 1 else ''}"
+                             f" clean data: {how}, or run only the data-free detectors "
+                             f"({', '.join(DATA_FREE_DETECTORS)})")
+    return names
+
+
 def _scan_data_free(model: nn.Module, *, detectors: str | Sequence[str] | None, seed: int,
                     device: str | torch.device | None, alpha: float,
                     detector_params: dict[str, dict[str, Any]] | None,
@@ -136,13 +150,7 @@ def _scan_data_free(model: nn.Module, *, detectors: str | Sequence[str] | None, 
         raise ParameterError("scanning without clean data needs the model's input shape: "
                              "give input_shape (C, H, W)")
     shape = _check_input_shape(input_shape)
-    names = (list(DATA_FREE_DETECTORS) if detectors is None
-             else parse_detectors(detectors, "model"))
-    needs_data = [n for n in names if n not in data_free_detectors([n])]
-    if needs_data:
-        raise ParameterError(f"{', '.join(needs_data)} need{'s' if len(needs_data) == 1 else ''}"
-                             f" clean data (--data); without data only the data-free "
-                             f"detectors run ({', '.join(DATA_FREE_DETECTORS)})")
+    names = data_free_names(detectors)
     probe = torch.full((2, *shape), 0.5)
     k = check_classifier(model, probe, what=f"inputs of shape {'×'.join(map(str, shape))}")
     params = {n: {"input_shape": shape, **(detector_params or {}).get(n, {})} for n in names}

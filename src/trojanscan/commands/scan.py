@@ -15,13 +15,7 @@ from ..exceptions import ParameterError
 from ..io.outputs import Input, check_outputs, report_folder, sidecar_of
 from ..reports.scan import write_scan_report
 from ..reports.text import score_text, targets_text
-from ..scan import (
-    DATA_FREE_DETECTORS,
-    ScanResult,
-    data_free_detectors,
-    parse_detectors,
-    scan_model,
-)
+from ..scan import ScanResult, data_free_names, parse_detectors, scan_model
 from ..utils import seed_everything
 from ._common import emit_json, load_inputs, nc_references, parse_detector_params, subsample
 
@@ -199,13 +193,7 @@ def run_data_free(*, model: Path, detectors: str | None, out: Path, seed: int, d
     check_outputs([report_folder("--out", out)],
                   [Input("MODEL", model), Input("model sidecar", sidecar_of(model))])
     det_params = parse_detector_params(param)
-    names = (list(DATA_FREE_DETECTORS) if detectors is None
-             else parse_detectors(detectors, "model"))
-    needs_data = [n for n in names if n not in data_free_detectors([n])]
-    if needs_data:
-        raise ParameterError(f"{', '.join(needs_data)} need{'s' if len(needs_data) == 1 else ''}"
-                             f" clean data: give --data, or run only the data-free detectors "
-                             f"({', '.join(DATA_FREE_DETECTORS)})")
+    names = data_free_names(detectors, "give --data")
     if not Path(model).exists():
         raise ParameterError(f"invalid MODEL: expected an existing file, got {str(model)!r}")
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, device=device,
