@@ -380,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("heldout", "dev", "all"), default="heldout")
     ap.add_argument("--levels", default=",".join(LEVELS))
     ap.add_argument("--pairs", type=int, default=None, help="at most this many pairs")
+    ap.add_argument("--skip-pairs", type=int, default=0,
+                    help="skip the first N pairs of the split (scored by an earlier rule)")
+    ap.add_argument("--only-pairs", default=None,
+                    help="comma-separated pair ids (e.g. w003-...,w011-...): score just these")
     ap.add_argument("--data-sets", default="20,10",
                     help="P,C: scan-data on the first P poisoned and C clean training sets")
     ap.add_argument("--variant", action="append", default=[],
@@ -411,7 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     clean_npz = work / "clean.npz"
     if not clean_npz.exists():
         zoo.write_defender_clean(clean_npz)
-    chosen = select(zoo.load_sidecars(args.zoo), args.split, args.pairs)
+    chosen = select(zoo.load_sidecars(args.zoo), args.split, None)[args.skip_pairs:]
+    if args.only_pairs:
+        wanted = set(args.only_pairs.split(","))
+        chosen = [c for c in chosen if c[0]["pair"] in wanted]
+    chosen = chosen[:args.pairs] if args.pairs else chosen
 
     def make(level: str, name: str, extra: list[str], side: dict[str, Any]) -> Job:
         return Job(level, name, extra, side, args.zoo, work, clean_npz, args.timeout)
