@@ -190,7 +190,8 @@ class ActivationClustering(FeatureDataDetector):
 
     # -- clustering --------------------------------------------------------------------
     def _score(self, f: np.ndarray, y: np.ndarray, *, model: Any,
-               train: ImageDataset | None) -> dict[str, Any]:
+               train: ImageDataset | None, runner_up: np.ndarray | None = None
+               ) -> dict[str, Any]:
         n = len(y)
         scores = np.zeros(n, dtype=np.float64)
         suspect = np.zeros(n, dtype=bool)

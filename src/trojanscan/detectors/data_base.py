@@ -62,6 +62,9 @@ class Features:
     predictions: np.ndarray    # N int64 (the model's class per sample)
     seconds: float
     layer: str
+    #: per sample, the class with the second-highest logit (None when unknown): a trace
+    #: of the class a relabelled sample came from
+    runner_up: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
@@ -97,6 +100,7 @@ def extract(model: Any, train: ImageDataset, *, layer: str = "penultimate",
     dev = home if device is None else pick_device(device)
     n = len(train)
     preds = np.empty(n, dtype=np.int64)
+    second = np.empty(n, dtype=np.int64)
     t0 = time.perf_counter()
     moved = dev != home
     try:
@@ -115,6 +119,10 @@ def extract(model: Any, train: ImageDataset, *, layer: str = "penultimate",
                                     tuple(out.shape))
                 out[sl] = f
                 preds[sl] = logits.argmax(1).cpu().numpy()
+                if logits.shape[1] >= 2:
+                    second[sl] = logits.topk(2, dim=1).indices[:, 1].cpu().numpy()
+                else:
+                    second[sl] = preds[sl]
                 bar.advance(sl.stop - sl.start)
     finally:
         if moved:
@@ -123,7 +131,7 @@ def extract(model: Any, train: ImageDataset, *, layer: str = "penultimate",
     for sl in batches(n, 65536):  # chunked: no N×D temporary
         if not np.isfinite(out[sl]).all():
             raise DataError("the model's features contain NaN or infinite values")
-    return Features(out, labels, preds, time.perf_counter() - t0, layer)
+    return Features(out, labels, preds, time.perf_counter() - t0, layer, runner_up=second)
 
 
 def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray | None:
@@ -231,9 +239,13 @@ class FeatureDataDetector(DataDetector):
 
     def fit_features(self, features: Features | np.ndarray | torch.Tensor,
                      labels: np.ndarray | torch.Tensor | None = None, *,
-                     model: Any = None, train: ImageDataset | None = None) -> DataScanResult:
+                     model: Any = None, train: ImageDataset | None = None,
+                     runner_up: np.ndarray | None = None) -> DataScanResult:
         """Score precomputed features (a :class:`Features`, or an ``N×D`` array with
-        ``labels``). ``model``/``train`` are only needed by steps that retrain."""
+        ``labels``). ``model``/``train`` are only needed by steps that retrain;
+        ``runner_up`` (each sample's class with the second-highest logit; taken from a
+        :class:`Features`) orients balanced splits (see
+        :func:`trojanscan.maths.spectral.suspect_side`)."""
         from ..maths.spectral import check_features
 
         self._check_params()
@@ -242,13 +254,20 @@ class FeatureDataDetector(DataDetector):
             if labels is None:
                 labels = features.labels
             extra_seconds = features.seconds
+            if runner_up is None:
+                runner_up = features.runner_up
             features = features.features
         f, y = check_features(features, labels)
         if train is not None and len(train) != len(y):
             raise DataError(f"{train.source}: {len(train)} samples but {len(y)} feature rows")
+        if runner_up is not None:
+            runner_up = np.asarray(runner_up, dtype=np.int64).ravel()
+            if runner_up.shape != y.shape:
+                raise bad_param("runner_up", f"a vector of {len(y)} class indices",
+                                f"shape {runner_up.shape}")
         t0 = time.perf_counter()
         with blas_single_thread():
-            out = self._score(f, y, model=model, train=train)
+            out = self._score(f, y, model=model, train=train, runner_up=runner_up)
         scoring = time.perf_counter() - t0
         evidence = dict(out.pop("evidence", {}))
         evidence.update(num_samples=len(y))
@@ -259,7 +278,8 @@ class FeatureDataDetector(DataDetector):
         """Validate settings (raise ParameterError naming the bad one)."""
 
     def _score(self, f: np.ndarray, y: np.ndarray, *, model: Any,
-               train: ImageDataset | None) -> dict[str, Any]:
+               train: ImageDataset | None, runner_up: np.ndarray | None = None
+               ) -> dict[str, Any]:
         raise NotImplementedError
 
 

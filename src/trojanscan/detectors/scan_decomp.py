@@ -61,7 +61,7 @@ class Scan(FeatureDataDetector):
 
     def __init__(self, *, poison_rate_bound: float | None = None, mode: str = "adaptive",
                  alpha: float = 0.01, ridge: float = 0.01, max_iter: int = 100,
-                 balance: float = 0.5, removal_factor: float = 1.5,
+                 balance: float | None = None, removal_factor: float = 1.5,
                  layer: str = "penultimate", batch_size: int = 256, seed: int = 0,
                  device: str | None = None) -> None:
         self.poison_rate_bound = poison_rate_bound
@@ -89,14 +89,16 @@ class Scan(FeatureDataDetector):
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or (
                 self.max_iter < 1):
             raise bad_param("max_iter", "an integer >= 1", self.max_iter)
-        if not isinstance(self.balance, (int, float)) or isinstance(self.balance, bool) or not (
-                0 < self.balance <= 0.5):
-            raise bad_param("balance", "a float in (0, 0.5]", self.balance)
+        if self.balance is not None and (
+                not isinstance(self.balance, (int, float)) or isinstance(self.balance, bool)
+                or not 0 < self.balance <= 0.5):
+            raise bad_param("balance", "None or a float in (0, 0.5]", self.balance)
         if not isinstance(self.removal_factor, (int, float)) or self.removal_factor <= 0:
             raise bad_param("removal_factor", "a number > 0", self.removal_factor)
 
     def _score(self, f: np.ndarray, y: np.ndarray, *, model: Any,
-               train: ImageDataset | None) -> dict[str, Any]:
+               train: ImageDataset | None, runner_up: np.ndarray | None = None
+               ) -> dict[str, Any]:
         groups = class_groups(y)
         k = len(groups)
         if k < 3:
@@ -104,6 +106,10 @@ class Scan(FeatureDataDetector):
                 f"the across-class comparison needs at least 3 classes, found {k}")
         n = len(y)
         paper = self.mode == "paper"
+        # near-even splits are oriented by the runner-up classes when they are known;
+        # without them the minority is the suspect (the spread rule was a coin flip)
+        balance = float(self.balance if self.balance is not None
+                        else 0.4 if runner_up is not None and not paper else 0.5)
         gm = dc.global_model(dc.class_stats(f, y), max_iter=self.max_iter) if paper else None
         stats: dict[int, float] = {}
         parts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -146,7 +152,8 @@ class Scan(FeatureDataDetector):
         for pos, label in enumerate(labels):
             index, first, proj = parts[label]
             detected = bool(index_values[pos] > cut)
-            suspect, orientation = suspect_side(f, index, first, balance=self.balance)
+            suspect, orientation = suspect_side(f, index, first, balance=balance,
+                                                runner_up=runner_up)
             main = proj[~suspect] if (~suspect).any() else proj
             sd = max(float(main.std()), 1e-12)
             scores[index] = ((proj - main.mean()) / sd) ** 2

@@ -104,7 +104,8 @@ class SpectralSignatures(FeatureDataDetector):
             raise bad_param("removal_factor", "a number > 0", self.removal_factor)
 
     def _score(self, f: np.ndarray, y: np.ndarray, *, model: Any,
-               train: ImageDataset | None) -> dict[str, Any]:
+               train: ImageDataset | None, runner_up: np.ndarray | None = None
+               ) -> dict[str, Any]:
         eps = self.poison_rate_bound
         n = len(y)
         scores = np.zeros(n, dtype=np.float64)
@@ -121,7 +122,7 @@ class SpectralSignatures(FeatureDataDetector):
             entry: dict[str, Any] = {"num_samples": len(index),
                                      "top_eigenvalue": round(sig.variance, 6), **dec.to_dict()}
             if dec.detected:
-                suspect, rule = suspect_side(f, index, dec.upper)
+                suspect, rule = suspect_side(f, index, dec.upper, runner_up=runner_up)
                 major = sig.projection[~suspect]
                 sd = max(float(major.std()), 1e-12)
                 scores[index] = ((sig.projection - major.mean()) / sd) ** 2

@@ -108,7 +108,8 @@ class Spectre(FeatureDataDetector):
             raise bad_param("max_fit_samples", "an integer >= 100", self.max_fit_samples)
 
     def _score(self, f: np.ndarray, y: np.ndarray, *, model: Any,
-               train: ImageDataset | None) -> dict[str, Any]:
+               train: ImageDataset | None, runner_up: np.ndarray | None = None
+               ) -> dict[str, Any]:
         eps = self.poison_rate_bound
         dims = tuple(int(d) for d in (self.dims if isinstance(self.dims, (tuple, list))
                                       else (self.dims,)))
@@ -119,7 +120,7 @@ class Spectre(FeatureDataDetector):
         per_class: dict[str, Any] = {}
         for label, index in class_groups(y).items():
             nc = len(index)
-            entry, suspect, que = self._class(f, index, label, dims)
+            entry, suspect, que = self._class(f, index, label, dims, runner_up)
             scores[index] = que
             if suspect is not None:
                 adaptive[index[suspect]] = True
@@ -151,7 +152,8 @@ class Spectre(FeatureDataDetector):
         return {"scores": scores, "flagged": flagged, "per_class": per_class,
                 "evidence": evidence}
 
-    def _class(self, f: np.ndarray, index: np.ndarray, label: int, dims: tuple[int, ...]
+    def _class(self, f: np.ndarray, index: np.ndarray, label: int, dims: tuple[int, ...],
+               runner_up: np.ndarray | None = None
                ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray]:
         """One class: ``(per-class entry, suspect mask or None, QUE scores)``."""
         nc = len(index)
@@ -172,11 +174,11 @@ class Spectre(FeatureDataDetector):
         rule = ""
         if spectral.detected and self.mode == "paper":
             # the paper's scores: robust (MCD) whitening, whatever the split says
-            suspect, rule = suspect_side(f, index, spectral.upper)
+            suspect, rule = suspect_side(f, index, spectral.upper, runner_up=runner_up)
             res = spectre_class_scores(reps, **common)
             dec = spectral
         elif spectral.detected:
-            suspect, rule = suspect_side(f, index, spectral.upper)
+            suspect, rule = suspect_side(f, index, spectral.upper, runner_up=runner_up)
             res = spectre_class_scores(reps, reference=~suspect, **common)
             dec = spectral
         else:

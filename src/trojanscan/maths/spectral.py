@@ -384,20 +384,45 @@ def group_spread(features: np.ndarray, index: np.ndarray, *, chunk: int = CHUNK)
     return float(np.trace(moments(features, index, chunk=chunk).cov))
 
 
-def suspect_side(features: np.ndarray, index: np.ndarray, upper: np.ndarray, *,
-                 balance: float = 0.4) -> tuple[np.ndarray, str]:
-    """Which of a class's two groups is the suspect one: the minority, unless the
-    split is balanced (minority share ≥ ``balance``) — then the more spread-out group.
+def source_variety(classes: np.ndarray, num_classes: int | None = None) -> float:
+    """Entropy (nats) of the distribution of class labels in ``classes``: how varied the
+    classes a group's members resemble are (0 for a group that resembles one class)."""
+    c = np.asarray(classes, dtype=np.int64).ravel()
+    if c.size == 0:
+        return 0.0
+    counts = np.bincount(c, minlength=num_classes or 0).astype(np.float64)
+    p = counts[counts > 0] / c.size
+    return float(-(p * np.log(p)).sum())
 
-    Why spread: training compresses a class's own samples in the penultimate layer,
-    while poison relabelled from other classes keeps the variety of its sources. On
-    the Fashion-MNIST models of the benchmark the poisoned group was 1.5–5× more
-    spread out in every dirty-label case, including the exact 50/50 splits (BadNets and
-    Blend at 10% of the data, all in one class). Returns ``(suspect mask, rule)``.
+
+def suspect_side(features: np.ndarray, index: np.ndarray, upper: np.ndarray, *,
+                 balance: float = 0.4, runner_up: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, str]:
+    """Which of a class's two groups is the suspect one: the minority, unless the
+    split is balanced (minority share ≥ ``balance``) — then, when ``runner_up`` (each
+    sample's class with the second-highest logit, over the whole set) is given, the
+    group whose runner-up classes are the more varied, else the more spread-out group.
+
+    Why runner-up variety: poison relabelled from other classes keeps a trace of its
+    source classes in the model's runner-up class, spread over every source, while a
+    class's own samples are confused only with their few natural neighbours. On the
+    development models trained elsewhere the poison group had the more varied
+    runner-up classes in every dirty-label all-to-one class split closer to even than
+    40/60 (the spread rule, and size, are a coin flip there: poison was the tighter
+    group as often as the wider one). Source-specific poison (one source) is a minority
+    and never reaches this rule. Returns ``(suspect mask, rule)``.
     """
     share = float(upper.mean())
     if min(share, 1 - share) < balance:
         return (upper if share <= 0.5 else ~upper), "minority"
+    if runner_up is not None:
+        ru = np.asarray(runner_up)
+        h_up = source_variety(ru[index[upper]])
+        h_low = source_variety(ru[index[~upper]])
+        if h_up != h_low:
+            pick = upper if h_up > h_low else ~upper
+            return pick, (f"runner-up variety {max(h_up, h_low):.2f} > "
+                          f"{min(h_up, h_low):.2f} nats")
     wide_upper = group_spread(features, index[upper]) >= group_spread(features, index[~upper])
     return (upper if wide_upper else ~upper), "spread"
 
