@@ -31,7 +31,7 @@ from .detectors import create
 from .detectors.base import InputDetector
 from .exceptions import DataError, ParameterError, bad_param
 
-RUNTIME_DETECTORS = ("strip",)
+RUNTIME_DETECTORS = ("strip", "teco")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ _REGISTRY: dict[str, str] = {
     "spectre": "spectre:Spectre",
     "scan": "scan_decomp:Scan",
     "strip": "strip:Strip",
+    "teco": "teco:TeCo",
 }
 
 
