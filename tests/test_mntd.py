@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -504,6 +505,20 @@ def test_ray_backend_gives_the_same_shadows_as_sequential(digits: ImageDataset,
     for name in ("benign-0000.safetensors", "jumbo-0001.safetensors"):
         a, b = load_file(str(tmp_path / "seq" / name)), load_file(str(tmp_path / "ray" / name))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # Ray start-up
+def test_a_local_ray_runs_its_workers_at_normal_priority(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Ray would start them at niceness 15, where a busy machine starves them."""
+    ray = pytest.importorskip("ray", reason="ray not installed (optional extra trojanscan[ray])")
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    mine = os.nice(0)
+    res = executor.run_tasks(lambda task, shared: os.nice(0), [executor.Task("a")],
+                             backend="ray", workers=1)
+    assert res.results == {"a": mine}
 
 
 # -- meta-classifier quality on tiny models ------------------------------------------------

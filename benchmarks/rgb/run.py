@@ -26,22 +26,26 @@ from typing import Any
 
 import numpy as np
 
-LEVELS = ("scan", "free", "data", "filter")
+LEVELS = ("scan", "free", "data", "filter", "bundle")
+#: the MNTD bundle ``mntd train`` writes for the ``bundle`` level (see the README)
+BUNDLE = Path("mntd") / "mntd_3x32x32_10.json"
 
 
-def _run(cmd: list[str], threads: int) -> tuple[int, float, float, str]:
+def _run(cmd: list[str], threads: int) -> tuple[int, float, float, float, str]:
+    """Exit code, wall seconds, peak RSS (MiB), CPU seconds (user + system), stderr tail."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "trojanscan",
-                           *cmd], capture_output=True, text=True, env=env)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", sys.executable, "-m",
+                           "trojanscan", *cmd], capture_output=True, text=True, env=env)
     secs = time.perf_counter() - t0
     lines = proc.stderr.strip().splitlines()
     try:
-        rss = int(lines[-1]) / 1024
+        kib, user, system = lines[-1].split()
+        rss, cpu = int(kib) / 1024, float(user) + float(system)
         err = "\n".join(lines[:-1])
     except (ValueError, IndexError):
-        rss, err = float("nan"), proc.stderr
-    return proc.returncode, secs, rss, err.strip()[-500:]
+        rss, cpu, err = float("nan"), float("nan"), proc.stderr
+    return proc.returncode, secs, rss, cpu, err.strip()[-500:]
 
 
 def filter_inputs(cache: Path, row: dict[str, Any], n: int = 200) -> Path:
@@ -79,6 +83,9 @@ def score(cache: Path, row: dict[str, Any], level: str, threads: int) -> dict[st
     res: dict[str, Any] = {"name": name, "level": level}
     if level == "scan":
         cmd = ["scan", str(model), "--data", str(data), "--out", str(out), "--quiet"]
+    elif level == "bundle":
+        cmd = ["scan", str(model), "--data", str(data), "--out", str(out), "--quiet",
+               "--param", f"mntd.meta_classifier={cache / BUNDLE}"]
     elif level == "free":
         cmd = ["scan", str(model), "--input-shape", "3,32,32", "--out", str(out), "--quiet"]
     elif level == "data":
@@ -92,14 +99,15 @@ def score(cache: Path, row: dict[str, Any], level: str, threads: int) -> dict[st
             np.savez(calib, x=z["x"][:500], y=z["y"][:500])
         cmd = ["filter", str(model), str(inputs), "--calibrate", str(calib), "--out", str(out),
                "--quiet"]
-    rc, secs, rss, err = _run([*cmd, "--seed", "0"], threads)
-    res.update(rc=rc, seconds=round(secs, 1), peak_rss_mib=round(rss, 1))
+    rc, secs, rss, cpu, err = _run([*cmd, "--seed", "0"], threads)
+    res.update(rc=rc, seconds=round(secs, 1), cpu_seconds=round(cpu, 1), threads=threads,
+               peak_rss_mib=round(rss, 1))
     if rc not in (0, 1):
         res["error"] = err
         return res
     rep = json.loads((out / "report.json").read_text())
     res["verdict"] = rep["verdict"]
-    if level in ("scan", "free"):
+    if level in ("scan", "free", "bundle"):
         res["score"] = rep.get("score")
         res["targets"] = rep.get("suspected_targets", [])
         res["detectors"] = {k: {"verdict": v.get("verdict"), "score": v.get("score"),
@@ -120,19 +128,20 @@ def score(cache: Path, row: dict[str, Any], level: str, threads: int) -> dict[st
         flags = np.asarray(rep["flagged"], bool)
         res.update(frr=float(flags[~truth].mean()),
                    far=float((~flags[truth]).mean()) if truth.any() else None,
-                   mean_passes=rep.get("mean_passes_per_input"))
+                   mean_passes=rep.get("mean_forwards_per_input"))
     return res
 
 
 def table(rows: list[dict[str, Any]], index: dict[str, Any]) -> str:
-    lines = ["| model | truth | scan (data) | targets | NC | MNTD | s | MiB | data-free | "
-             "scan-data R/P | filter FAR/FRR |", "|" + "---|" * 11]
+    lines = ["| model | truth | scan (data) | targets | NC | s | CPU s | MiB | data-free | "
+             "with RGB bundle | its MNTD | scan-data R/P | filter FAR/FRR |", "|" + "---|" * 13]
     by: dict[tuple[str, str], dict[str, Any]] = {(r["name"], r["level"]): r for r in rows}
     for name, m in index.items():
         truth = (f"bd→{m['attack'].split('target=')[1].split(',')[0]}" if m["backdoored"]
                  else "clean")
         s, f = by.get((name, "scan"), {}), by.get((name, "free"), {})
         d, fl = by.get((name, "data"), {}), by.get((name, "filter"), {})
+        b = by.get((name, "bundle"), {})
         det = s.get("detectors", {})
 
         def v(x: dict[str, Any]) -> str:
@@ -143,9 +152,9 @@ def table(rows: list[dict[str, Any]], index: dict[str, Any]) -> str:
         ff = (f"{fl['far']:.2f}/{fl['frr']:.3f}" if fl.get("far") is not None
               else (f"-/{fl['frr']:.3f}" if "frr" in fl else "-"))
         lines.append(f"| {name} | {truth} | {v(s)} | {s.get('targets', '-')} | "
-                     f"{v(det.get('neural_cleanse', {}))} | {v(det.get('mntd', {}))} | "
-                     f"{s.get('seconds', '-')} | {s.get('peak_rss_mib', '-')} | {v(f)} | "
-                     f"{rp} | {ff} |")
+                     f"{v(det.get('neural_cleanse', {}))} | {s.get('seconds', '-')} | "
+                     f"{s.get('cpu_seconds', '-')} | {s.get('peak_rss_mib', '-')} | {v(f)} | "
+                     f"{v(b)} | {v(b.get('detectors', {}).get('mntd', {}))} | {rp} | {ff} |")
     return "\n".join(lines)
 
 
@@ -166,7 +175,7 @@ def summarise(rows: list[dict[str, Any]], index: dict[str, Any]) -> dict[str, An
         bd = [r for r in rs if index[r["name"]]["backdoored"]]
         cl = [r for r in rs if not index[r["name"]]["backdoored"]]
         bad = {"scan": "backdoored", "free": "backdoored", "data": "poisoned",
-               "filter": "triggered"}[level]
+               "filter": "triggered", "bundle": "backdoored"}[level]
         secs = sorted(r["seconds"] for r in rs)
         rss = sorted(r["peak_rss_mib"] for r in rs)
         entry: dict[str, Any] = {
@@ -175,7 +184,16 @@ def summarise(rows: list[dict[str, Any]], index: dict[str, Any]) -> dict[str, An
             "clean": len(cl),
             "right": sum(r["verdict"] == bad for r in bd) + sum(r["verdict"] != bad for r in cl),
             "median_seconds": secs[len(secs) // 2], "max_peak_rss_mib": rss[-1]}
-        if level in ("scan", "free"):
+        for arch in sorted({index[r["name"]]["arch"] for r in rs}):
+            mine = [r for r in rs if index[r["name"]]["arch"] == arch]
+            wall = sorted(r["seconds"] for r in mine)
+            cpu = sorted(r["cpu_seconds"] for r in mine if "cpu_seconds" in r)
+            entry.setdefault("by_arch", {})[arch] = {
+                "models": len(mine), "median_seconds": wall[len(wall) // 2],
+                "median_cpu_seconds": cpu[len(cpu) // 2] if cpu else None,
+                "threads": sorted({r.get("threads") for r in mine if r.get("threads")}),
+                "max_peak_rss_mib": max(r["peak_rss_mib"] for r in mine)}
+        if level in ("scan", "free", "bundle"):
             entry["auroc"] = _auroc([r["score"] for r in bd], [r["score"] for r in cl])
             named = [r for r in bd if r["verdict"] == bad]
             entry["target_named"] = sum(
@@ -215,16 +233,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/rgb"))
     ap.add_argument("--only", default=None)
-    ap.add_argument("--rescore", action="store_true", help="ignore stored rows")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the chosen levels and models anew")
     args = ap.parse_args(argv)
     index = json.loads((args.cache / "models.json").read_text())
     levels = [x for x in args.levels.split(",") if x]
     args.out.mkdir(parents=True, exist_ok=True)
     res_path = args.out / "rgb.json"
     stored = json.loads(res_path.read_text())["rows"] if res_path.exists() else []
-    done = {} if args.rescore else {(r["name"], r["level"]): r for r in stored
-                                    if r.get("rc") in (0, 1)}
     only = set(args.only.split(",")) if args.only else None
+    done = {(r["name"], r["level"]): r for r in stored if r.get("rc") in (0, 1)
+            and not (args.rescore and r["level"] in levels
+                     and (only is None or r["name"] in only))}
     jobs = [(m, lv) for lv in levels for n, m in index.items()
             if (n, lv) not in done and (only is None or n in only)]
     threads = args.threads or max(1, 2 // args.workers)

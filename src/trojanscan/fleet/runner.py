@@ -156,6 +156,10 @@ def _run_ray(jobs: Sequence[Job], read: ReadBytes, shared: Shared, workers: int,
                                   "configure_logging": False}
         if address is None:
             kwargs["num_cpus"] = workers
+            # A local Ray starts its workers at niceness 15; on a busy machine they then get
+            # almost no CPU while they are the whole job. Unless the user says otherwise,
+            # the workers of a Ray we start run at normal priority.
+            os.environ.setdefault("RAY_worker_niceness", "0")
         else:
             kwargs["address"] = address
         ray.init(**kwargs)

@@ -214,6 +214,10 @@ def _run_ray(fn: TaskFn, todo: Sequence[Task], shared: Any, workers: int | None,
                                   "configure_logging": False}
         if address is None:
             kwargs["num_cpus"] = workers or (os.cpu_count() or 1)
+            # A local Ray starts its workers at niceness 15; on a busy machine they then get
+            # almost no CPU while they are the whole job. Unless the user says otherwise,
+            # the workers of a Ray we start run at normal priority.
+            os.environ.setdefault("RAY_worker_niceness", "0")
         else:
             kwargs["address"] = address
         ray.init(**kwargs)
