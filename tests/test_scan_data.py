@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from _cli import run_cli
 from _data_poisoning_fixtures import PassThrough, planted_images
 from trojanscan.data_scan import (
+    DEFAULT_DATA_DETECTORS,
     combine,
     export_clean,
     extract,
@@ -46,7 +47,7 @@ def test_scan_finds_planted_poison_with_features_extracted_once() -> None:
     model = Counting()
     scan = scan_data(model, planted.data, batch_size=128, poison_rate_bound=0.1)
     assert model.calls == int(np.ceil(len(planted.data) / 128)) + 0  # one pass, shared
-    assert set(scan.results) == {"spectral_signatures", "spectre", "scan"}
+    assert set(scan.results) == set(DEFAULT_DATA_DETECTORS)
     tp = (scan.flagged & planted.mask).sum()
     assert scan.verdict == "poisoned"
     assert tp / planted.mask.sum() >= 0.95 and tp / scan.flagged.sum() >= 0.9
@@ -184,12 +185,12 @@ def test_cli_poisoned_report_follows_contract(files: dict[str, Path],
     assert mask[flagged].sum() >= 0.95 * mask.sum()
     scores = np.load(out / doc["scores_file"])
     assert scores.dtype == np.float32 and scores.shape == (n,)
-    for name in ("spectral_signatures", "spectre", "scan"):
+    for name in DEFAULT_DATA_DETECTORS:
         d = doc["detectors"][name]
         assert {"flagged_indices", "scores_file", "seconds", "per_class"} <= set(d)
         assert np.load(out / d["scores_file"]).shape == (n,)
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64" in html and "spectre" in html
+    assert "data:image/png;base64" in html and "spectral_signatures" in html
     assert doc["carried_by"] and set(doc["carried_by"]) <= set(doc["detectors"])
     assert doc["combination"]["rule"] == "union"
     assert doc["combination"]["false_alarm_rate"] is not None

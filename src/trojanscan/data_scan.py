@@ -49,18 +49,21 @@ from .detectors.data_base import (
 )
 from .exceptions import DataError, DetectorNotApplicable, ParameterError, bad_param
 
-#: data-level detectors run by default, in this order
-#: (``activation_clustering`` runs when named: on development models trained elsewhere it
-#: flagged only clean samples — a natural sub-population of one class — on 3 of 8 sets)
-DEFAULT_DATA_DETECTORS = ("spectral_signatures", "spectre", "scan")
+#: data-level detectors run by default, in this order. ``spectre`` and
+#: ``activation_clustering`` run when named: on the development training sets of models
+#: trained elsewhere (36 poisoned, 12 clean) every class SPECTRE flagged beyond Spectral
+#: Signatures' was a clean class (6 classes; a false alarm on 2 of the 12 clean sets), and
+#: Activation Clustering flagged only clean samples on 3 of 8 sets.
+DEFAULT_DATA_DETECTORS = ("spectral_signatures", "scan")
 COMBINE_RULES = ("union", "majority", "intersection")
 DEFAULT_COMBINE = "union"
 #: each detector's stated false-alarm rate per clean training set (the share of clean
 #: sets on which it flags anything, default settings); the union's rate is at most their
 #: sum. ``scan`` is calibrated to its rate by construction (family-wise across-class
-#: null); the others are measured on clean training sets of models trained elsewhere.
+#: null at ``alpha``); the others are measured on the 12 development clean training sets
+#: of models trained elsewhere (Spectral Signatures 1/12, SPECTRE 2/12).
 STATED_FALSE_ALARM: dict[str, float] = {
-    "spectral_signatures": 0.05, "activation_clustering": 0.25, "spectre": 0.05,
+    "spectral_signatures": 0.08, "activation_clustering": 0.25, "spectre": 0.17,
     "scan": 0.01}
 
 __all__ = [

@@ -19,7 +19,8 @@ Two modes:
   min_separation`` (3; a unimodal Gaussian gives 2.65). On the Fashion-MNIST benchmark
   clean classes had valleys of 0.32–0.85 and poisoned ones 0.02–0.16. The group
   boundary is refined by a 1-D Gaussian mixture; the suspect group is the minority, or
-  for balanced splits (≥ 40/60) the more spread-out group (see
+  for balanced splits (≥ 40/60) the group whose runner-up classes (second-highest logit)
+  are the more varied — the more spread-out group when those are not known (see
   :func:`trojanscan.maths.spectral.suspect_side`). Only those classes are flagged, at
   most ``⌊1.5·ε·N⌋`` samples in total when ``ε`` is given; without ``ε`` nothing caps
   the count but the per-class decision. Scores in a detected class are the squared
@@ -31,7 +32,7 @@ Known failures: the poison must dominate the top singular direction of its class
 small poison counts or a class whose own variance is larger hide it (SPECTRE whitens
 first to fix this); when the poison is half of its class, centring puts both halves
 equally far from the mean, so the paper's scores cannot tell them apart (the adaptive
-mode's spread rule does); clean-label poison (SIG) that the network maps into its
+mode's runner-up rule does); clean-label poison (SIG) that the network maps into its
 class is not a separate population; tiny networks on tiny inputs (the 8×8 digits test
 fixture) do not separate the poison into its own mode.
 """
