@@ -1,6 +1,7 @@
 """Read scan reports made with ``--references auto``: what each detector's p-value was and
 what MNTD's would be with the self-references as its architecture null (applied), and
-the fused verdict under each.
+the fused verdict under each; and the verdict of Neural Cleanse's evidence alone (as
+``--detectors neural_cleanse`` fuses it).
 
 ``python -m benchmarks.wild.scan_refs_readout RESULTS.json [--variant refs]``
 
@@ -43,8 +44,8 @@ def mntd_null() -> tuple[list[float], Any]:
 def readout(report: dict[str, Any], null: list[float], tail: Any) -> dict[str, Any]:
     dets = report["detectors"]
     nc, mn = dets.get("neural_cleanse", {}), dets.get("mntd", {})
-    raw = float(mn["evidence"]["raw_score"])
-    sr = report.get("self_references") or {}
+    raw = float(mn["raw_score"])
+    sr = report.get("params", {}).get("self_references") or {}
     arch = ((sr.get("detector_outputs") or {}).get("mntd") or {}).get("values") or []
     shift = max(0.0, float(np.median(arch)) - float(np.median(null))) if len(arch) >= 2 \
         else 0.0
@@ -60,6 +61,11 @@ def readout(report: dict[str, Any], null: list[float], tail: Any) -> dict[str, A
     f = fuse(ev)
     out.update(fused_p_shifted=f.p_value, flagged_shifted=f.backdoored,
                targets_shifted=list(f.suspected_targets))
+    nc_only = fuse(ev[:1])  # what ``--detectors neural_cleanse`` fuses: NC's evidence alone
+    out.update(nc_only_p=nc_only.p_value, nc_only_flagged=nc_only.backdoored,
+               nc_only_targets=list(nc_only.suspected_targets),
+               seconds=report.get("seconds"), mntd_seconds=mn.get("seconds"),
+               self_ref_seconds=sr.get("seconds"), self_ref_from_cache=sr.get("from_cache"))
     return out
 
 

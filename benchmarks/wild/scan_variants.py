@@ -28,11 +28,12 @@ from . import families, run, zoo
 def _self_ref_facts(report: Path) -> dict[str, Any]:
     if not report.exists():
         return {}
-    sr = json.loads(report.read_text()).get("self_references")
+    sr = json.loads(report.read_text()).get("params", {}).get("self_references")
     if not sr:
         return {}
     return {"self_references": {k: sr.get(k) for k in (
-        "active", "from_cache", "seconds", "training_seconds", "kept", "dropped", "note")}}
+        "active", "from_cache", "seconds", "training_seconds", "used", "accuracies",
+        "suspect_accuracy", "dropped", "applied_to")}}
 
 
 def _label_p(report: Path) -> dict[str, Any]:

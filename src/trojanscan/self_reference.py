@@ -22,9 +22,10 @@ its reason; with fewer than two left the scan runs without them and says so.
 Self-references are cached under a key made of the architecture (parameter and buffer
 names, shapes and dtypes, module types, TorchScript code — no weights), the clean data's
 sha256, the seed, the count and the training budget: a second model of the same
-architecture reuses them. Cache files are safetensors (weights) and JSON (everything
-else), never pickles; the detectors' outputs on the self-references are cached too, keyed
-by the detector settings.
+architecture reuses them. An architecture whose copies could not be trained (each dropped
+with its reason) is cached as such, so a second model of it is not trained again. Cache
+files are safetensors (weights) and JSON (everything else), never pickles; the detectors'
+outputs on the self-references are cached too, keyed by the detector settings.
 """
 
 from __future__ import annotations
@@ -355,8 +356,8 @@ def build_self_references(module: nn.Module, clean: ImageDataset, *, n: int = DE
     refs = SelfReferences(refs.models, refs.accuracies, refs.dropped, refs.suspect_accuracy,
                           refs.train_size, refs.held_out_size, refs.budget, refs.seed,
                           refs.seconds, False, key)
-    if folder is not None and refs.models:
-        _save(folder, refs)
+    if folder is not None and (refs.models or refs.dropped):
+        _save(folder, refs)  # a failure too: the next model of this architecture reuses it
     return refs, held
 
 
