@@ -24,6 +24,8 @@ from trojanscan.maths.fusion import Evidence, fuse
 from trojanscan.mntd.calibration import fit_tail, tail_p_value
 from trojanscan.mntd.pretrained import find_builtin
 
+from .run import ROOT
+
 
 def mntd_null() -> tuple[list[float], Any]:
     """The shipped 1×28×28 bundle's null (its reference models' outputs on the recipe's
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path)
     ap.add_argument("--variant", default=None)
+    ap.add_argument("--work", type=Path, default=None,
+                    help="the run's work folder (default .cache/wild-runs/RESULTS-NAME)")
     args = ap.parse_args(argv)
     res = json.loads(args.results.read_text())
     null, _ = mntd_null()
@@ -80,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in res["rows"]:
         if args.variant and r["variant"] != args.variant:
             continue
-        path = Path(r["cmd"].split("--out ")[1].split(" ")[0]) / "report.json" \
-            if r.get("cmd") else None
-        if path is None or not path.exists():
+        work = args.work or ROOT / ".cache" / "wild-runs" / args.results.stem
+        path = work / f"scan.{r['variant']}" / r["model"] / "report.json"
+        if not path.exists():
             continue
         o = readout(json.loads(path.read_text()), null, tail)
         print(json.dumps({"model": r["model"], "variant": r["variant"], "arch": r["arch"],
