@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .detectors.spectral_signatures import SpectralSignatures
     from .detectors.spectre import Spectre
     from .detectors.strip import Strip
+    from .detectors.teco import TeCo
 
 #: public name -> module that defines it (imported on first use)
 _LAZY = {
@@ -48,6 +49,7 @@ _LAZY = {
     "ActivationClustering": "detectors.activation_clustering",
     "Spectre": "detectors.spectre",
     "Strip": "detectors.strip",
+    "TeCo": "detectors.teco",
     "Scan": "detectors.scan_decomp",
 }
 
@@ -84,6 +86,7 @@ __all__ = [
     "SpectralSignatures",
     "Spectre",
     "Strip",
+    "TeCo",
     "TrojanscanError",
     "UnknownFormatError",
     "UnsafeModelError",
