@@ -152,6 +152,18 @@ def test_transition_points_by_hand() -> None:
     assert tr.deviation_scores(np.array([[4, 4, 4]]))[0] == 0.0
 
 
+def test_tail_scores_by_hand() -> None:
+    clean = np.array([[1, 6], [2, 6], [6, 6], [1, 1]])
+    tails = tr.tail_fit(clean, 5)
+    # P(point >= v), add-one smoothed: corruption 0 has 4, 2, 1, 1, 1, 1 of 4 at v = 1..6
+    assert tails[0].tolist() == pytest.approx([1.0, 0.6, 0.4, 0.4, 0.4, 0.4])
+    assert tails[1].tolist() == pytest.approx([1.0, 0.8, 0.8, 0.8, 0.8, 0.8])
+    s = tr.tail_scores(np.array([[6, 6], [1, 1], [2, 1]]), tails)
+    assert s[0] == pytest.approx(-np.log(0.4) - np.log(0.8))
+    assert s[1] == 0.0  # breaking at once is never suspicious on this side
+    assert s[2] == pytest.approx(-np.log(0.6))
+
+
 def test_profile_scores_by_hand() -> None:
     clean = np.array([[2, 4], [4, 4], [3, 4], [3, 4]])
     mean, scale = tr.profile_fit(clean, floor=0.5)
@@ -180,7 +192,7 @@ def test_registered_and_served_by_filter_and_guard() -> None:
 def test_flags_triggered_inputs_of_the_tiny_backdoored_model(tiny: Any, fitted: TeCo) -> None:
     trig = fitted.filter(tiny.triggered_test())
     clean = fitted.filter(tiny.test.x)
-    assert trig.flagged.mean() >= 0.3, trig.flagged.mean()
+    assert trig.flagged.mean() >= 0.5, trig.flagged.mean()
     assert clean.flagged.mean() <= 0.05
     assert fitted.frr_measured_ is not None and fitted.frr_measured_ <= 0.05
 
@@ -218,6 +230,7 @@ def test_transition_points_of_the_paper_statistic(tiny: Any) -> None:
     ({"corruptions": "contrast,brightness"}, "corruptions"),
     ({"max_severity": 6}, "max_severity"),
     ({"statistic": "mean"}, "statistic"),
+    ({"pool_fraction": 0.95, "statistic": "profile"}, "pool_fraction"),
     ({"frr": 1.5}, "frr"),
 ])
 def test_bad_settings_are_refused(tiny: Any, params: dict[str, Any], match: str) -> None:

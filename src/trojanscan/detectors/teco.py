@@ -64,19 +64,21 @@ def input_seeds(x: torch.Tensor, seed: int) -> np.ndarray:
 
 
 #: per-input statistics of the transition points: the paper's and ours (see the module)
-STATISTICS = ("any", "deviation", "robustness", "profile")
+STATISTICS = ("any", "deviation", "tail", "robustness", "profile")
 #: the one-sided statistics that ``"any"`` thresholds jointly
-ANY_KINDS = ("deviation", "robustness")
+ANY_KINDS = ("deviation", "tail")
 
 
 SCORE_TEXT = {
     "deviation": "standard deviation of the severities at which each corruption first "
                  "changes the prediction (max_severity + 1 where it never does)",
     "robustness": "mean severity at which each corruption first changes the prediction",
+    "tail": "sum over the corruptions of -log(share of clean inputs whose prediction "
+            "survives at least as long)",
     "profile": "mean squared standardised distance of the transition severities from the "
                "clean inputs' per-corruption means",
-    "any": "largest margin, in clean standard deviations, of the deviation or the mean "
-           "transition severity above its threshold (flagged when positive)",
+    "any": "largest margin, in clean standard deviations, of the deviation or the tail "
+           "robustness above its threshold (flagged when positive)",
 }
 
 
@@ -181,9 +183,12 @@ class TeCo(CalibratedInputDetector):
             self.profile_mean_, self.profile_scale_ = tr.profile_fit(self._points(pool)[0])
 
     def _fit_scores(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        if self.statistic != "any":
+        if self.statistic not in ("any", "tail"):
             return super()._fit_scores(x)
         points, preds = self._points(x)
+        self.tails_ = tr.tail_fit(points, int(self.max_severity))
+        if self.statistic == "tail":
+            return tr.tail_scores(points, self.tails_), preds
         per_kind = self._kind_values(points)
         self.kind_thresholds_, self.kind_scales_, _ = any_kind_thresholds(
             per_kind, self.frr, self.threshold_method)
@@ -192,15 +197,17 @@ class TeCo(CalibratedInputDetector):
     def _threshold(self, fit_scores: np.ndarray) -> float:
         return 0.0 if self.statistic == "any" else super()._threshold(fit_scores)
 
-    @staticmethod
-    def _kind_values(points: np.ndarray) -> np.ndarray:
-        return np.stack([tr.deviation_scores(points), tr.robustness_scores(points)], axis=1)
+    def _kind_values(self, points: np.ndarray) -> np.ndarray:
+        return np.stack([tr.deviation_scores(points), tr.tail_scores(points, self.tails_)],
+                        axis=1)
 
     def _scores_of(self, points: np.ndarray) -> np.ndarray:
         if self.statistic == "profile":
             return tr.profile_scores(points, self.profile_mean_, self.profile_scale_)
         if self.statistic == "robustness":
             return tr.robustness_scores(points)
+        if self.statistic == "tail":
+            return tr.tail_scores(points, self.tails_)
         if self.statistic == "any":
             return margins(self._kind_values(points), self.kind_thresholds_,
                            self.kind_scales_)

@@ -51,6 +51,31 @@ def robustness_scores(points: np.ndarray) -> np.ndarray:
     return np.asarray(p.mean(axis=1), dtype=np.float64)
 
 
+def tail_fit(points: np.ndarray, max_severity: int) -> np.ndarray:
+    """Per corruption, the share of clean inputs whose transition point is at least
+    ``v`` for ``v = 1..max_severity + 1`` (``K×(S+1)``, add-one smoothed so that no share
+    is 0), for :func:`tail_scores`."""
+    p = np.asarray(points, dtype=np.int64)
+    if p.ndim != 2 or len(p) < 1:
+        raise ValueError(f"points: expected B×K with B >= 1, got shape {p.shape}")
+    s = int(max_severity) + 1
+    counts = np.stack([np.bincount(col - 1, minlength=s)[:s] for col in p.T])
+    at_least = counts[:, ::-1].cumsum(axis=1)[:, ::-1]
+    return np.asarray((at_least + 1.0) / (len(p) + 1.0), dtype=np.float64)
+
+
+def tail_scores(points: np.ndarray, tails: np.ndarray) -> np.ndarray:
+    """Robustness relative to clean inputs (beyond the paper): Fisher's combination
+    ``Σ_k −log P_clean(transition_k ≥ p_k)`` of per-corruption one-sided tail shares
+    (:func:`tail_fit`). Surviving a corruption that clean inputs rarely survive weighs
+    more than surviving one that most survive; breaking early adds nothing."""
+    p = np.asarray(points, dtype=np.int64)
+    t = np.asarray(tails, dtype=np.float64)
+    k = np.arange(p.shape[1])[None, :]
+    return np.asarray(-np.log(t[k, np.clip(p, 1, t.shape[1]) - 1]).sum(axis=1),
+                      dtype=np.float64)
+
+
 def profile_scores(points: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """How far each input's transition points lie from the clean inputs' (beyond the
     paper): the mean over the corruptions of ``((p_k − mean_k) / scale_k)²``. It flags
@@ -71,4 +96,4 @@ def profile_fit(points: np.ndarray, floor: float = 0.5) -> tuple[np.ndarray, np.
 
 
 __all__ = ["deviation_scores", "profile_fit", "profile_scores", "robustness_scores",
-           "transition_points"]
+           "tail_fit", "tail_scores", "transition_points"]
