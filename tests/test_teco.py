@@ -215,6 +215,19 @@ def test_scores_do_not_depend_on_batch_size_or_order(tiny: Any, fitted: TeCo) ->
     assert np.allclose(split, whole)
 
 
+def test_guard_gives_the_same_answers_as_filter(tiny: Any, fitted: TeCo) -> None:
+    import json
+
+    from trojanscan.guard import Guard
+
+    x = torch.cat([tiny.triggered_test()[:10], tiny.test.x[:10]])
+    served = Guard(tiny.backdoored, fitted).predict(x)
+    offline = fitted.filter(x)
+    assert np.array_equal(served.flagged, offline.flagged)
+    assert np.allclose(served.scores, offline.scores)
+    assert json.loads(json.dumps(Guard(tiny.backdoored, fitted).info()))["detector"] == "teco"
+
+
 def test_transition_points_of_the_paper_statistic(tiny: Any) -> None:
     det = TeCo.paper(seed=0).fit(tiny.backdoored, tiny.test)
     assert det.statistic == "deviation" and det.max_severity == 5
