@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-LEVELS = ("scan", "free", "data", "filter", "bundle")
+LEVELS = ("scan", "free", "data", "filter", "mntd", "bundle")
 #: the MNTD bundle ``mntd train`` writes for the ``bundle`` level (see the README)
 BUNDLE = Path("mntd") / "mntd_3x32x32_10.json"
 
@@ -83,9 +83,11 @@ def score(cache: Path, row: dict[str, Any], level: str, threads: int) -> dict[st
     res: dict[str, Any] = {"name": name, "level": level}
     if level == "scan":
         cmd = ["scan", str(model), "--data", str(data), "--out", str(out), "--quiet"]
-    elif level == "bundle":
+    elif level in ("bundle", "mntd"):
         cmd = ["scan", str(model), "--data", str(data), "--out", str(out), "--quiet",
                "--param", f"mntd.meta_classifier={cache / BUNDLE}"]
+        if level == "mntd":
+            cmd += ["--detectors", "mntd"]
     elif level == "free":
         cmd = ["scan", str(model), "--input-shape", "3,32,32", "--out", str(out), "--quiet"]
     elif level == "data":
@@ -105,9 +107,17 @@ def score(cache: Path, row: dict[str, Any], level: str, threads: int) -> dict[st
     if rc not in (0, 1):
         res["error"] = err
         return res
+    return parse(cache, row, level, res)
+
+
+def parse(cache: Path, row: dict[str, Any], level: str, res: dict[str, Any]
+          ) -> dict[str, Any]:
+    """Add what the level's report says (against the truth) to ``res``."""
+    name = row["name"]
+    out = cache / "work" / level / name
     rep = json.loads((out / "report.json").read_text())
     res["verdict"] = rep["verdict"]
-    if level in ("scan", "free", "bundle"):
+    if level in ("scan", "free", "bundle", "mntd"):
         res["score"] = rep.get("score")
         res["targets"] = rep.get("suspected_targets", [])
         res["detectors"] = {k: {"verdict": v.get("verdict"), "score": v.get("score"),
@@ -123,6 +133,15 @@ def score(cache: Path, row: dict[str, Any], level: str, threads: int) -> dict[st
                    recall=tp / mask.sum() if mask.any() else None,
                    precision=tp / flagged.sum() if flagged.any() else None,
                    carried_by=rep.get("carried_by"))
+        per: dict[str, Any] = {}
+        for det, d in rep.get("detectors", {}).items():
+            mine = np.zeros(len(mask), bool)
+            mine[np.asarray(d.get("flagged_indices", []), dtype=int)] = True
+            hit = int((mine & mask).sum())
+            per[det] = {"verdict": d.get("verdict"), "flagged": int(mine.sum()),
+                        "recall": hit / mask.sum() if mask.any() else None,
+                        "precision": hit / mine.sum() if mine.any() else None}
+        res["detectors"] = per
     else:
         truth = np.load(filter_inputs(cache, row))["triggered"]
         flags = np.asarray(rep["flagged"], bool)
@@ -134,7 +153,8 @@ def score(cache: Path, row: dict[str, Any], level: str, threads: int) -> dict[st
 
 def table(rows: list[dict[str, Any]], index: dict[str, Any]) -> str:
     lines = ["| model | truth | scan (data) | targets | NC | s | CPU s | MiB | data-free | "
-             "with RGB bundle | its MNTD | scan-data R/P | filter FAR/FRR |", "|" + "---|" * 13]
+             "scan + RGB bundle | MNTD (RGB bundle) | scan-data R/P | filter FAR/FRR |",
+             "|" + "---|" * 13]
     by: dict[tuple[str, str], dict[str, Any]] = {(r["name"], r["level"]): r for r in rows}
     for name, m in index.items():
         truth = (f"bd→{m['attack'].split('target=')[1].split(',')[0]}" if m["backdoored"]
@@ -154,7 +174,7 @@ def table(rows: list[dict[str, Any]], index: dict[str, Any]) -> str:
         lines.append(f"| {name} | {truth} | {v(s)} | {s.get('targets', '-')} | "
                      f"{v(det.get('neural_cleanse', {}))} | {s.get('seconds', '-')} | "
                      f"{s.get('cpu_seconds', '-')} | {s.get('peak_rss_mib', '-')} | {v(f)} | "
-                     f"{v(b)} | {v(b.get('detectors', {}).get('mntd', {}))} | {rp} | {ff} |")
+                     f"{v(b)} | {v(by.get((name, 'mntd'), {}))} | {rp} | {ff} |")
     return "\n".join(lines)
 
 
@@ -175,7 +195,7 @@ def summarise(rows: list[dict[str, Any]], index: dict[str, Any]) -> dict[str, An
         bd = [r for r in rs if index[r["name"]]["backdoored"]]
         cl = [r for r in rs if not index[r["name"]]["backdoored"]]
         bad = {"scan": "backdoored", "free": "backdoored", "data": "poisoned",
-               "filter": "triggered", "bundle": "backdoored"}[level]
+               "filter": "triggered", "bundle": "backdoored", "mntd": "backdoored"}[level]
         secs = sorted(r["seconds"] for r in rs)
         rss = sorted(r["peak_rss_mib"] for r in rs)
         entry: dict[str, Any] = {
@@ -193,7 +213,7 @@ def summarise(rows: list[dict[str, Any]], index: dict[str, Any]) -> dict[str, An
                 "median_cpu_seconds": cpu[len(cpu) // 2] if cpu else None,
                 "threads": sorted({r.get("threads") for r in mine if r.get("threads")}),
                 "max_peak_rss_mib": max(r["peak_rss_mib"] for r in mine)}
-        if level in ("scan", "free", "bundle"):
+        if level in ("scan", "free", "bundle", "mntd"):
             entry["auroc"] = _auroc([r["score"] for r in bd], [r["score"] for r in cl])
             named = [r for r in bd if r["verdict"] == bad]
             entry["target_named"] = sum(
@@ -218,6 +238,23 @@ def summarise(rows: list[dict[str, Any]], index: dict[str, Any]) -> dict[str, An
                                     if pois else None)
             prec = [r["precision"] for r in pois if r.get("precision") is not None]
             entry["mean_precision"] = round(float(np.mean(prec)), 3) if prec else None
+            dets: dict[str, Any] = {}
+            for r in rs:
+                for det, d in r.get("detectors", {}).items():
+                    e = dets.setdefault(det, {"detected": 0, "false_alarms": 0,
+                                              "recall": [], "precision": []})
+                    bd_set = index[r["name"]]["backdoored"]
+                    if d.get("verdict") == "poisoned":
+                        e["detected" if bd_set else "false_alarms"] += 1
+                    if bd_set:
+                        e["recall"].append(d.get("recall") or 0.0)
+                        if d.get("precision") is not None:
+                            e["precision"].append(d["precision"])
+            for e in dets.values():
+                for k in ("recall", "precision"):
+                    vals = e.pop(k)
+                    e["mean_" + k] = round(float(np.mean(vals)), 3) if vals else None
+            entry["detectors"] = dets
         if level == "filter":
             entry["far"] = {r["name"]: r.get("far") for r in bd}
             entry["max_frr"] = max(r["frr"] for r in rs)
@@ -233,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/rgb"))
     ap.add_argument("--only", default=None)
+    ap.add_argument("--reparse", action="store_true",
+                    help="read the stored rows' reports again (no scoring)")
     ap.add_argument("--rescore", action="store_true",
                     help="score the chosen levels and models anew")
     args = ap.parse_args(argv)
@@ -249,6 +288,10 @@ def main(argv: list[str] | None = None) -> None:
             if (n, lv) not in done and (only is None or n in only)]
     threads = args.threads or max(1, 2 // args.workers)
     rows = dict(done)
+    if args.reparse:
+        for key, r in rows.items():
+            if key[1] in levels:
+                rows[key] = parse(args.cache, index[key[0]], key[1], r)
 
     def one(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
         return score(args.cache, job[0], job[1], threads)
