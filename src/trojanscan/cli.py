@@ -239,7 +239,8 @@ def filter_(
     calibrate: Annotated[str, typer.Option("--calibrate", help="Clean data for the "
                                            "threshold.")],
     frr: Annotated[float, typer.Option("--frr", help="Target false-rejection rate.")] = 0.01,
-    detector: Annotated[str, typer.Option("--detector", help="Detector: strip.")] = "strip",
+    detector: Annotated[str, typer.Option("--detector", help="Detector: strip (default) or "
+                                          "teco.")] = "strip",
     param: Annotated[list[str] | None, typer.Option(
         "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. blend=max, "
                         "threshold_method=empirical, n_overlays=50).")] = None,
@@ -263,7 +264,8 @@ def guard(
     calibrate: Annotated[str, typer.Option("--calibrate", help="Clean data for the "
                                            "threshold.")],
     frr: Annotated[float, typer.Option("--frr", help="Target false-rejection rate.")] = 0.01,
-    detector: Annotated[str, typer.Option("--detector", help="Detector: strip.")] = "strip",
+    detector: Annotated[str, typer.Option("--detector", help="Detector: strip (default) or "
+                                          "teco.")] = "strip",
     param: Annotated[list[str] | None, typer.Option(
         "--param", help="Detector parameter KEY=VALUE, repeatable (e.g. blend=max, "
                         "threshold_method=empirical, n_overlays=50).")] = None,

@@ -291,9 +291,7 @@ def run(*, out: Path, quick: bool, seed: int, device: str, cache: Path | None,
         bd_meta, _ = trainings["backdoored"].result()
         data_scan = submit(
             scan_data.run, train=str(poisoned), model=bd_path,
-            # --quick leaves out Activation Clustering, whose exclusionary
-            # reclassification retrains a network
-            detectors="spectral_signatures,spectre" if quick else None,
+            detectors=None,  # the command's default, quick or not
             poison_rate_bound=None, out=out / "scan-data", export_clean=None, verify=False,
             seed=seed, device=device, arch=None, trust_pickle=False, quiet=True,
             json_out=False)
