@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-LEVELS = ("scan", "free", "data", "filter", "mntd", "bundle")
+LEVELS = ("scan", "free", "data", "filter", "teco", "mntd", "bundle")
 #: the MNTD bundle ``mntd train`` writes for the ``bundle`` level (see the README)
 BUNDLE = Path("mntd") / "mntd_3x32x32_10.json"
 
@@ -101,6 +101,8 @@ def score(cache: Path, row: dict[str, Any], level: str, threads: int) -> dict[st
             np.savez(calib, x=z["x"][:500], y=z["y"][:500])
         cmd = ["filter", str(model), str(inputs), "--calibrate", str(calib), "--out", str(out),
                "--quiet"]
+        if level == "teco":
+            cmd += ["--detector", "teco"]
     rc, secs, rss, cpu, err = _run([*cmd, "--seed", "0"], threads)
     res.update(rc=rc, seconds=round(secs, 1), cpu_seconds=round(cpu, 1), threads=threads,
                peak_rss_mib=round(rss, 1))
@@ -195,7 +197,8 @@ def summarise(rows: list[dict[str, Any]], index: dict[str, Any]) -> dict[str, An
         bd = [r for r in rs if index[r["name"]]["backdoored"]]
         cl = [r for r in rs if not index[r["name"]]["backdoored"]]
         bad = {"scan": "backdoored", "free": "backdoored", "data": "poisoned",
-               "filter": "triggered", "bundle": "backdoored", "mntd": "backdoored"}[level]
+               "filter": "triggered", "teco": "triggered", "bundle": "backdoored",
+               "mntd": "backdoored"}[level]
         secs = sorted(r["seconds"] for r in rs)
         rss = sorted(r["peak_rss_mib"] for r in rs)
         entry: dict[str, Any] = {
@@ -255,7 +258,7 @@ def summarise(rows: list[dict[str, Any]], index: dict[str, Any]) -> dict[str, An
                     vals = e.pop(k)
                     e["mean_" + k] = round(float(np.mean(vals)), 3) if vals else None
             entry["detectors"] = dets
-        if level == "filter":
+        if level in ("filter", "teco"):
             entry["far"] = {r["name"]: r.get("far") for r in bd}
             entry["max_frr"] = max(r["frr"] for r in rs)
         out[level] = entry
