@@ -196,15 +196,21 @@ def run_scan_zoo(jobs: list[Job], work: Path, clean_npz: Path, workers: int,
                            "stderr": r.get("error") or "no report"}
 
 
-def select(sides: list[dict[str, Any]], split: str, pairs: int | None
-           ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Complete pairs ``(backdoored, clean)`` of ``split``, in pair order, at most ``pairs``."""
+def select(sides: list[dict[str, Any]], split: str, pairs: int | None, *, skip: int = 0,
+           only: str | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Complete pairs ``(backdoored, clean)`` of ``split``, in pair order: the first ``skip``
+    left out, then only the comma-separated pair ids of ``only`` (if given), at most
+    ``pairs``."""
     by_name = {s["name"]: s for s in sides}
     out = []
     for s in sorted(sides, key=lambda s: s["pair"]):
         if s["backdoored"] and (split == "all" or s["split"] == split) \
                 and s["partner"] in by_name:
             out.append((s, by_name[s["partner"]]))
+    out = out[skip:]
+    if only:
+        wanted = set(only.split(","))
+        out = [c for c in out if c[0]["pair"] in wanted]
     return out[:pairs] if pairs else out
 
 
@@ -415,11 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     clean_npz = work / "clean.npz"
     if not clean_npz.exists():
         zoo.write_defender_clean(clean_npz)
-    chosen = select(zoo.load_sidecars(args.zoo), args.split, None)[args.skip_pairs:]
-    if args.only_pairs:
-        wanted = set(args.only_pairs.split(","))
-        chosen = [c for c in chosen if c[0]["pair"] in wanted]
-    chosen = chosen[:args.pairs] if args.pairs else chosen
+    chosen = select(zoo.load_sidecars(args.zoo), args.split, args.pairs,
+                    skip=args.skip_pairs, only=args.only_pairs)
 
     def make(level: str, name: str, extra: list[str], side: dict[str, Any]) -> Job:
         return Job(level, name, extra, side, args.zoo, work, clean_npz, args.timeout)

@@ -74,11 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     clean_npz = work / "clean.npz"
     if not clean_npz.exists():
         zoo.write_defender_clean(clean_npz)
-    chosen = run.select(zoo.load_sidecars(args.zoo), args.split, None)[args.skip_pairs:]
-    if args.only_pairs:
-        wanted = set(args.only_pairs.split(","))
-        chosen = [c for c in chosen if c[0]["pair"] in wanted]
-    chosen = chosen[:args.pairs] if args.pairs else chosen
+    chosen = run.select(zoo.load_sidecars(args.zoo), args.split, args.pairs,
+                        skip=args.skip_pairs, only=args.only_pairs)
     cmd = "python -m benchmarks.wild.scan_variants " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     held = {"arch": families.HELDOUT_ARCHS, "recipe": families.HELDOUT_RECIPES,

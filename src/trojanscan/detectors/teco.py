@@ -49,7 +49,7 @@ import torch
 from ..exceptions import bad_param
 from ..maths import corruptions as cor
 from ..maths import transitions as tr
-from .input_base import CalibratedInputDetector, check_int, logits_of
+from .input_base import CalibratedInputDetector, check_inputs, check_int, logits_of
 from .strip import any_kind_thresholds, margins
 
 
@@ -228,14 +228,7 @@ class TeCo(CalibratedInputDetector):
         """Transition points ``B×len(corruptions)`` of inputs ``x`` (1..max_severity, or
         ``max_severity + 1`` where the prediction never changed)."""
         self._check_fitted()
-        from .input_base import check_inputs
-
-        xs = check_inputs(x, self.input_shape_)
-        out = np.empty((len(xs), len(self.corruptions)), dtype=np.int64)
-        with self._borrowed(), torch.inference_mode():
-            for sl in self._chunks(len(xs)):
-                out[sl] = self._transitions(xs[sl].to(self.device_))[0]
-        return out
+        return self._points(check_inputs(x, self.input_shape_))[0]
 
     def calibration_info(self) -> dict[str, Any]:
         return super().calibration_info() | {
