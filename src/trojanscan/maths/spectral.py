@@ -384,13 +384,13 @@ def group_spread(features: np.ndarray, index: np.ndarray, *, chunk: int = CHUNK)
     return float(np.trace(moments(features, index, chunk=chunk).cov))
 
 
-def source_variety(classes: np.ndarray, num_classes: int | None = None) -> float:
+def source_variety(classes: np.ndarray) -> float:
     """Entropy (nats) of the distribution of class labels in ``classes``: how varied the
     classes a group's members resemble are (0 for a group that resembles one class)."""
     c = np.asarray(classes, dtype=np.int64).ravel()
     if c.size == 0:
         return 0.0
-    counts = np.bincount(c, minlength=num_classes or 0).astype(np.float64)
+    counts = np.bincount(c).astype(np.float64)
     p = counts[counts > 0] / c.size
     return float(-(p * np.log(p)).sum())
 
