@@ -1,15 +1,19 @@
 """Score every RGB benchmark model with each command's default settings (resumable).
 
-    python -m benchmarks.rgb.run [--cache benchmarks/.cache/rgb] [--levels scan,free,data,filter]
-                                 [--workers 2] [--out benchmarks/results/rgb]
+    python -m benchmarks.rgb.run [--cache benchmarks/.cache/rgb] [--levels scan,free,...]
+                                 [--workers 2] [--threads 1] [--only NAMES] [--rescore|--reparse]
+                                 [--out benchmarks/results/rgb]
 
-Levels, each through the real CLI in a subprocess (timed, peak RSS by ``/usr/bin/time``):
+Levels, each through the real CLI in a subprocess (wall and CPU seconds and peak RSS by
+``/usr/bin/time``):
 ``scan`` — ``scan MODEL --data defender.npz`` (default detectors); ``free`` — ``scan MODEL
 --input-shape 3,32,32`` (no data: the data-free detectors); ``data`` — ``scan-data`` on
 the model's own training set (``poison_mask`` is the truth); ``filter`` — ``filter`` on
 200 clean evaluation images and, for backdoored models, 200 evaluation images of other
-classes carrying the trigger, calibrated on the first 500 of the defender's clean images. Writes
-``OUT/rgb.json`` (every row) and prints the table.
+classes carrying the trigger, calibrated on the first 500 of the defender's clean images;
+``teco`` — the same with ``--detector teco``; ``mntd`` — ``scan --detectors mntd`` with the
+bundle ``mntd train`` wrote to ``CACHE/mntd`` (``BUNDLE``); ``bundle`` — ``scan`` with the
+default detectors and that bundle. Writes ``OUT/rgb.json`` (every row) and prints the table.
 """
 
 from __future__ import annotations
