@@ -272,7 +272,8 @@ def summarise(rows: list[dict[str, Any]], index: dict[str, Any]) -> dict[str, An
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/rgb"))
-    ap.add_argument("--levels", default=",".join(LEVELS))
+    ap.add_argument("--levels", default="scan,free,data,filter,teco",
+                    help="comma-separated; mntd and bundle need a trained bundle (see module)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/rgb"))
