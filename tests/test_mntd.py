@@ -1071,6 +1071,52 @@ def test_cli_train_adds_the_search_probe_read_against_the_references(
     assert "at least 3 with the search probe" in capsys.readouterr().err
     assert not (tmp_path / "two_refs.json").exists()
 
+    # add-references: clean models join the null, read exactly as a suspect is read
+    extra = archs.build("mlp", (1, 8, 8), 10).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():  # a different clean-looking model than the one scanned
+        for prm in extra.parameters():
+            prm.mul_(2.0)
+    ts = tmp_path / "extra.pt"
+    torch.jit.trace(extra, torch.zeros(1, 1, 8, 8)).save(str(ts))
+    before = {n: list(c["reference_raw"]) for n, c in bundle.calibration.items()}
+    with pytest.raises(SystemExit) as exc:
+        main(["mntd", "add-references", str(sidecar), str(ts), "--out",
+              str(tmp_path / "added"), "--label", "test models"])
+    assert exc.value.code == 0
+    added = load_bundle(tmp_path / "added.json")
+    seen = MNTD(meta_classifier=str(sidecar)).fit(torch.jit.load(str(ts)), digits)
+    for name, cal in added.calibration.items():
+        assert cal["reference_raw"][:3] == before[name]  # the recipe's own ones untouched
+        assert len(cal["reference_raw"]) == 4
+    # the added output is the detector's reading of that model (the recipe's sum)
+    r3 = MNTD(meta_classifier=str(tmp_path / "added.json")).fit(torch.jit.load(str(ts)),
+                                                                 digits)
+    assert r3.evidence["raw_score"] == pytest.approx(seen.evidence["raw_score"], abs=1e-4)
+    assert r3.evidence["calibration"]["reference_models"] == 4
+    assert r3.evidence["calibration"]["reference_added"] == [{"label": "test models", "count": 1}]
+    assert r3.p_value >= seen.p_value  # a null that holds the model itself
+    info = added.info["reference"]
+    assert info["total"] == 4 and info["added"][0]["count"] == 1
+    assert info["added"][0]["label"] == "test models" and len(info["added"][0]["sha256"]) == 1
+    assert {n: c["reference_raw"] for n, c in load_bundle(sidecar).calibration.items()
+            } == before  # the input bundle is not modified
+    capsys.readouterr()
+    for bad in (["--out", str(sidecar)],  # never over its input bundle
+                ["--out", str(tmp_path / "x"), "--seed", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["mntd", "add-references", str(sidecar), str(ts), *bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    wrong = tmp_path / "wrong.pt"  # a model of another shape: one clear line
+    torch.jit.trace(archs.build("mlp", (1, 28, 28), 10).eval(),
+                    torch.zeros(1, 1, 28, 28)).save(str(wrong))
+    with pytest.raises(SystemExit) as exc:
+        main(["mntd", "add-references", str(sidecar), str(wrong), "--out",
+              str(tmp_path / "y")])
+    assert exc.value.code == 2 and not (tmp_path / "y.json").exists()
+
 
 def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:
     import ast
@@ -1086,7 +1132,7 @@ def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:
             top.add((node.module or "").split(".")[0])
     assert top <= {"__future__", "pathlib", "typing", "typer"}
     names = [c.callback.__name__ for c in m.app.registered_commands if c.callback]
-    assert {"train", "slim"} <= set(names)
+    assert {"train", "slim", "add_references"} <= set(names)
 
 
 # -- reference calibration: clean models trained outside the share (beyond the paper) -------
@@ -1213,14 +1259,17 @@ def test_reference_calibration_without_references_is_a_clear_error(
 
 def test_shipped_fashion_mnist_bundle_is_calibrated_on_reference_models() -> None:
     b = load_bundle(builtin_path("fashion-mnist"))
-    assert b is not None and b.info["reference"]["count"] == 64
-    assert all(len(c["reference_raw"]) == 64 for c in b.calibration.values())
+    assert b is not None and b.info["reference"]["count"] == 64  # of its own recipe
+    added = b.info["reference"]["added"]  # and clean models trained elsewhere
+    assert [a["count"] for a in added] == [36] and len(added[0]["sha256"]) == 36
+    assert b.info["reference"]["total"] == 100
+    assert all(len(c["reference_raw"]) == 100 for c in b.calibration.values())
 
 
 def test_shipped_fashion_mnist_default_reads_stamps_one_class_and_search(
         tmp_path: Path) -> None:
     """The default scores with the three stamp members, the one-class meta-classifier and
-    both readouts of the trigger search, against the 64 reference models. A bundle of
+    both readouts of the trigger search, against its 100 reference models. A bundle of
     an older format without the flow readout scores the search's cost alone, twice."""
     model = archs.build("lenet", (1, 28, 28), 10)
     shape_only = ImageDataset(torch.zeros(2, 1, 28, 28), torch.arange(2))
@@ -1230,10 +1279,11 @@ def test_shipped_fashion_mnist_default_reads_stamps_one_class_and_search(
     assert set(parts) == {"stamp.0", "stamp.1", "stamp.2", "one_class", "search",
                           "search_flow"}
     assert r.evidence["calibration"]["source"] == "reference_models"
-    assert r.evidence["calibration"]["reference_models"] == 64
+    assert r.evidence["calibration"]["reference_models"] == 100
+    assert [a["count"] for a in r.evidence["calibration"]["reference_added"]] == [36]
     assert 0 <= r.score <= 1 and 0 < r.p_value <= 1
-    # below the conformal floor 1/65 only through the fitted tail, beyond every reference
-    assert (r.p_value < 1 / 65) == (r.evidence["p_value_source"] != "empirical")
+    # below the conformal floor 1/101 only through the fitted tail, beyond every reference
+    assert (r.p_value < 1 / 101) == (r.evidence["p_value_source"] != "empirical")
     shipped = load_bundle(builtin_path("fashion-mnist"))
     older = dataclasses.replace(shipped, variants={
         k: v for k, v in shipped.variants.items() if k != "search_flow"}, calibration={

@@ -217,3 +217,55 @@ def slim(
                              f"bundle's, got {str(out)!r}")
     _, sidecar = save_bundle(stem, slim_bundle(src))
     typer.echo(str(sidecar))
+
+
+@app.command("add-references")
+def add_references(
+    bundle: Annotated[str, typer.Argument(
+        help="A meta-classifier bundle (.json or .safetensors) or a built-in name.")],
+    models: Annotated[list[Path], typer.Argument(
+        help="Clean models to add to its reference null (TorchScript, ONNX, or safetensors "
+             "with --arch), e.g. clean models of the architecture you scan.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Stem of the new bundle: OUT.safetensors + OUT.json (must not "
+                            "be the input's).")],
+    arch: Annotated[str | None, typer.Option(
+        "--arch", help="Architecture of safetensors / state_dict models.")] = None,
+    label: Annotated[str | None, typer.Option(
+        "--label", help="What the models are, recorded in the bundle (default: their "
+                        "file names).")] = None,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="The trigger search's start (0: where scans start it).")] = 0,
+) -> None:
+    """Write a copy of BUNDLE whose reference null also holds MODELS (clean models), so
+    that MNTD's threshold and p-values fit models trained like them. Runs on the CPU (a
+    forward pass and a short search per model)."""
+    import torch
+
+    from ..api import load_model
+    from ..detectors.mntd import MNTD
+    from ..exceptions import ParameterError
+    from ..mntd.pretrained import check_fits, resolve, save_bundle
+    from ..mntd.reference import add_references as add
+
+    if not 0 <= seed < 2**32:
+        raise ParameterError(f"invalid --seed: expected an integer in [0, 2**32), got {seed}")
+    src = resolve(bundle)
+    assert src is not None and src.path is not None
+    stem = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
+    inputs = {src.path.resolve(), (src.path.parent / src.info["weights"]["file"]).resolve(),
+              *(p.resolve() for p in models)}
+    if {stem.with_suffix(".json").resolve(), stem.with_suffix(".safetensors").resolve()
+        } & inputs:
+        raise ParameterError(f"invalid --out: expected a stem other than the input "
+                             f"bundle's or a model's, got {str(out)!r}")
+    loaded = [load_model(p, arch=arch, device="cpu") for p in models]
+    for m in loaded:
+        check_fits(src, src.input_shape,
+                   MNTD._num_classes(m.module, src.input_shape, torch.device("cpu")))
+    source = {"label": label or ", ".join(p.name for p in models[:5])
+              + (f" and {len(models) - 5} more" if len(models) > 5 else ""),
+              "sha256": [m.sha256 for m in loaded]}
+    new = add(src, [m.module for m in loaded], source=source, seed=seed)
+    _, sidecar = save_bundle(stem, new)
+    typer.echo(str(sidecar))

@@ -18,8 +18,9 @@ The shipped Fashion-MNIST bundle's recipe sums, as z-scores against its held-out
 shadows, three stamp-probing meta-classifiers (:mod:`trojanscan.mntd.stamps`), the
 paper's one-class meta-classifier and, weighed twice each, the two readouts of a per-class
 trigger search on the model itself (:mod:`trojanscan.mntd.search`; about a second per
-small CNN on one CPU thread); it is calibrated on 64 clean reference models trained with
-varied recipes. The shipped digits bundle's recipe is the paper's ``qt``. The paper's
+small CNN on one CPU thread); it is calibrated on 100 clean reference models: 64 trained
+with varied recipes of its own, and 36 trained elsewhere (other architectures and
+optimisers), added with :func:`trojanscan.mntd.reference.add_references`. The shipped digits bundle's recipe is the paper's ``qt``. The paper's
 variants can also be named: ``qt`` (query tuning), ``no_qt`` and ``one_class``, where the
 bundle holds them (the digits bundle does; the Fashion-MNIST one holds ``one_class``).
 
@@ -73,7 +74,7 @@ from ..mntd.pretrained import (
     resolve,
 )
 from ..mntd.recipe import Recipe, single
-from ..mntd.search import FlowProbe, SearchProbe, shared_respond, target_flow_z
+from ..mntd.search import FlowProbe, respond_raw, target_flow_z
 from ..utils import pick_device
 from .base import ModelDetector, ModelScanResult, borrow_model
 
@@ -187,12 +188,9 @@ class MNTD(ModelDetector):
                 meta, cals[v] = bundle.variant(v)
                 if dev.type != "cpu":
                     meta = copy.deepcopy(meta).to(dev)
-                with torch.no_grad():
-                    responses = (shared_respond(meta, model, memo, seed=self.seed)
-                                 if isinstance(meta, SearchProbe) else meta.respond(model))
-                    raws[v] = float(meta.head(responses.unsqueeze(0))[0])
-                    if isinstance(meta, FlowProbe):
-                        target_z = target_flow_z(responses, meta.ref_mean, meta.ref_std)
+                responses, raws[v] = respond_raw(meta, model, memo, seed=self.seed)
+                if isinstance(meta, FlowProbe):
+                    target_z = target_flow_z(responses, meta.ref_mean, meta.ref_std)
                 if v == parts[0]:
                     shown = meta
                     with torch.no_grad():
@@ -236,6 +234,10 @@ class MNTD(ModelDetector):
                                        else "benign_shadows"),
                             "benign_shadows": len(benign),
                             "reference_models": len(null) if on_reference else 0,
+                            "reference_added": [
+                                {"label": a.get("label"), "count": a.get("count")}
+                                for a in (bundle.info.get("reference") or {}).get("added", [])
+                            ] if on_reference else [],
                             "validation_auroc": (None if summed else cal.get("val_auroc")),
                             "fpr": recipe.fpr},
         }

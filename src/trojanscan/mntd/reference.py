@@ -38,7 +38,7 @@ from ..training import TrainConfig, evaluate, train_model
 from .executor import RunSummary, Task, run_tasks
 from .meta import raw_scores
 from .pretrained import MetaBundle
-from .search import SearchProbe, with_reference_models
+from .search import SearchProbe, respond_raw, with_reference_models
 from .shadows import load_shadow, refuse_mismatch, save_shadow
 
 SAMPLES = (2000, 10000)
@@ -204,6 +204,41 @@ def with_references(bundle: MetaBundle, models: Sequence[torch.nn.Module],
     }}
     return replace(bundle, variants=variants, calibration=calibration, info=info,
                    recipe=replace(bundle.recipe, calibration="reference"))
+
+
+def add_references(bundle: MetaBundle, models: Sequence[torch.nn.Module], *,
+                   source: dict[str, Any], seed: int = 0) -> MetaBundle:
+    """A copy of ``bundle`` whose reference null also holds ``models``: clean models the
+    bundle's own reference recipe does not make (other architectures, recipes, data),
+    e.g. clean models of the family a user scans. Each entry's ``reference_raw`` gains
+    the entry's raw output on each model, read exactly as the detector reads a suspect
+    (searches from ``seed``; the search probe is not refitted, so the outputs already
+    there do not change). ``source`` describes the added models in the bundle's info
+    (``reference.added``, one record per call)."""
+    if not models:
+        raise bad_param("models", "at least one clean model", 0)
+    missing = [n for n in bundle.variants
+               if not bundle.calibration.get(n, {}).get("reference_raw")]
+    if missing or bundle.recipe.calibration != "reference":
+        raise DataError(f"MNTD: {bundle.name} is not calibrated on reference models "
+                        f"({', '.join(missing) or 'its recipe reads its shadows'}); add "
+                        "reference models of its own recipe first (mntd train "
+                        "--reference-models N)")
+    calibration = {}
+    memos: list[dict[str, torch.Tensor]] = [{} for _ in models]
+    for name, meta in bundle.variants.items():
+        raws = [respond_raw(meta, m, memo, seed=seed)[1] for m, memo in zip(models, memos)]
+        if not np.all(np.isfinite(raws)):
+            raise DataError(f"MNTD: an added reference model gives a non-finite {name} "
+                            "output")
+        cal = dict(bundle.calibration[name])
+        cal["reference_raw"] = [*cal["reference_raw"], *(round(float(v), 6) for v in raws)]
+        calibration[name] = cal
+    ref = dict(bundle.info.get("reference") or {})
+    added = [*ref.get("added", []), {"count": len(models), "seed": int(seed), **source}]
+    ref["added"] = added
+    ref["total"] = len(next(iter(calibration.values()))["reference_raw"])
+    return replace(bundle, calibration=calibration, info={**bundle.info, "reference": ref})
 
 
 def calibrate(bundle: MetaBundle, pool: ImageDataset, folder: str | Path, *, num: int,

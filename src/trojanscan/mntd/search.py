@@ -345,6 +345,18 @@ def shared_respond(probe: SearchProbe, model: nn.Module,
     return probe.select(memo[key])
 
 
+def respond_raw(meta: nn.Module, model: nn.Module, memo: MutableMapping[str, torch.Tensor],
+                *, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """One meta-classifier's responses to ``model`` and its raw output, read the way the
+    detector reads a suspect model (a search probe searches from ``seed``, sharing the
+    search through ``memo``; nothing is refitted)."""
+    with torch.no_grad():
+        responses = (shared_respond(meta, model, memo, seed=seed)
+                     if isinstance(meta, SearchProbe) else meta.respond(model))
+        raw = float(meta.head(responses.unsqueeze(0))[0])
+    return responses, raw
+
+
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
     mean = x.nanmean(0, keepdim=True)
     n = (~x.isnan()).sum(0).clamp_min(2)
