@@ -1284,6 +1284,14 @@ def test_shipped_fashion_mnist_default_reads_stamps_one_class_and_search(
     assert 0 <= r.score <= 1 and 0 < r.p_value <= 1
     # below the conformal floor 1/101 only through the fitted tail, beyond every reference
     assert (r.p_value < 1 / 101) == (r.evidence["p_value_source"] != "empirical")
+    # references="own": only the recipe's own 64, the same raw output read against them
+    own = MNTD(references="own").fit(model, shape_only)
+    assert own.evidence["calibration"]["reference_models"] == 64
+    assert own.evidence["calibration"]["reference_added"] == []
+    assert own.evidence["raw_score"] == r.evidence["raw_score"]
+    assert own.evidence["threshold"] < r.evidence["threshold"]  # the added ones score higher
+    with pytest.raises(ParameterError, match="references"):
+        MNTD(references="some").fit(model, shape_only)
     shipped = load_bundle(builtin_path("fashion-mnist"))
     older = dataclasses.replace(shipped, variants={
         k: v for k, v in shipped.variants.items() if k != "search_flow"}, calibration={

@@ -97,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="dev")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only-reported", action="store_true",
+                    help="only the models that have a scan report in --reports")
     ap.add_argument("--bundle", default=None,
                     help="also score this bundle's null as it is (no cross-fitting): for "
                          "re-reading pairs whose models it does not hold")
     args = ap.parse_args(argv)
-    rows = [r for r in json.loads(Path(args.raws).read_text())["rows"]
-            if r["split"] == args.split]
     nc = nc_p_values(args.reports)
+    rows = [r for r in json.loads(Path(args.raws).read_text())["rows"]
+            if r["split"] == args.split and (r["name"] in nc or not args.only_reported)]
     base = shipped_null(own_only=True)
     pairs = sorted({r["pair"] for r in rows})
     order = np.random.default_rng(args.seed).permutation(len(pairs))
@@ -112,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if not r["backdoored"]:
             clean[fold[r["pair"]]].append(r["raw"])
-    variants = {"the bundle's own 64 references": {p: base for p in pairs},
-                "+ other fold's clean dev models": {p: base + clean[1 - fold[p]] for p in pairs}}
+    variants = {"the bundle's own 64 references": {p: base for p in pairs}}
+    if args.split == "dev":  # cross-fitted: a pair is never read against its own partner
+        variants["+ other fold's clean dev models"] = {p: base + clean[1 - fold[p]]
+                                                      for p in pairs}
     if args.bundle:
         given = shipped_null(args.bundle)
         variants[f"{Path(args.bundle).name} ({len(given)})"] = {p: given for p in pairs}

@@ -3,6 +3,8 @@
 MNTD alone is cheap (well under a second per model), so its calibration can be studied on
 the whole zoo without rerunning Neural Cleanse: `python -m benchmarks.wild.mntd_raws --zoo
 benchmarks/.cache/wild/seed0 --out benchmarks/results/wild/mntd_raws.json [--bundle B]`.
+`--list-clean --split dev` prints the clean development models instead (what the shipped
+Fashion-MNIST bundle's added references are).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from trojanscan.detectors.mntd import MNTD
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the JSON to write (not with --list-clean)")
     ap.add_argument("--bundle", default=None, help="meta-classifier (default: the shipped one)")
     ap.add_argument("--split", choices=("dev", "heldout", "all"), default="all")
+    ap.add_argument("--list-clean", action="store_true",
+                    help="only print the clean models' files of complete pairs of --split "
+                         "(the shipped bundle's added references: --split dev)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     zoo = Path(args.zoo)
@@ -31,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     pairs: dict[str, int] = {}
     for m in models:
         pairs[m["pair"]] = pairs.get(m["pair"], 0) + 1
+    if args.list_clean:
+        for m in sorted(models, key=lambda m: m["name"]):
+            if pairs[m["pair"]] == 2 and not m["backdoored"] and args.split in ("all",
+                                                                                 m["split"]):
+                print(zoo / "models" / m["model_file"])
+        return 0
+    if not args.out:
+        ap.error("--out is required")
     rows = []
     t0 = time.perf_counter()
     for m in sorted(models, key=lambda m: m["name"]):

@@ -20,9 +20,10 @@ paper's one-class meta-classifier and, weighed twice each, the two readouts of a
 trigger search on the model itself (:mod:`trojanscan.mntd.search`; about a second per
 small CNN on one CPU thread); it is calibrated on 100 clean reference models: 64 trained
 with varied recipes of its own, and 36 trained elsewhere (other architectures and
-optimisers), added with :func:`trojanscan.mntd.reference.add_references`. The shipped digits bundle's recipe is the paper's ``qt``. The paper's
-variants can also be named: ``qt`` (query tuning), ``no_qt`` and ``one_class``, where the
-bundle holds them (the digits bundle does; the Fashion-MNIST one holds ``one_class``).
+optimisers), added with :func:`trojanscan.mntd.reference.add_references`. The shipped
+digits bundle's recipe is the paper's ``qt``. The paper's variants can also be named:
+``qt`` (query tuning), ``no_qt`` and ``one_class``, where the bundle holds them (the
+digits bundle does; the Fashion-MNIST one holds ``one_class``).
 
 Score: one binary meta-classifier (``qt``, ``no_qt``) on its held-out benign shadows
 gives its probability (sigmoid of its BCE-trained output); otherwise the score is the
@@ -83,6 +84,8 @@ AUTO = "auto"
 DETECTOR_VARIANTS = (AUTO, *VARIANTS)
 #: what the verdict's threshold, p-value and score are calibrated on
 CALIBRATIONS = (AUTO, "shadows", "reference")
+#: which reference models the null holds: all, or only those of the bundle's own recipe
+REFERENCE_SETS = ("all", "own")
 SHADOW_NULL_WARNING = (
     "mntd: the {variant} verdict is calibrated on held-out shadow models, which clean "
     "models trained on other data out-score (on fresh Fashion-MNIST models this threshold "
@@ -125,6 +128,10 @@ class MNTD(ModelDetector):
     model's own architecture, e.g. self-references (:mod:`trojanscan.self_reference`); the
     model's raw output is lowered by how far their median lies above the null's median
     (never raised) before threshold, score and p-value; the evidence keeps both.
+    ``references``: ``all`` (default) reads against every reference model the bundle holds;
+    ``own`` only against those of its own recipe, leaving out clean models added with
+    :func:`~trojanscan.mntd.reference.add_references` (more sensitive on models trained
+    like them, more false alarms on models trained otherwise).
     ``seed``: the trigger search's random start (a recipe with a search; other parts are
     deterministic). Seed 0 starts the search where the bundle's reference models were
     searched from; other seeds show how stable a score is.
@@ -138,7 +145,8 @@ class MNTD(ModelDetector):
                  threshold: float | None = None, calibration: str = AUTO, seed: int = 0,
                  device: str | None = None,
                  input_shape: tuple[int, int, int] | None = None,
-                 architecture_null: list[float] | None = None) -> None:
+                 architecture_null: list[float] | None = None,
+                 references: str = "all") -> None:
         self.meta_classifier = meta_classifier
         self.variant = variant
         self.threshold = threshold
@@ -147,6 +155,7 @@ class MNTD(ModelDetector):
         self.device = device
         self.input_shape = input_shape
         self.architecture_null = architecture_null
+        self.references = references
 
     def fit(self, model: nn.Module, clean: ImageDataset | None = None) -> ModelScanResult:
         t0 = time.perf_counter()
@@ -154,6 +163,8 @@ class MNTD(ModelDetector):
             raise bad_param("variant", DETECTOR_VARIANTS, self.variant)
         if self.calibration not in CALIBRATIONS:
             raise bad_param("calibration", CALIBRATIONS, self.calibration)
+        if self.references not in REFERENCE_SETS:
+            raise bad_param("references", REFERENCE_SETS, self.references)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
                 0 <= self.seed < 2**32):
             raise bad_param("seed", "an integer in [0, 2**32)", self.seed)
@@ -195,6 +206,13 @@ class MNTD(ModelDetector):
                     shown = meta
                     with torch.no_grad():
                         query_pred = model(meta.preview()).argmax(1).cpu().tolist()
+        ref_info = bundle.info.get("reference") or {}
+        added = list(ref_info.get("added", []))
+        if self.references == "own" and added:
+            own = int(ref_info["count"])
+            cals = {v: {**c, "reference_raw": list(c.get("reference_raw", []))[:own]}
+                    for v, c in cals.items()}
+            added = []
         summed = recipe.summed(bundle.ensembles)
         benign_of = [list(cals[v].get("benign_raw", [])) for v in parts]
         raw, benign, null, threshold = self._calibrated(bundle, recipe, parts, weights, raws,
@@ -236,8 +254,7 @@ class MNTD(ModelDetector):
                             "reference_models": len(null) if on_reference else 0,
                             "reference_added": [
                                 {"label": a.get("label"), "count": a.get("count")}
-                                for a in (bundle.info.get("reference") or {}).get("added", [])
-                            ] if on_reference else [],
+                                for a in added] if on_reference else [],
                             "validation_auroc": (None if summed else cal.get("val_auroc")),
                             "fpr": recipe.fpr},
         }

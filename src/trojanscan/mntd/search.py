@@ -345,11 +345,11 @@ def shared_respond(probe: SearchProbe, model: nn.Module,
     return probe.select(memo[key])
 
 
-def respond_raw(meta: nn.Module, model: nn.Module, memo: MutableMapping[str, torch.Tensor],
+def respond_raw(meta: Any, model: nn.Module, memo: MutableMapping[str, torch.Tensor],
                 *, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """One meta-classifier's responses to ``model`` and its raw output, read the way the
-    detector reads a suspect model (a search probe searches from ``seed``, sharing the
-    search through ``memo``; nothing is refitted)."""
+    """A bundle entry's responses to ``model`` and its raw output, read the way the detector
+    reads a suspect model (a search probe searches from ``seed``, sharing the search through
+    ``memo``; nothing is refitted)."""
     with torch.no_grad():
         responses = (shared_respond(meta, model, memo, seed=seed)
                      if isinstance(meta, SearchProbe) else meta.respond(model))
