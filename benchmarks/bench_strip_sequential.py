@@ -5,10 +5,14 @@ on the defender's clean images (``zoo.write_defender_clean``'s range) at FRR 1% 
 decide on the model's filter inputs (``zoo.filter_inputs``: triggered then clean, disjoint
 from the calibration images). Per model and detector: FAR, FRR, mean model evaluations
 per input (the plain prediction included) and seconds per input, timed in this one run;
-then the ratio fixed-N ÷ sequential. Prints a table and writes
+then the ratio fixed-N ÷ sequential. With ``--art`` (IBM's adversarial-robustness-toolbox
+installed) also ART's STRIP on the same model, calibration and inputs: as it ships (20
+overlays, false-acceptance rate 1%, on the model's softmax), and with its entropy taken per
+overlaid image (ART sums it over the 20 images per class instead); the ratio ART ÷
+default is per-input time. Prints a table and writes
 ``benchmarks/results/strip_sequential.json``.
 
-    python -m benchmarks.bench_strip_sequential --split dev --n-inputs 250
+    python -m benchmarks.bench_strip_sequential --split dev --n-inputs 250 [--art]
 """
 
 from __future__ import annotations
@@ -36,8 +40,53 @@ DETECTORS = {
 }
 
 
-def run_model(side: dict[str, Any], cache: Path, clean: ImageDataset, n: int
-              ) -> list[dict[str, Any]]:
+ART_SHIPPED = "ART STRIP (as shipped)"
+ART_FIXED = "ART STRIP (entropy per image)"
+
+
+def art_rows(model: torch.nn.Module, side: dict[str, Any], clean: ImageDataset,
+             xt: torch.Tensor, trig: np.ndarray) -> list[dict[str, Any]]:
+    """ART's STRIP on ``xt``: flagged = ART abstained (an all-zero prediction)."""
+    import importlib
+
+    from art.defences.transformer.poisoning import STRIP as ArtStrip
+    from art.estimators.classification import PyTorchClassifier
+    from scipy.stats import entropy
+
+    art_strip = importlib.import_module("art.estimators.poison_mitigation.strip.strip")
+    shipped_entropy = art_strip.entropy
+    rows = []
+    for label in (ART_SHIPPED, ART_FIXED):
+        np.random.seed(0)  # ART draws its overlays from numpy's global generator
+        art_strip.entropy = (shipped_entropy if label == ART_SHIPPED else
+                             lambda p, base=None, axis=0: entropy(p, base=base, axis=1))
+        try:
+            clf = PyTorchClassifier(model=torch.nn.Sequential(model, torch.nn.Softmax(dim=1)),
+                                    loss=torch.nn.CrossEntropyLoss(),
+                                    input_shape=tuple(xt.shape[1:]), nb_classes=10,
+                                    clip_values=(0.0, 1.0), device_type="cpu")
+            defended = ArtStrip(clf)(num_samples=20, false_acceptance_rate=0.01)
+            defended.mitigate(clean.x.numpy()[:1000])
+            x = xt.numpy()
+            t0 = time.perf_counter()
+            pred = defended.predict(x)
+            secs = time.perf_counter() - t0
+        finally:
+            art_strip.entropy = shipped_entropy
+        flagged = ~pred.any(axis=1)
+        rows.append({
+            "model": side["name"], "trigger": side["families"]["pair_trigger"],
+            "detector": label, "far": float((~flagged[trig]).mean()),
+            "frr": float(flagged[~trig].mean()), "frr_holdout": None,
+            "mean_forwards_per_input": 21.0, "seconds_per_input": secs / len(x)})
+        print(f"{side['name']} {rows[-1]['trigger']:14s} {label:28s} FAR {rows[-1]['far']:.3f} "
+              f"FRR {rows[-1]['frr']:.3f} passes/input   21.0 "
+              f"{1000 * secs / len(x):.2f} ms/input", flush=True)
+    return rows
+
+
+def run_model(side: dict[str, Any], cache: Path, clean: ImageDataset, n: int,
+              art: bool = False) -> list[dict[str, Any]]:
     model = torch.jit.load(str(cache / "models" / f"{side['name']}.pt"), map_location="cpu")
     model.eval()
     x, trig = zoo.filter_inputs(side, n)
@@ -58,6 +107,8 @@ def run_model(side: dict[str, Any], cache: Path, clean: ImageDataset, n: int
         print(f"{side['name']} {rows[-1]['trigger']:14s} {label:28s} FAR {rows[-1]['far']:.3f} "
               f"FRR {rows[-1]['frr']:.3f} passes/input {d.mean_forwards:6.1f} "
               f"{1000 * secs / len(xt):.2f} ms/input", flush=True)
+    if art:
+        rows += art_rows(model, side, clean, xt, trig)
     return rows
 
 
@@ -68,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=int, default=4, help="backdoored models to use")
     ap.add_argument("--n-inputs", type=int, default=250, help="triggered and clean each")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--art", action="store_true", help="also ART's STRIP (needs ART)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     sides = [s for s in zoo.load_sidecars(args.zoo)
@@ -75,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     xc, _ = zoo._test_range(zoo.DEFENDER_CLEAN)
     clean = ImageDataset(torch.from_numpy(xc[:, None].astype(np.float32) / 255.0),
                          source="defender clean")
-    rows = [r for s in sides for r in run_model(s, args.zoo, clean, args.n_inputs)]
+    rows = [r for s in sides for r in run_model(s, args.zoo, clean, args.n_inputs, args.art)]
     seq = [r for r in rows if r["detector"].startswith("sequential")]
     fix = [r for r in rows if r["detector"].startswith("fixed")]
     summary = {
@@ -90,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         summary["mean_forwards_fixed"] / summary["mean_forwards_sequential"])
     summary["time_ratio_fixed_over_sequential"] = (
         summary["seconds_per_input_fixed"] / summary["seconds_per_input_sequential"])
+    for label in (ART_SHIPPED, ART_FIXED):
+        art = [r for r in rows if r["detector"] == label]
+        if art:
+            key = "art_shipped" if label == ART_SHIPPED else "art_entropy_per_image"
+            summary[f"seconds_per_input_{key}"] = float(np.mean([r["seconds_per_input"]
+                                                                for r in art]))
+            summary[f"mean_far_{key}"] = float(np.mean([r["far"] for r in art]))
+            summary[f"time_ratio_{key}_over_sequential"] = (
+                summary[f"seconds_per_input_{key}"] / summary["seconds_per_input_sequential"])
     print("\n| model | trigger | detector | FAR | FRR | passes/input | ms/input |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -98,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{1000 * r['seconds_per_input']:.2f} |")
     print(f"\nfixed ÷ sequential: {summary['forwards_ratio_fixed_over_sequential']:.2f}× "
           f"forward passes, {summary['time_ratio_fixed_over_sequential']:.2f}× time per input")
+    for key in ("art_shipped", "art_entropy_per_image"):
+        if f"time_ratio_{key}_over_sequential" in summary:
+            print(f"{key} ÷ sequential: {summary[f'time_ratio_{key}_over_sequential']:.2f}× "
+                  f"time per input (mean FAR {summary[f'mean_far_{key}']:.3f} against "
+                  f"{summary['mean_far_sequential']:.3f})")
     atomic_write_text(args.out, json.dumps({"command": " ".join(sys.argv), "rows": rows,
                                             "summary": summary}, indent=2) + "\n")
     print(f"wrote {args.out}")
