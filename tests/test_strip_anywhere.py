@@ -70,8 +70,13 @@ def test_sequential_same_answers_fewer_evaluations(centred: Any) -> None:
     assert float((a.flagged != b.flagged).mean()) <= 0.02
     # clean inputs, far below the thresholds, stop early; inputs at the margin do not
     clean_cost = float(a.forwards[60:].mean())
-    assert clean_cost < 0.8 * b.mean_forwards, (clean_cost, b.mean_forwards)
+    # measured: 59 of 129 evaluations (90 when every kind drew as long as the slowest)
+    assert clean_cost < 0.6 * b.mean_forwards, (clean_cost, b.mean_forwards)
     assert a.mean_forwards <= b.mean_forwards
+    # each overlay kind stops on its own: an input is charged only the draws each kind
+    # made, not the slowest kind's draws for every kind
+    uniform = {1 + len(seq.kinds_) * n for n in (8, 16, 32)}
+    assert any(int(f) not in uniform for f in a.forwards), sorted(set(a.forwards.tolist()))
     assert np.array_equal(a.flagged, a.scores > seq.threshold_)
     # the decision does not depend on the batch it came in
     alone = np.concatenate([seq.decide(x[i:i + 7]).flagged for i in range(0, len(x), 7)])

@@ -361,42 +361,55 @@ class Strip(CalibratedInputDetector):
         idx = self._indices(x)
         preds = logits_of(self._runner, x).argmax(1)
         looks = seq.look_schedule(self.first_look, n_total)
-        total = np.zeros((len(kinds), b))
-        total_sq = np.zeros((len(kinds), b))
+        nk = len(kinds)
+        total = np.zeros((nk, b))
+        total_sq = np.zeros((nk, b))
+        drawn = np.zeros((nk, b), dtype=np.int64)  # overlays evaluated, per kind and input
+        passed = np.zeros((nk, b), dtype=bool)  # kinds whose early answer is PASS
         used = np.zeros(b, dtype=np.int64)
         score = np.zeros(b)
         flags = np.zeros(b, dtype=bool)
-        open_ = np.arange(b)
+        open_ = np.ones(b, dtype=bool)
+        prior_df = PRIOR_DRAWS if any_rule else 0.0
         done_n = 0
         for n in looks:
-            v = self._values(x[open_], idx[open_, done_n:n], kinds, preds[open_])
-            total[:, open_] += v.sum(2)
-            total_sq[:, open_] += (v * v).sum(2)
-            mean = total[:, open_] / n
-            var = np.maximum(total_sq[:, open_] / n - mean * mean, 0.0) * n / max(1, n - 1)
             # each kind's early answer may differ from its fixed-N one with at most
-            # delta / kinds, so the input's with at most delta
-            prior_df = PRIOR_DRAWS if any_rule else 0.0
-            q = seq.stop_quantile(n, self.delta / len(kinds), len(looks) - 1, prior_df)
-            dec = np.stack([seq.curtailed_decisions(
-                mean[k], seq.moderated_sd(var[k], n, float(self.kind_prior_var_[k]), prior_df),
-                n, n_total, float(thresholds[k]), q, self.sd_floor_)
-                for k in range(len(kinds))])
-            flag_now = (dec == seq.FLAG).any(0)
-            done = flag_now | (dec == seq.PASS).all(0)
-            ids = open_[done]
-            used[ids], flags[ids] = n, flag_now[done]
+            # delta / kinds, so the input's with at most delta; a kind that has answered
+            # PASS is not drawn again (its answer stands), so an input stops drawing a
+            # kind as soon as that kind is clear
+            q = seq.stop_quantile(n, self.delta / nk, len(looks) - 1, prior_df)
+            flag_now = np.zeros(b, dtype=bool)
+            for k in range(nk):
+                sel = np.flatnonzero(open_ & ~passed[k])
+                if not sel.size:
+                    continue
+                v = self._values(x[sel], idx[sel, done_n:n], (kinds[k],), preds[sel])[0]
+                total[k, sel] += v.sum(1)
+                total_sq[k, sel] += (v * v).sum(1)
+                drawn[k, sel] = n
+                mean = total[k, sel] / n
+                var = np.maximum(total_sq[k, sel] / n - mean * mean, 0.0) * n / max(1, n - 1)
+                dec = seq.curtailed_decisions(
+                    mean, seq.moderated_sd(var, n, float(self.kind_prior_var_[k]), prior_df),
+                    n, n_total, float(thresholds[k]), q, self.sd_floor_)
+                passed[k, sel[dec == seq.PASS]] = True
+                flag_now[sel[dec == seq.FLAG]] = True
+            done = open_ & (flag_now | passed.all(0))
+            ids = np.flatnonzero(done)
+            flags[ids] = flag_now[ids]
+            used[ids] = drawn[:, ids].sum(0)
+            means = total[:, ids] / np.maximum(drawn[:, ids], 1)
             if any_rule:
-                score[ids] = margins(mean[:, done].T, self.kind_thresholds_, self.kind_scales_)
+                score[ids] = margins(means.T, self.kind_thresholds_, self.kind_scales_)
             else:
-                score[ids] = mean[0, done]
-            open_ = open_[~done]
+                score[ids] = means[0]
+            open_ &= ~done
             done_n = n
-            if not open_.size:
+            if not open_.any():
                 break
         dev = x.device
         return (torch.from_numpy(score).to(dev), preds, torch.from_numpy(flags).to(dev),
-                torch.from_numpy(1.0 + used * len(kinds)).to(dev))
+                torch.from_numpy(1.0 + used).to(dev))
 
     def entropy(self, x: torch.Tensor) -> np.ndarray:
         """The paper's quantity: mean (or median, or tail) entropy (bits) per input
