@@ -75,7 +75,7 @@ def test_sequential_same_answers_fewer_evaluations(centred: Any) -> None:
     assert a.mean_forwards <= b.mean_forwards
     # each overlay kind stops on its own: an input is charged only the draws each kind
     # made, not the slowest kind's draws for every kind
-    uniform = {1 + len(seq.kinds_) * n for n in (8, 16, 32)}
+    uniform = {1 + len(seq.kinds_) * n for n in (4, 8, 16, 32)}
     assert any(int(f) not in uniform for f in a.forwards), sorted(set(a.forwards.tolist()))
     assert np.array_equal(a.flagged, a.scores > seq.threshold_)
     # the decision does not depend on the batch it came in

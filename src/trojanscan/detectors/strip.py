@@ -175,7 +175,7 @@ class Strip(CalibratedInputDetector):
                  blends: tuple[str, ...] = ("sum_clip", "average", "max", "min"),
                  min_headroom: float = 0.0,
                  statistic: str = "confidence", sequential: bool = True, delta: float = 0.002,
-                 first_look: int = 8, frr: float = 0.01,
+                 first_look: int = 4, frr: float = 0.01,
                  threshold_method: str = "conservative", pool_fraction: float = 0.2,
                  holdout_fraction: float = 0.2, max_samples: int | None = 2000,
                  overlay_draw: str = "per_input", batch_size: int = 4096, seed: int = 0,
