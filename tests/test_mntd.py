@@ -1116,6 +1116,9 @@ def test_cli_train_adds_the_search_probe_read_against_the_references(
         main(["mntd", "add-references", str(sidecar), str(wrong), "--out",
               str(tmp_path / "y")])
     assert exc.value.code == 2 and not (tmp_path / "y.json").exists()
+    err = capsys.readouterr().err.strip()
+    assert "wrong.pt" in err and "1×8×8" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and len(err) < 300, err
 
 
 def test_cli_module_imports_only_typer_and_pathlib_at_top_level() -> None:

@@ -244,7 +244,7 @@ def add_references(
 
     from ..api import load_model
     from ..detectors.mntd import MNTD
-    from ..exceptions import ParameterError
+    from ..exceptions import ModelError, ParameterError
     from ..mntd.pretrained import check_fits, resolve, save_bundle
     from ..mntd.reference import add_references as add
 
@@ -260,9 +260,14 @@ def add_references(
         raise ParameterError(f"invalid --out: expected a stem other than the input "
                              f"bundle's or a model's, got {str(out)!r}")
     loaded = [load_model(p, arch=arch, device="cpu") for p in models]
-    for m in loaded:
-        check_fits(src, src.input_shape,
-                   MNTD._num_classes(m.module, src.input_shape, torch.device("cpu")))
+    for p, m in zip(models, loaded):
+        try:
+            k = MNTD._num_classes(m.module, src.input_shape, torch.device("cpu"))
+        except ModelError:
+            raise ModelError(f"{p}: the model does not take {src.name}'s inputs "
+                             f"({'×'.join(map(str, src.input_shape))}); add clean models of "
+                             f"the bundle's shape ({src.shape_text()})") from None
+        check_fits(src, src.input_shape, k)
     source = {"label": label or ", ".join(p.name for p in models[:5])
               + (f" and {len(models) - 5} more" if len(models) > 5 else ""),
               "sha256": [m.sha256 for m in loaded]}
