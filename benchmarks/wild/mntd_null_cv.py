@@ -17,7 +17,6 @@ import argparse
 import json
 import re
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from trojanscan.detectors.mntd import MNTD
 from trojanscan.maths.fusion import Evidence, fuse
 from trojanscan.mntd.calibration import auroc, fit_tail, tail_p_value
 from trojanscan.mntd.pretrained import find_builtin, load_bundle
+from trojanscan.mntd.reference import own_references
 
 NAME = re.compile(r"(w\d{3}-[0-9a-f]{10}-(?:bd|clean))")
 
@@ -36,10 +36,7 @@ def shipped_null(path: str | None = None, *, own_only: bool = False) -> list[flo
     bundle = find_builtin((1, 28, 28), 10) if path is None else load_bundle(path)
     assert bundle is not None
     if own_only:
-        n = int(bundle.info["reference"]["count"])
-        cal = {k: {**c, "reference_raw": c["reference_raw"][:n]}
-               for k, c in bundle.calibration.items()}
-        bundle = replace(bundle, calibration=cal)
+        bundle = own_references(bundle)
     recipe = MNTD()._recipe(bundle)
     parts, weights = recipe.entries(bundle.ensembles)
     cals = {v: bundle.variant(v)[1] for v in parts}

@@ -75,6 +75,7 @@ from ..mntd.pretrained import (
     resolve,
 )
 from ..mntd.recipe import Recipe, single
+from ..mntd.reference import own_references
 from ..mntd.search import FlowProbe, respond_raw, target_flow_z
 from ..utils import pick_device
 from .base import ModelDetector, ModelScanResult, borrow_model
@@ -189,6 +190,8 @@ class MNTD(ModelDetector):
                         f"no MNTD meta-classifier for {'×'.join(map(str, shape))} → {k} "
                         f"models (shipped: {have}); train one with 'trojanscan mntd train'")
             check_fits(bundle, shape, k)
+            if self.references == "own":
+                bundle = own_references(bundle)
             recipe = self._recipe(bundle)
             parts, weights = recipe.entries(bundle.ensembles)
             raws: dict[str, float] = {}
@@ -206,13 +209,7 @@ class MNTD(ModelDetector):
                     shown = meta
                     with torch.no_grad():
                         query_pred = model(meta.preview()).argmax(1).cpu().tolist()
-        ref_info = bundle.info.get("reference") or {}
-        added = list(ref_info.get("added", []))
-        if self.references == "own" and added:
-            own = int(ref_info["count"])
-            cals = {v: {**c, "reference_raw": list(c.get("reference_raw", []))[:own]}
-                    for v, c in cals.items()}
-            added = []
+        added = (bundle.info.get("reference") or {}).get("added", [])
         summed = recipe.summed(bundle.ensembles)
         benign_of = [list(cals[v].get("benign_raw", [])) for v in parts]
         raw, benign, null, threshold = self._calibrated(bundle, recipe, parts, weights, raws,

@@ -241,6 +241,21 @@ def add_references(bundle: MetaBundle, models: Sequence[torch.nn.Module], *,
     return replace(bundle, calibration=calibration, info={**bundle.info, "reference": ref})
 
 
+def own_references(bundle: MetaBundle) -> MetaBundle:
+    """``bundle`` with its reference null cut back to its own recipe's reference models:
+    those :func:`add_references` added are left out (``bundle`` itself when it has none)."""
+    ref = bundle.info.get("reference") or {}
+    if not ref.get("added"):
+        return bundle
+    n = int(ref["count"])
+    calibration = {k: ({**c, "reference_raw": list(c["reference_raw"])[:n]}
+                       if "reference_raw" in c else c)
+                   for k, c in bundle.calibration.items()}
+    info = {**bundle.info, "reference": {k: v for k, v in ref.items()
+                                         if k not in ("added", "total")}}
+    return replace(bundle, calibration=calibration, info=info)
+
+
 def calibrate(bundle: MetaBundle, pool: ImageDataset, folder: str | Path, *, num: int,
               seed: int = 0, archs: Sequence[str] | None = None,
               eval_data: ImageDataset | None = None, device: str | None = None,
